@@ -1,0 +1,284 @@
+"""Run configuration: Pydantic models validated at the edges, plus the paper's dataset recipes.
+
+A resolved `TrainConfig` is saved as `config.yaml` in every run directory and inside every
+checkpoint (as plain JSON-compatible data), so a run can be reproduced and resumed exactly.
+Overrides come, in increasing priority, from: the dataset recipe, `--config FILE`, the named CLI
+flags, and `--set key=value`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hiposeg.errors import UserError
+
+LOSS_TERMS: tuple[str, ...] = ("ce", "fh", "hh", "fl", "ll", "align")
+COARSE_TERMS = frozenset({"fh", "hh"})
+FINE_TERMS = frozenset({"fl", "ll"})
+BUILTIN_DATASETS: tuple[str, ...] = ("cityscapes", "ade20k", "mapillary", "pascal-part", "synthetic")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    dataset: str = Field("synthetic", description="recipe name: one of the built-in datasets or 'custom'")
+    root: Path | None = Field(None, description="prepared dataset directory (default: data/{dataset})")
+    train_split: str = "train"
+    val_split: str = "val"
+    crop: tuple[int, int] = Field((512, 1024), description="training crop H, W")
+    scale_range: tuple[float, float] = Field((0.5, 2.0), description="random rescale range before cropping")
+    hflip: bool = True
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter strength")
+    workers: int = Field(4, ge=0, description="data loader worker processes per training process")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @field_validator("crop")
+    @classmethod
+    def _crop_positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 16 or v[1] < 16:
+            raise ValueError(f"crop {v[0]}x{v[1]} is too small; use at least 16x16")
+        return v
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"scale_range {v} must satisfy 0 < min <= max")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError("std values must be > 0")
+        return v
+
+    def resolved_root(self) -> Path:
+        return self.root if self.root is not None else Path("data") / self.dataset
+
+
+class ModelConfig(_Strict):
+    backbone: Literal["resnet18", "resnet50", "resnet101"] = "resnet101"
+    output_stride: Literal[8, 16] = 8
+    pretrained: Path | None = Field(None, description="local torchvision ResNet state-dict file (.pth)")
+    embed_dim: int = Field(256, ge=8, description="d' of the projection head g_phi (eq. 3)")
+    embed_source: Literal["decoder", "backbone"] = Field(
+        "decoder", description="feature g_phi reads: the 256-ch stride-4 decoder feature, or backbone stage 4")
+
+
+class LossConfig(_Strict):
+    """HiPoSeg loss terms and hyper-parameters (paper Sec. 3.2; defaults explained in README)."""
+
+    terms: list[str] = Field(default_factory=lambda: list(LOSS_TERMS), description="subset of ce,fh,hh,fl,ll,align")
+    schedule: Literal["sequential", "joint"] = "sequential"
+    phases: tuple[float, float, float] = Field(
+        (0.075, 0.225, 0.375), description="fractions of total iterations where coarse, fine and align terms start")
+    tau: float = Field(0.1, gt=0, description="temperature of eqs. 7 and 9")
+    kappa: float = Field(1.0, gt=0, description="temperature of the repulsion eqs. 8 and 10")
+    lambda_ce: float = Field(1.0, ge=0)
+    lambda_fh: float = Field(0.1, ge=0)
+    lambda_hh: float = Field(0.1, ge=0)
+    lambda_fl: float = Field(0.1, ge=0)
+    lambda_ll: float = Field(0.1, ge=0)
+    lambda_align: float = Field(0.1, ge=0)
+    alpha: float = Field(1.0, gt=0, description="weight of L_align.in (eq. 13)")
+    beta: float = Field(1.0, gt=0, description="weight of L_align.out (eq. 13)")
+    sigma1: float = Field(0.25, gt=0, description="low-to-high margin of eq. 11")
+    sigma2: float = Field(1.0, gt=0, description="high-high margin of eq. 12")
+    momentum: float = Field(0.9, gt=0, lt=1, description="prototype memory momentum m of eq. 15")
+
+    @field_validator("terms", mode="before")
+    @classmethod
+    def _split_terms(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [t for t in v.split(",") if t.strip()]
+        return v
+
+    @field_validator("terms")
+    @classmethod
+    def _valid_terms(cls, v: list[str]) -> list[str]:
+        return normalize_terms(v)
+
+    @model_validator(mode="after")
+    def _margins(self) -> LossConfig:
+        if not self.sigma1 < self.sigma2:
+            raise ValueError(f"need 0 < sigma1 < sigma2 (paper eq. 13); got sigma1={self.sigma1}, sigma2={self.sigma2}")
+        a, b, c = self.phases
+        if not 0 <= a <= b <= c <= 1:
+            raise ValueError(f"phases {self.phases} must be non-decreasing fractions in [0, 1]")
+        return self
+
+    @property
+    def prototype_terms(self) -> list[str]:
+        return [t for t in self.terms if t != "ce"]
+
+
+def normalize_terms(terms: list[str] | tuple[str, ...]) -> list[str]:
+    """Validate a loss-term set: known names, `ce` always on, `align` only with both levels."""
+    clean = [t.strip().lower() for t in terms if t.strip()]
+    unknown = [t for t in clean if t not in LOSS_TERMS]
+    if unknown:
+        raise ValueError(f"unknown loss term(s) {unknown}; valid terms are {', '.join(LOSS_TERMS)}")
+    s = set(clean) | {"ce"}
+    if "align" in s and not (s & COARSE_TERMS and s & FINE_TERMS):
+        raise ValueError("'align' couples the two levels, so it needs a coarse term (fh or hh) and a fine term "
+                         f"(fl or ll) as well; got {','.join(t for t in LOSS_TERMS if t in s)}")
+    return [t for t in LOSS_TERMS if t in s]
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    iters: int = Field(80_000, ge=1)
+    batch_size: int = Field(8, ge=1, description="total over all processes")
+    warmup_iters: int = Field(0, ge=0, description="linear lr warm-up iterations (0: none, as in the paper)")
+
+
+class RunConfig(_Strict):
+    out: Path | None = Field(None, description="run directory (default: runs/{dataset}-{backbone})")
+    seed: int = 0
+    gpus: int = Field(1, ge=1, description="processes on this machine (one per GPU, or CPU processes with device=cpu)")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    amp: Literal["off", "fp16", "bf16"] = "off"
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    ckpt_every: int = Field(1000, ge=1)
+    eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
+    log_every: int = Field(20, ge=1)
+    eval_mode: Literal["auto", "whole", "slide"] = "auto"
+    eval_batch_size: int = Field(1, ge=1)
+    quiet: bool = False
+
+
+class TrainConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def resolved_out(self) -> Path:
+        if self.run.out is not None:
+            return self.run.out
+        return Path("runs") / f"{self.data.dataset}-{self.model.backbone}"
+
+    def to_plain(self) -> dict[str, Any]:
+        """JSON-compatible dict: safe inside a `weights_only` checkpoint."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes: the paper's settings (Sec. 4.1) per dataset, and a CPU-sized one for the built-in set.
+# --------------------------------------------------------------------------------------------
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "cityscapes": {"data": {"crop": (512, 1024)}, "optim": {"batch_size": 8, "iters": 80_000}},
+    "mapillary": {"data": {"crop": (512, 1024)}, "optim": {"batch_size": 8, "iters": 80_000}},
+    "ade20k": {"data": {"crop": (512, 512)}, "optim": {"batch_size": 16, "iters": 60_000}},
+    "pascal-part": {"data": {"crop": (512, 512)}, "optim": {"batch_size": 16, "iters": 60_000}},
+    # The built-in default: finishes (training + evaluation) in a few minutes on 2 CPU cores.
+    "synthetic": {
+        "data": {"crop": (128, 128), "scale_range": (0.75, 1.5), "workers": 2},
+        "model": {"backbone": "resnet18", "output_stride": 16},
+        "optim": {"batch_size": 8, "iters": 300, "lr": 0.02},
+        "run": {"ckpt_every": 100, "log_every": 10},
+    },
+}
+
+
+def deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`["loss.sigma1=0.1", "optim.iters=100"]` -> nested dict; values parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set {item!r} is not of the form key=value", hint="Example: --set loss.sigma1=0.1")
+        key, _, raw = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise UserError(f"--set {item!r} has an empty key", hint="Example: --set optim.lr=0.02")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise UserError(f"--set {item!r} conflicts with another --set for {p!r}")
+        d[parts[-1]] = value
+    return out
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        data = json.loads(text) if Path(path).suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"config file {path} is not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping (sections data, model, loss, optim, run)")
+    return data
+
+
+def build_config(*layers: dict[str, Any], source: str = "configuration") -> TrainConfig:
+    """Merge override layers (later wins) on top of the dataset's recipe and validate."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_update(merged, layer)
+    dataset = merged.get("data", {}).get("dataset", "synthetic")
+    recipe = RECIPES.get(dataset, {})
+    merged = deep_update(recipe, merged)
+    return validate_config(merged, source=source)
+
+
+def validate_config(data: dict[str, Any], source: str = "configuration") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"invalid {source}:\n{format_validation_error(e)}",
+                        hint="Fix the named field (flag, --set key=value, or --config file).") from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `hiposeg train --help` lists the sections)"
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        lines.append(f"  - {field or '(top level)'}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    from hiposeg.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_plain(), sort_keys=False))

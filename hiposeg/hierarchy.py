@@ -1,0 +1,472 @@
+"""Label hierarchies: load and validate `hierarchies/*.json`, and expose the look-up tables.
+
+A hierarchy is a tree of classes of any depth >= 2, written leaves first. The rest of hiposeg
+needs only what this module derives from it:
+
+* names and display colours of the classes of every level;
+* the raw -> leaf LUT that `prepare` applies to a release's label PNGs (unknown raw values are
+  an error unless asked otherwise; listed raw values mean "ignore");
+* the ancestor LUT pi: (level A ids) -> (level B ids) for any B above A (paper eq. 2);
+* the two training levels ("fine" and "coarse"; default: the leaves and their parents);
+* the ignore value of prepared label maps (255, or 65535 when a level has more than 255 classes).
+
+The file format is documented in README.md ("Hierarchy files"). Every validation error names the
+class and the field, so a person can fix the file without reading this code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hiposeg.errors import UserError
+
+FORMAT = "hiposeg-hierarchy/1"
+MAX_RAW_VALUE = 65535  # label PNGs are 8- or 16-bit
+
+# --------------------------------------------------------------------------------------------
+# The file schema (Pydantic). Structural rules live here; cross-references are checked below.
+# --------------------------------------------------------------------------------------------
+
+
+class ClassSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: int = Field(ge=0, description="contiguous id within its level, 0..K-1")
+    name: str = Field(min_length=1)
+    color: tuple[int, int, int] = Field(description="display colour, RGB 0..255")
+    parent: str | None = Field(None, description="name of the parent class in the next level up")
+    raw: list[int] | None = Field(None, description="leaf level only: raw label values of this class")
+    evaluate: bool = Field(True, description="False for classes a benchmark does not score")
+    description: str | None = None
+
+    @field_validator("color")
+    @classmethod
+    def _color_range(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        for c in v:
+            if not 0 <= c <= 255:
+                raise ValueError(f"colour {list(v)} has a component outside 0..255")
+        return v
+
+    @field_validator("raw")
+    @classmethod
+    def _raw_range(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            for r in v:
+                if not 0 <= r <= MAX_RAW_VALUE:
+                    raise ValueError(f"raw value {r} is outside 0..{MAX_RAW_VALUE}")
+        return v
+
+
+class LevelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    classes: list[ClassSpec] = Field(min_length=1)
+
+
+class TrainLevels(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fine: str
+    coarse: str
+
+
+class RawSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ignore: list[int] = Field(default_factory=list, description="raw values that mean 'ignore'")
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore_range(cls, v: list[int]) -> list[int]:
+        for r in v:
+            if not 0 <= r <= MAX_RAW_VALUE:
+                raise ValueError(f"raw ignore value {r} is outside 0..{MAX_RAW_VALUE}")
+        return v
+
+
+class HierarchySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["hiposeg-hierarchy/1"] = FORMAT
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    title: str | None = None
+    source: str = Field(min_length=1, description="where this hierarchy comes from, stated honestly")
+    levels: list[LevelSpec] = Field(min_length=2, description="leaves first, root-most last")
+    train: TrainLevels | None = None
+    raw: RawSpec = Field(default_factory=RawSpec)
+
+
+# --------------------------------------------------------------------------------------------
+# The validated, derived view.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    id: int
+    name: str
+    color: tuple[int, int, int]
+    parent: int | None  # id in the next level up, None at the top level
+    evaluate: bool
+
+
+def _where(spec: HierarchySpec, li: int, ci: int | None = None) -> str:
+    lvl = spec.levels[li]
+    if ci is None:
+        return f"levels[{li}] ({lvl.name!r})"
+    c = lvl.classes[ci]
+    return f"levels[{li}] ({lvl.name!r}) class {c.name!r} (classes[{ci}], id {c.id})"
+
+
+class Hierarchy:
+    """A validated label hierarchy. Build with `Hierarchy.load(name_or_path)`."""
+
+    def __init__(self, spec: HierarchySpec, path: Path | None = None) -> None:
+        self.spec = spec
+        self.path = path
+        problems = _check(spec)
+        if problems:
+            raise UserError(
+                f"invalid hierarchy {self._label}:\n" + "\n".join(f"  - {p}" for p in problems),
+                hint="Fix the file and run `hiposeg hierarchy validate FILE` (format: README.md, 'Hierarchy files').",
+            )
+        self._levels: list[list[ClassInfo]] = []
+        for li, lvl in enumerate(spec.levels):
+            up = {c.name: c.id for c in spec.levels[li + 1].classes} if li + 1 < len(spec.levels) else {}
+            infos = sorted(
+                (ClassInfo(c.id, c.name, tuple(c.color), up[c.parent] if c.parent else None, c.evaluate) for c in lvl.classes),
+                key=lambda c: c.id,
+            )
+            self._levels.append(infos)
+        train = spec.train or TrainLevels(fine=spec.levels[0].name, coarse=spec.levels[1].name)
+        self.fine_level: str = train.fine
+        self.coarse_level: str = train.coarse
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path | None = None) -> Hierarchy:
+        label = str(path) if path else "(in memory)"
+        try:
+            spec = HierarchySpec.model_validate(data)
+        except ValidationError as e:
+            raise UserError(f"invalid hierarchy {label}:\n{_format_validation_error(e, data)}",
+                            hint="Fix the file and run `hiposeg hierarchy validate FILE` (format: README.md, 'Hierarchy files').") from None
+        return cls(spec, path)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Hierarchy:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"hierarchy file not found: {path}",
+                            hint=f"Give a path to a JSON file or one of the built-in names: {', '.join(builtin_names())}.") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read hierarchy file {path}: {e}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"hierarchy file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}",
+                            hint="Fix the JSON syntax at that position (a trailing comma or a missing quote is the usual cause).") from None
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> Hierarchy:
+        """A built-in name (`cityscapes`, `ade20k`, ...) or a path to a JSON file."""
+        s = str(name_or_path)
+        if s in builtin_names():
+            return cls.from_file(builtin_dir() / f"{s}.json")
+        p = Path(s)
+        if p.suffix.lower() != ".json" and not p.exists():
+            raise UserError(f"unknown hierarchy {s!r}",
+                            hint=f"Use a built-in name ({', '.join(builtin_names())}) or a path to a .json file.")
+        return cls.from_file(p)
+
+    # ---- basic properties ---------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def title(self) -> str:
+        return self.spec.title or self.spec.name
+
+    @property
+    def source(self) -> str:
+        return self.spec.source
+
+    @property
+    def _label(self) -> str:
+        return str(self.path) if self.path else repr(self.spec.name)
+
+    @property
+    def level_names(self) -> list[str]:
+        """Level names, leaves first."""
+        return [lvl.name for lvl in self.spec.levels]
+
+    @property
+    def depth(self) -> int:
+        return len(self.spec.levels)
+
+    def level_index(self, level: str) -> int:
+        try:
+            return self.level_names.index(level)
+        except ValueError:
+            raise UserError(f"hierarchy {self.name!r} has no level {level!r}",
+                            hint=f"Its levels are: {', '.join(self.level_names)}.") from None
+
+    def classes(self, level: str) -> list[ClassInfo]:
+        return self._levels[self.level_index(level)]
+
+    def num_classes(self, level: str) -> int:
+        return len(self.classes(level))
+
+    def names(self, level: str) -> list[str]:
+        return [c.name for c in self.classes(level)]
+
+    def colors(self, level: str) -> np.ndarray:
+        """(K, 3) uint8 RGB palette of a level."""
+        return np.array([c.color for c in self.classes(level)], dtype=np.uint8).reshape(-1, 3)
+
+    @property
+    def num_fine(self) -> int:
+        return self.num_classes(self.fine_level)
+
+    @property
+    def num_coarse(self) -> int:
+        return self.num_classes(self.coarse_level)
+
+    @property
+    def ignore_index(self) -> int:
+        """Value of 'ignore' in prepared label maps: 255 (8-bit maps), or 65535 (16-bit maps)."""
+        return 255 if max(len(lvl) for lvl in self._levels) <= 255 else 65535
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8) if self.ignore_index == 255 else np.dtype(np.uint16)
+
+    @property
+    def levels_above_fine(self) -> list[str]:
+        """The training fine level and every level above it (these can be evaluated)."""
+        return self.level_names[self.level_index(self.fine_level):]
+
+    # ---- look-up tables -------------------------------------------------------------------
+
+    def ancestor_lut(self, from_level: str, to_level: str) -> np.ndarray:
+        """pi as an int64 array: entry i is the `to_level` ancestor of class i of `from_level`."""
+        a, b = self.level_index(from_level), self.level_index(to_level)
+        if b < a:
+            raise UserError(f"level {to_level!r} is below {from_level!r} in hierarchy {self.name!r}; "
+                            "an ancestor map goes upwards (leaves first: " + ", ".join(self.level_names) + ")")
+        lut = np.arange(len(self._levels[a]), dtype=np.int64)
+        for li in range(a, b):
+            parents = np.array([c.parent for c in self._levels[li]], dtype=np.int64)
+            lut = parents[lut]
+        return lut
+
+    @cached_property
+    def fine_to_coarse(self) -> np.ndarray:
+        """pi of paper eq. (2): fine (low-level) id -> coarse (high-level) id."""
+        return self.ancestor_lut(self.fine_level, self.coarse_level)
+
+    def children(self, level: str) -> dict[int, list[int]]:
+        """Class id of `level` -> ids of its children one level down."""
+        li = self.level_index(level)
+        if li == 0:
+            return {c.id: [] for c in self._levels[0]}
+        out: dict[int, list[int]] = {c.id: [] for c in self._levels[li]}
+        for c in self._levels[li - 1]:
+            out[c.parent].append(c.id)  # type: ignore[index]
+        return out
+
+    @property
+    def raw_ignore(self) -> list[int]:
+        return sorted(set(self.spec.raw.ignore))
+
+    @property
+    def has_raw_mapping(self) -> bool:
+        return self.spec.levels[0].classes[0].raw is not None
+
+    def raw_to_leaf(self) -> dict[int, int]:
+        """Raw label value -> leaf id (identity when the file lists no `raw` values)."""
+        leaves = self.spec.levels[0].classes
+        if self.has_raw_mapping:
+            return {r: c.id for c in leaves for r in (c.raw or [])}
+        return {c.id: c.id for c in leaves}
+
+    def raw_lut(self, level: str | None = None, *, unknown: Literal["error", "ignore"] = "error") -> np.ndarray:
+        """LUT of size 65536 (int32): raw value -> class id of `level` (default: the fine level).
+
+        Ignore values map to `ignore_index`. Raw values the hierarchy does not know map to -1 with
+        `unknown="error"` (callers report them) or to `ignore_index` with `unknown="ignore"`.
+        """
+        level = level or self.fine_level
+        to_level = self.ancestor_lut(self.level_names[0], level)
+        lut = np.full(MAX_RAW_VALUE + 1, -1 if unknown == "error" else self.ignore_index, dtype=np.int32)
+        for r in self.raw_ignore:
+            lut[r] = self.ignore_index
+        for r, leaf in self.raw_to_leaf().items():
+            lut[r] = to_level[leaf]
+        return lut
+
+    def known_raw_values(self) -> set[int]:
+        return set(self.raw_to_leaf()) | set(self.raw_ignore)
+
+    # ---- serialisation --------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised form: every default filled in, classes sorted by id."""
+        d = self.spec.model_dump(mode="json", exclude_none=True)
+        for lvl in d["levels"]:
+            lvl["classes"].sort(key=lambda c: c["id"])
+        d["train"] = {"fine": self.fine_level, "coarse": self.coarse_level}
+        return d
+
+    @cached_property
+    def sha256(self) -> str:
+        """Digest of the normalised form: two files that mean the same hierarchy hash the same."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def summary(self) -> str:
+        return " -> ".join(f"{self.num_classes(n)} {n}" for n in self.level_names)
+
+    def __repr__(self) -> str:
+        return f"Hierarchy({self.name!r}: {self.summary()}; train fine={self.fine_level!r}, coarse={self.coarse_level!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-reference checks: every message names the level, the class and the field.
+# --------------------------------------------------------------------------------------------
+
+
+def _check(spec: HierarchySpec) -> list[str]:
+    problems: list[str] = []
+    names = [lvl.name for lvl in spec.levels]
+    seen_lvl: set[str] = set()
+    for li, lvl in enumerate(spec.levels):
+        if lvl.name in seen_lvl:
+            problems.append(f"{_where(spec, li)}: duplicate level name {lvl.name!r}")
+        seen_lvl.add(lvl.name)
+
+    for li, lvl in enumerate(spec.levels):
+        by_name: dict[str, int] = {}
+        by_id: dict[int, int] = {}
+        for ci, c in enumerate(lvl.classes):
+            if c.name in by_name:
+                problems.append(f"{_where(spec, li, ci)}: duplicate name {c.name!r} (also classes[{by_name[c.name]}])")
+            by_name.setdefault(c.name, ci)
+            if c.id in by_id:
+                problems.append(f"{_where(spec, li, ci)}: duplicate id {c.id} (also classes[{by_id[c.id]}])")
+            by_id.setdefault(c.id, ci)
+        ids = sorted(by_id)
+        if ids != list(range(len(ids))) or len(by_id) != len(lvl.classes):
+            missing = sorted(set(range(len(lvl.classes))) - set(ids))
+            problems.append(f"{_where(spec, li)}: ids must be contiguous 0..{len(lvl.classes) - 1}; "
+                            f"missing {missing[:10]}, found {ids[:10]}{'...' if len(ids) > 10 else ''}")
+
+        top = li == len(spec.levels) - 1
+        parent_names = {c.name for c in spec.levels[li + 1].classes} if not top else set()
+        for ci, c in enumerate(lvl.classes):
+            if top and c.parent is not None:
+                problems.append(f"{_where(spec, li, ci)}: has parent {c.parent!r} but is in the top level")
+            if not top:
+                if c.parent is None:
+                    problems.append(f"{_where(spec, li, ci)}: no 'parent' (every class below the top level needs one "
+                                    f"from level {spec.levels[li + 1].name!r})")
+                elif c.parent not in parent_names:
+                    problems.append(f"{_where(spec, li, ci)}: parent {c.parent!r} is not a class of level "
+                                    f"{spec.levels[li + 1].name!r}")
+            if li > 0 and c.raw is not None:
+                problems.append(f"{_where(spec, li, ci)}: 'raw' is only allowed on the leaf level ({names[0]!r})")
+        if li > 0:
+            used = {c.parent for c in spec.levels[li - 1].classes}
+            for ci, c in enumerate(lvl.classes):
+                if c.name not in used:
+                    problems.append(f"{_where(spec, li, ci)}: has no children in level {spec.levels[li - 1].name!r} "
+                                    "(a parent without children)")
+
+    leaves = spec.levels[0].classes
+    with_raw = [c for c in leaves if c.raw is not None]
+    if with_raw and len(with_raw) != len(leaves):
+        missing = [c.name for c in leaves if c.raw is None]
+        problems.append(f"{_where(spec, 0)}: either every leaf class lists 'raw' values or none does "
+                        f"(identity mapping); missing on {missing[:8]}")
+    owner: dict[int, str] = {}
+    for ci, c in enumerate(leaves):
+        for r in c.raw or []:
+            if r in owner:
+                problems.append(f"{_where(spec, 0, ci)}: raw value {r} is mapped twice (also by {owner[r]!r})")
+            owner.setdefault(r, c.name)
+    ignore = set(spec.raw.ignore)
+    if with_raw:
+        both = sorted(ignore & set(owner))
+        if both:
+            problems.append(f"raw.ignore: values {both} are also mapped to classes ({[owner[b] for b in both][:5]})")
+    else:
+        both = sorted(ignore & {c.id for c in leaves})
+        if both:
+            problems.append(f"raw.ignore: values {both} are also leaf ids (the identity mapping uses them)")
+
+    if spec.train is not None:
+        for key in ("fine", "coarse"):
+            v = getattr(spec.train, key)
+            if v not in names:
+                problems.append(f"train.{key}: unknown level {v!r}; the levels are {names}")
+        if spec.train.fine in names and spec.train.coarse in names and \
+                names.index(spec.train.coarse) <= names.index(spec.train.fine):
+            problems.append(f"train: coarse level {spec.train.coarse!r} must be above fine level {spec.train.fine!r} "
+                            f"(levels are listed leaves first: {names})")
+    return problems
+
+
+def _format_validation_error(e: ValidationError, data: Any) -> str:
+    lines = []
+    for err in e.errors():
+        loc = err["loc"]
+        where = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+        # name the class when the error is inside one
+        try:
+            if len(loc) >= 4 and loc[0] == "levels" and loc[2] == "classes":
+                cls = data["levels"][loc[1]]["classes"][loc[3]]
+                if isinstance(cls, dict) and "name" in cls:
+                    where += f" (class {cls['name']!r})"
+        except (KeyError, IndexError, TypeError):
+            pass
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see README.md 'Hierarchy files')"
+        lines.append(f"  - {where or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in hierarchy files.
+# --------------------------------------------------------------------------------------------
+
+
+def builtin_dir() -> Path:
+    """`hierarchies/` of a source checkout, or its copy inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_hierarchies", here.parent / "hierarchies"):
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError("hiposeg's built-in hierarchies/ folder is missing from this installation")
+
+
+def builtin_names() -> list[str]:
+    try:
+        return sorted(p.stem for p in builtin_dir().glob("*.json"))
+    except FileNotFoundError:
+        return []
