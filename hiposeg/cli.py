@@ -105,17 +105,228 @@ def hierarchy_validate(
 
 
 # ------------------------------------------------------------------------------------------
+# hiposeg train | eval
+# ------------------------------------------------------------------------------------------
+
+DATASET_HELP = "cityscapes, ade20k, mapillary, pascal-part or synthetic (the built-in default)."
+
+
+def parse_crop(value: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in value.lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise UserError(f"--crop {value!r} is not of the form HxW", hint="Example: --crop 512x1024") from None
+    return h, w
+
+
+def train_overrides(**flags: object) -> dict:
+    """Nested config overrides from the named flags that were actually given (None = not given)."""
+    where = {
+        "dataset": ("data", "dataset"), "data": ("data", "root"), "crop": ("data", "crop"),
+        "workers": ("data", "workers"), "backbone": ("model", "backbone"), "pretrained": ("model", "pretrained"),
+        "output_stride": ("model", "output_stride"), "losses": ("loss", "terms"), "schedule": ("loss", "schedule"),
+        "iters": ("optim", "iters"), "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"),
+        "out": ("run", "out"), "seed": ("run", "seed"), "gpus": ("run", "gpus"), "device": ("run", "device"),
+        "amp": ("run", "amp"), "ckpt_every": ("run", "ckpt_every"), "eval_every": ("run", "eval_every"),
+        "deterministic": ("run", "deterministic"), "channels_last": ("run", "channels_last"),
+        "quiet": ("run", "quiet"),
+    }
+    out: dict = {}
+    for name, value in flags.items():
+        if value is None or value is False and name in ("deterministic", "channels_last", "quiet"):
+            continue
+        if name == "crop":
+            value = parse_crop(str(value))
+        if isinstance(value, Path):
+            value = str(value)
+        section, key = where[name]
+        out.setdefault(section, {})[key] = value
+    if "root" in out.get("data", {}) and "dataset" not in out["data"]:
+        out["data"]["dataset"] = "custom"
+    return out
+
+
+def resolve_train_config(config_file: Optional[Path], flags: dict, sets: list[str],
+                         resume: Optional[str]) -> tuple["TrainConfig", Optional[Path]]:  # noqa: F821
+    """Build the run's config. On --resume the checkpoint's config is the base: only run.* fields
+    (devices, logging, checkpoint cadence) may change, so a resumed run is the same experiment."""
+    from hiposeg import checkpoint
+    from hiposeg.config import build_config, deep_update, load_config_file, parse_set, validate_config
+
+    layers = [load_config_file(config_file) if config_file else {}, flags, parse_set(sets)]
+    if resume is None:
+        return build_config(*layers, source="training configuration"), None
+    explicit: dict = {}
+    for layer in layers:
+        explicit = deep_update(explicit, layer)
+    if resume == "last":
+        out = Path(explicit.get("run", {}).get("out") or "")
+        if not str(out) or out == Path("."):
+            raise UserError("--resume without a checkpoint path needs --out RUN (the run directory to continue)",
+                            hint="Example: hiposeg train --resume --out runs/synthetic-resnet18")
+        path = out / "checkpoints" / "last.pt"
+        if not path.exists():
+            raise UserError(f"nothing to resume: {path} does not exist",
+                            hint=f"Start the run without --resume, or check --out (given: {out}).")
+    else:
+        path = checkpoint.resolve(resume, prefer="last")
+    saved = validate_config(checkpoint.load(path)["config"], source=f"configuration saved in {path}")
+    resumed = validate_config(deep_update(saved.to_plain(), explicit), source=f"configuration resumed from {path}")
+    changed = [f"{sec}.{k}" for sec in ("data", "model", "loss", "optim")
+               for k, v in getattr(resumed, sec).model_dump(mode="json").items()
+               if getattr(saved, sec).model_dump(mode="json")[k] != v]
+    if changed:
+        raise UserError(f"--resume continues the same experiment, but these settings differ from the checkpoint "
+                        f"{path}: {', '.join(changed)}",
+                        hint="Drop those flags to resume, or start a new run with a new --out.")
+    return resumed, path
+
+
+@app.command("train", no_args_is_help=False)
+def train_cmd(
+    dataset: Annotated[Optional[str], typer.Option(help=f"Dataset recipe: {DATASET_HELP}")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Prepared dataset directory (default: data/DATASET).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/DATASET-BACKBONE).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON config file.")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Training iterations.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Total batch over all processes.")] = None,
+    crop: Annotated[Optional[str], typer.Option(help="Training crop HxW, e.g. 512x1024.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="resnet18, resnet50 or resnet101.")] = None,
+    output_stride: Annotated[Optional[int], typer.Option("--output-stride", help="8 or 16.")] = None,
+    pretrained: Annotated[Optional[Path], typer.Option(help="Local torchvision ResNet state-dict (.pth).")] = None,
+    losses: Annotated[Optional[str], typer.Option(help="Loss terms, comma-separated subset of ce,fh,hh,fl,ll,align.")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="sequential (paper) or joint.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Base learning rate (poly decay).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="Processes on this machine, one per GPU. Without GPUs, add "
+                                                     "--device cpu to run N CPU processes (gloo backend).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cuda or cpu.")] = None,
+    amp: Annotated[Optional[str], typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a GradScaler).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data loader workers per process.")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        help="Continue a run: bare --resume takes --out's checkpoints/last.pt; --resume PATH a checkpoint file "
+             "or run directory.")] = None,
+    ckpt_every: Annotated[Optional[int], typer.Option("--ckpt-every", help="Checkpoint every N iterations.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N iterations (0: at the end).")] = None,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic algorithms (bit-exact resume).")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: --set loss.sigma1=0.1 "
+                                                                   "(repeatable).")] = None,
+) -> None:
+    """Train DeepLabV3+ with the HiPoSeg branch, then evaluate every hierarchy level.
+
+    With no dataset, trains on the built-in synthetic set (generated on the fly) with a CPU-sized
+    recipe that finishes in a few minutes. Multi-GPU: `--gpus 4`, or under torchrun:
+    `torchrun --nproc_per_node=4 -m hiposeg train --dataset cityscapes`.
+    """
+    from hiposeg.engine import fit
+
+    flags = train_overrides(dataset=dataset, data=data, out=out, iters=iters, batch_size=batch_size, crop=crop,
+                            backbone=backbone, output_stride=output_stride, pretrained=pretrained, losses=losses,
+                            schedule=schedule, lr=lr, seed=seed, gpus=gpus, device=device, amp=amp, workers=workers,
+                            ckpt_every=ckpt_every, eval_every=eval_every, deterministic=deterministic,
+                            channels_last=channels_last, quiet=quiet)
+    cfg, resume_path = resolve_train_config(config, flags, set_ or [], resume)
+    if not cfg.run.quiet:
+        default = dataset is None and data is None and config is None and resume is None
+        note = " (the built-in default: no dataset given)" if default else ""
+        err_console.print(f"hiposeg train: dataset [bold]{cfg.data.dataset}[/bold]{note}, {cfg.model.backbone} "
+                          f"OS{cfg.model.output_stride}, {cfg.optim.iters} iters, batch {cfg.optim.batch_size}, crop "
+                          f"{cfg.data.crop[0]}x{cfg.data.crop[1]}, losses {','.join(cfg.loss.terms)} "
+                          f"({cfg.loss.schedule}), {cfg.run.gpus} process(es) -> {cfg.resolved_out()}")
+    result = fit(cfg, resume=resume_path)
+    if result.interrupted:
+        err_console.print(f"interrupted at iteration {result.iterations}; resume with "
+                          f"`hiposeg train --resume --out {result.out}`")
+        raise typer.Exit(130)
+    if result.report is not None:
+        from hiposeg.report import print_report
+
+        print_report(result.report, console)
+    console.print(f"run directory: [bold]{result.out}[/bold]  (config.yaml, checkpoints/best.pt, checkpoints/last.pt, "
+                  "metrics.jsonl, report.json)")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Optional[Path], typer.Argument(help="Run directory, checkpoint, or exported model file.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Prepared dataset directory (default: the one the run used).")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
+    report: Annotated[Optional[Path], typer.Option(help="Write report.json here (default: RUN/eval-SPLIT.json, "
+                                                        "or print only).")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(help="Evaluate {stem}.png label maps from any tool "
+                                                             "instead of a model (needs --data).")] = None,
+    save_predictions: Annotated[Optional[Path], typer.Option("--save-predictions", help="Write fine-id PNGs here.")] = None,
+    mode: Annotated[str, typer.Option(help="auto (slide if larger than the training crop), whole or slide.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    amp: Annotated[str, typer.Option(help="off, bf16 or fp16.")] = "off",
+    workers: Annotated[int, typer.Option(help="Data loader workers.")] = 2,
+    which: Annotated[str, typer.Option("--checkpoint", help="For a run directory: best or last.")] = "best",
+) -> None:
+    """Score a model (or another tool's predictions) on a prepared split at every hierarchy level."""
+    from hiposeg.engine import evaluate, evaluate_predictions
+    from hiposeg.io import atomic_write_json
+    from hiposeg.report import print_report
+
+    if mode not in ("auto", "whole", "slide"):
+        raise UserError(f"--mode {mode!r} is not one of auto, whole, slide")
+    if predictions is not None:
+        if data is None:
+            raise UserError("--predictions needs --data DATA (the prepared dataset holding the ground truth)")
+        rep = evaluate_predictions(predictions, data, split)
+    else:
+        if model is None:
+            raise UserError("give a run directory, checkpoint or exported model to evaluate (or --predictions DIR)")
+        from hiposeg.distributed import DistEnv, pick_device
+        from hiposeg.export import load_inference_model
+
+        loaded = load_inference_model(model, prefer=which)
+        dev = pick_device(device)
+        data_root = data or loaded.data_root
+        if data_root is None:
+            raise UserError(f"{model} does not record its dataset; pass --data DATA")
+        from hiposeg.data.dataset import open_prepared
+
+        h_data, _ = open_prepared(Path(data_root), split)
+        if h_data.sha256 != loaded.hierarchy.sha256:
+            raise UserError(f"{model} was trained with hierarchy {loaded.hierarchy.name!r}, but {data_root} uses "
+                            f"{h_data.name!r} (different class tree)",
+                            hint="Evaluate on data prepared with the model's hierarchy.")
+        rep = evaluate(loaded.module.to(dev), Path(data_root), split, DistEnv(device=dev), mode=mode,
+                       crop=loaded.crop, amp=amp, mean=loaded.mean, std=loaded.std, workers=workers, save_predictions=save_predictions, progress=True)
+        rep["model"] = str(model)
+        if report is None and Path(model).is_dir():
+            report = Path(model) / f"eval-{split}.json"
+    print_report(rep, console)
+    if report is not None:
+        atomic_write_json(report, rep)
+        console.print(f"report written to [bold]{report}[/bold]")
+
+
+# ------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning `UserError` into one message + exit 2."""
+    argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=argv, standalone_mode=True)
     except UserError as e:  # pragma: no cover - exercised through run_cli in tests
         _print_user_error(e)
         sys.exit(2)
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """A bare `--resume` (no value, or followed by another option) means `--resume last`."""
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("last")
+    return out
 
 
 def _print_user_error(e: UserError) -> None:

@@ -1,0 +1,138 @@
+"""Process groups for multi-GPU (and multi-process CPU) training.
+
+Two ways in, one code path:
+* `torchrun --nproc_per_node=N -m hiposeg train ...` sets RANK / WORLD_SIZE / LOCAL_RANK /
+  MASTER_ADDR / MASTER_PORT; `init_from_env` joins that group (several machines work the same way).
+* `hiposeg train --gpus N` calls `spawn(N, fn, ...)`, which starts N local worker processes with
+  those same variables set, then each joins like under torchrun.
+The backend is NCCL on CUDA and gloo on the CPU (`--device cpu`), so CI exercises the same DDP path
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hiposeg.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if requested == "cuda":
+        raise UserError("--device cuda was requested but PyTorch sees no CUDA GPU on this machine",
+                        hint="Use --device cpu (or --device auto), or install a CUDA build of PyTorch.")
+    return torch.device("cpu")
+
+
+def check_world(world_size: int, device: str) -> None:
+    """Fail early, with the fix, when N processes cannot get N GPUs."""
+    if world_size <= 1 or device == "cpu":
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise UserError(f"--gpus {world_size} needs {world_size} GPUs, but PyTorch sees none",
+                        hint=f"To run {world_size} processes on the CPU (gloo backend), add --device cpu.")
+    if launched_by_torchrun():
+        return
+    if n < world_size:
+        raise UserError(f"--gpus {world_size} needs {world_size} GPUs, but PyTorch sees {n}",
+                        hint=f"Use --gpus {n} or fewer (CUDA_VISIBLE_DEVICES selects which).")
+
+
+def init_from_env(device_pref: str) -> DistEnv:
+    """Join the process group described by the torchrun environment variables (if any)."""
+    if not launched_by_torchrun():
+        return DistEnv(device=pick_device(device_pref))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_pref, local)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_entry(local_rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fn(*args)
+
+
+def spawn(world_size: int, fn: Callable[..., Any], args: tuple = ()) -> None:
+    """Run `fn(*args)` in `world_size` local processes that see torchrun-style variables."""
+    port = int(os.environ.get("MASTER_PORT", 0)) or free_port()
+    mp.start_processes(_spawn_entry, args=(world_size, port, fn, args), nprocs=world_size,
+                       join=True, start_method="spawn")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank (agreement for stop requests)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,672 @@
+"""The one training engine: `fit(config)` serves `hiposeg train` and every `hiposeg ablate` run,
+and `evaluate(...)` serves `hiposeg eval`, periodic evaluation and the end of training.
+
+Read top to bottom:
+    fit                 launch N processes if asked, else run `train_worker` here
+    train_worker        data, model + HiPoSeg branch, optimiser, resume, the loop
+    the loop            poly lr -> forward (AMP) -> eq. 14 -> finite check -> backward -> step
+                        -> log -> checkpoint / evaluate; SIGINT/SIGTERM save and stop cleanly
+    evaluate            confusion matrix over the whole split at full label resolution
+
+Exact resume: data order and augmentation are pure functions of (seed, global sample position)
+(`IterationSampler`), the lr is a function of the iteration, and checkpoints carry the model,
+prototype memory, optimiser, scaler and RNG states, so an interrupted run resumed with `--resume`
+ends with the same weights as an uninterrupted one (bit-exact in `--deterministic` mode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Sampler
+
+from hiposeg import __version__, checkpoint
+from hiposeg.config import TrainConfig, save_config
+from hiposeg.distributed import DistEnv, any_rank, check_world, init_from_env, launched_by_torchrun, shutdown, spawn
+from hiposeg.errors import UserError
+from hiposeg.hierarchy import Hierarchy
+from hiposeg.inference import predict_logits
+from hiposeg.io import atomic_write_json, remove_stale_temps
+from hiposeg.metrics import ConfusionMatrix, build_report, summary_line
+
+STATUS_FILE = "status.json"
+
+
+@dataclass
+class FitResult:
+    out: Path
+    report: dict[str, Any] | None
+    iterations: int
+    interrupted: bool
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf; the run stops and the last good checkpoint is kept."""
+
+
+# ==========================================================================================
+# Entry point
+# ==========================================================================================
+
+
+def fit(cfg: TrainConfig, *, resume: Path | None = None) -> FitResult:
+    """Train (and finally evaluate) per `cfg`; `resume` is a checkpoint file to continue from."""
+    out = cfg.resolved_out()
+    ensure_prepared(cfg)
+    guard_run_dir(out, resume)
+    world = cfg.run.gpus
+    if world > 1 and not launched_by_torchrun():
+        check_world(world, cfg.run.device)
+        out.mkdir(parents=True, exist_ok=True)
+        err_file = out / ".worker-error.json"
+        err_file.unlink(missing_ok=True)
+        with _ignore_sigint_in_parent():
+            try:
+                spawn(world, _spawned_worker, (cfg, resume))
+            except Exception as e:  # a worker failed: surface its UserError if it left one
+                if err_file.exists():
+                    info = json.loads(err_file.read_text())
+                    raise UserError(info["message"], hint=info.get("hint")) from None
+                raise RuntimeError(f"a training process failed: {e}") from e
+        return _result_from_files(out)
+    if launched_by_torchrun():
+        check_world(int(os.environ["WORLD_SIZE"]), cfg.run.device)
+    return train_worker(cfg, resume)
+
+
+def _spawned_worker(cfg: TrainConfig, resume: Path | None) -> None:
+    try:
+        train_worker(cfg, resume)
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            atomic_write_json(cfg.resolved_out() / ".worker-error.json", {"message": e.message, "hint": e.hint})
+        raise
+
+
+@contextmanager
+def _ignore_sigint_in_parent() -> Iterator[None]:
+    """Ctrl-C reaches every worker (same process group); they checkpoint and exit themselves."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _result_from_files(out: Path) -> FitResult:
+    status = json.loads((out / STATUS_FILE).read_text()) if (out / STATUS_FILE).exists() else {}
+    report_path = out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else None
+    return FitResult(out, report, status.get("iteration", 0), status.get("state") == "interrupted")
+
+
+def ensure_prepared(cfg: TrainConfig) -> None:
+    """The built-in synthetic set is generated on the fly; anything else must be prepared."""
+    from hiposeg.data.dataset import open_prepared
+
+    root = cfg.data.resolved_root()
+    if cfg.data.dataset == "synthetic" and not (root / "manifest.json").exists() \
+            and int(os.environ.get("RANK", 0)) == 0:
+        from hiposeg.data.synthetic import generate
+
+        if not cfg.run.quiet:
+            print(f"hiposeg: no prepared synthetic set at {root}; generating the built-in one now "
+                  f"(same as `hiposeg prepare synthetic --out {root}`)", flush=True)
+        generate(root)
+    open_prepared(root, cfg.data.train_split)
+    open_prepared(root, cfg.data.val_split)
+
+
+def guard_run_dir(out: Path, resume: Path | None) -> None:
+    """Never overwrite a run by accident: an existing checkpoint needs --resume or a new --out."""
+    if resume is None and (out / "checkpoints" / "last.pt").exists():
+        raise UserError(f"run directory {out} already holds a checkpoint (checkpoints/last.pt)",
+                        hint=f"Continue it with `--resume --out {out}`, or choose a new --out.")
+
+
+# ==========================================================================================
+# Data: an infinite, resumable, rank-aware stream of (index, augmentation seed)
+# ==========================================================================================
+
+
+class IterationSampler(Sampler[tuple[int, int]]):
+    """Global sample position p = iteration * global_batch + rank * local_batch + j.
+
+    Position p is item `perm_e[p mod n]` of epoch e = p // n, where perm_e is a permutation seeded
+    by (seed, e); its augmentation seed is a hash of (seed, p). So the data a step sees depends only
+    on the seed and the iteration: not on the worker count, the rank count, or interruptions.
+    """
+
+    def __init__(self, n: int, local_batch: int, rank: int, world: int, seed: int, start_iter: int) -> None:
+        if n == 0:
+            raise UserError("the training split is empty")
+        self.n, self.b, self.rank, self.world, self.seed, self.start = n, local_batch, rank, world, seed, start_iter
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+
+    def _perm_of(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        it = self.start
+        global_batch = self.b * self.world
+        while True:
+            for j in range(self.b):
+                p = it * global_batch + self.rank * self.b + j
+                epoch, k = divmod(p, self.n)
+                yield int(self._perm_of(epoch)[k]), (self.seed * 7_919 + p * 104_729 + 12_345) % (2**63 - 1)
+            it += 1
+
+
+def build_train_loader(cfg: TrainConfig, env: DistEnv, start_iter: int) -> tuple[DataLoader, Any]:
+    from hiposeg.data.dataset import PreparedDataset
+    from hiposeg.data.transforms import train_transforms
+
+    d = cfg.data
+    probe = PreparedDataset(d.resolved_root(), d.train_split, transforms=None, levels=("fine",))
+    tf = train_transforms(d.crop, d.scale_range, d.hflip, d.color_jitter, d.mean, d.std, probe.hierarchy.ignore_index)
+    ds = PreparedDataset(d.resolved_root(), d.train_split, transforms=tf, levels=("fine",))
+    local_batch = cfg.optim.batch_size // env.world_size
+    sampler = IterationSampler(len(ds), local_batch, env.rank, env.world_size, cfg.run.seed, start_iter)
+    loader = DataLoader(ds, batch_size=local_batch, sampler=sampler, num_workers=d.workers,
+                        pin_memory=env.device.type == "cuda", persistent_workers=d.workers > 0,
+                        prefetch_factor=4 if d.workers > 0 else None, drop_last=False)
+    return loader, ds.hierarchy
+
+
+# ==========================================================================================
+# Model, optimiser, schedule
+# ==========================================================================================
+
+
+def build_model(cfg: TrainConfig, hierarchy: Hierarchy) -> tuple[nn.Module, nn.Module]:
+    """(HiPoSegNet training wrapper, HiPoSegCriterion). No projection head for a CE-only config."""
+    from hiposeg.model import HiPoSegNet, build_segmenter
+    from hiposeg.prototypes import HiPoSegCriterion
+
+    criterion = HiPoSegCriterion(cfg.loss, hierarchy.fine_to_coarse, cfg.model.embed_dim,
+                                 hierarchy.ignore_index, cfg.optim.iters)
+    segmenter = build_segmenter(cfg.model, hierarchy.num_fine)
+    net = HiPoSegNet(segmenter, embed_dim=cfg.model.embed_dim, embed_source=cfg.model.embed_source,
+                     with_projection=criterion.needs_embeddings)
+    return net, criterion
+
+
+def poly_lr(cfg: TrainConfig, iteration: int) -> float:
+    """Poly decay (power 0.9 in the paper) with an optional linear warm-up."""
+    o = cfg.optim
+    lr = o.lr * (1 - iteration / o.iters) ** o.poly_power
+    if o.warmup_iters and iteration < o.warmup_iters:
+        lr *= (iteration + 1) / o.warmup_iters
+    return lr
+
+
+def configure_determinism(cfg: TrainConfig) -> None:
+    torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed % 2**32)
+    random.seed(cfg.run.seed)
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):  # type: ignore[no-untyped-def]
+    if cfg.run.amp == "off":
+        return nullcontext()
+    dtype = torch.float16 if cfg.run.amp == "fp16" else torch.bfloat16
+    if device.type == "cpu" and dtype == torch.float16:
+        raise UserError("--amp fp16 needs a CUDA GPU", hint="Use --amp bf16 on the CPU, or --amp off.")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ==========================================================================================
+# Checkpoints
+# ==========================================================================================
+
+
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py[0], "state": list(py[1]), "gauss": py[2]},
+    }
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def make_checkpoint(cfg: TrainConfig, hierarchy: Hierarchy, net: nn.Module, criterion: nn.Module,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, iteration: int,
+                    best: dict[str, Any], last_eval: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "format": checkpoint.CHECKPOINT_FORMAT,
+        "hiposeg_version": __version__,
+        "torch_version": torch.__version__,
+        "iteration": iteration,
+        "config": cfg.to_plain(),
+        "hierarchy": hierarchy.to_dict(),
+        "hierarchy_sha256": hierarchy.sha256,
+        "model": net.segmenter.state_dict(),
+        "projection": net.projection.state_dict() if net.projection is not None else {},
+        "memory": criterion.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "best": best,
+        "last_eval": last_eval,
+    }
+
+
+def check_compatible(ckpt: dict[str, Any], path: Path, hierarchy: Hierarchy, cfg: TrainConfig) -> None:
+    """Refuse a checkpoint of another hierarchy or architecture, saying which."""
+    if ckpt.get("hierarchy_sha256") != hierarchy.sha256:
+        theirs = ckpt.get("hierarchy", {}).get("name", "?")
+        raise UserError(f"checkpoint {path} was trained with hierarchy {theirs!r} (sha256 "
+                        f"{str(ckpt.get('hierarchy_sha256'))[:12]}), but the data at {cfg.data.resolved_root()} uses "
+                        f"{hierarchy.name!r} ({hierarchy.sha256[:12]})",
+                        hint="Resume with the dataset the run was trained on, or start a new run.")
+    theirs_model = ckpt.get("config", {}).get("model", {})
+    for key in ("backbone", "output_stride", "embed_dim", "embed_source"):
+        if theirs_model.get(key) != getattr(cfg.model, key):
+            raise UserError(f"checkpoint {path} has model.{key}={theirs_model.get(key)!r}, but the configuration "
+                            f"asks for {getattr(cfg.model, key)!r}",
+                            hint="Resume with the run's own configuration (drop the conflicting flag).")
+
+
+# ==========================================================================================
+# Logging: Rich progress on a terminal, plain lines otherwise, metrics.jsonl, TensorBoard
+# ==========================================================================================
+
+
+class RunLogger:
+    """Rank 0 only. Writes `metrics.jsonl` (one JSON object per log step / evaluation)."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, start_iter: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.cfg, self.total = cfg, cfg.optim.iters
+        self.console = Console(stderr=True, quiet=cfg.run.quiet)
+        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard is an optional extra
+            self.tb = None
+        self.progress = None
+        if self.console.is_terminal and not cfg.run.quiet:
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     TextColumn("{task.fields[speed]}"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"), console=self.console)
+            self.task = self.progress.add_task("train", total=self.total, completed=start_iter, speed="", info="")
+            self.progress.start()
+        self._t0, self._i0 = time.perf_counter(), start_iter
+
+    def step(self, iteration: int, lr: float, phase: str, terms: dict[str, float]) -> None:
+        now = time.perf_counter()
+        speed = (iteration - self._i0) / max(now - self._t0, 1e-9)
+        self._t0, self._i0 = now, iteration
+        row = {"iter": iteration, "lr": lr, "phase": phase, "it_per_s": speed, **terms}
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            for k, v in terms.items():
+                self.tb.add_scalar(f"train/{k}", v, iteration)
+            self.tb.add_scalar("train/lr", lr, iteration)
+        info = " ".join(f"{k}={v:.3f}" for k, v in terms.items()) + f" lr={lr:.2e} [{phase}]"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=iteration, speed=f"{speed:.2f} it/s", info=info)
+        elif not self.cfg.run.quiet:
+            eta = (self.total - iteration) / max(speed, 1e-9)
+            self.console.print(f"iter {iteration}/{self.total}  {speed:.2f} it/s  eta {eta / 60:.1f} min  {info}",
+                               highlight=False)
+
+    def evaluation(self, iteration: int, report: dict[str, Any]) -> None:
+        row = {"iter": iteration, "eval": {k: lv["mIoU"] for k, lv in report["levels"].items()}}
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            for k, lv in report["levels"].items():
+                if lv["mIoU"] is not None:
+                    self.tb.add_scalar(f"val/mIoU_{k}", lv["mIoU"], iteration)
+        self.print(f"eval @ {iteration}: {summary_line(report)}")
+
+    def print(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(msg, highlight=False)
+        elif not self.cfg.run.quiet:
+            self.console.print(msg, highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next iteration boundary and stops."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ==========================================================================================
+# The worker: everything one process does
+# ==========================================================================================
+
+
+def train_worker(cfg: TrainConfig, resume: Path | None) -> FitResult:
+    env = init_from_env(cfg.run.device)
+    try:
+        return _train(cfg, resume, env)
+    finally:
+        shutdown()
+
+
+def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
+    if cfg.optim.batch_size % env.world_size:
+        raise UserError(f"batch size {cfg.optim.batch_size} does not split evenly over {env.world_size} processes",
+                        hint=f"Use a multiple of {env.world_size} for --batch-size (it is the total over all processes).")
+    out = cfg.resolved_out()
+    ckpt_dir = out / "checkpoints"
+    configure_determinism(cfg)
+
+    from hiposeg.data.dataset import open_prepared
+
+    hierarchy, _ = open_prepared(cfg.data.resolved_root(), cfg.data.train_split)
+    net, criterion = build_model(cfg, hierarchy)
+    ckpt = checkpoint.load(resume) if resume is not None else None
+    if ckpt is not None:
+        check_compatible(ckpt, resume, hierarchy, cfg)  # type: ignore[arg-type]
+        net.segmenter.load_state_dict(ckpt["model"])
+        if net.projection is not None:
+            net.projection.load_state_dict(ckpt["projection"])
+        criterion.load_state_dict(ckpt["memory"])
+    if env.distributed and env.device.type == "cuda":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # global BN statistics: the batch is global
+    net.to(env.device)
+    criterion.to(env.device)
+    if cfg.run.channels_last:
+        net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.run.amp == "fp16")
+    start_iter, best, last_eval = 0, {"metric": "fine_mIoU", "value": None, "iteration": None}, None
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_iter, best, last_eval = int(ckpt["iteration"]), ckpt["best"], ckpt.get("last_eval")
+
+    model: nn.Module = net
+    if env.distributed:
+        # CPU processes use plain BN (SyncBN needs CUDA); rank 0's BN buffers are broadcast each
+        # forward so every rank evaluates the same model. The prototype memory is kept identical
+        # by the criterion itself (all-reduced sums and counts).
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            broadcast_buffers=env.device.type != "cuda")
+    if cfg.run.compile:
+        model = torch.compile(model)
+
+    loader, _ = build_train_loader(cfg, env, start_iter)
+    batches = iter(loader)  # created before restoring RNG: creating it draws from the RNG
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])
+        del ckpt
+
+    logger = None
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(ckpt_dir)
+        save_config(cfg, out / "config.yaml")
+        logger = RunLogger(out, cfg, start_iter)
+        atomic_write_json(out / STATUS_FILE, {"state": "running", "iteration": start_iter})
+        if start_iter:
+            logger.print(f"resumed from {resume} at iteration {start_iter}")
+
+    def save(name: str, iteration: int) -> None:
+        if env.is_main:
+            checkpoint.save(make_checkpoint(cfg, hierarchy, net, criterion, optimizer, scaler, iteration,
+                                            best, last_eval), ckpt_dir / f"{name}.pt")
+
+    def run_eval(iteration: int) -> dict[str, Any]:
+        nonlocal best, last_eval
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+            report = evaluate(net.segmenter, cfg.data.resolved_root(), cfg.data.val_split, env,
+                              mode=cfg.run.eval_mode, crop=cfg.data.crop, batch_size=cfg.run.eval_batch_size,
+                              amp=cfg.run.amp, mean=cfg.data.mean, std=cfg.data.std, workers=cfg.data.workers,
+                              iteration=iteration)
+        net.train()
+        last_eval = {k: lv["mIoU"] for k, lv in report["levels"].items()}
+        fine = report["levels"]["fine"]["mIoU"]
+        improved = fine is not None and (best["value"] is None or fine > best["value"])
+        if improved:
+            best = {"metric": "fine_mIoU", "value": fine, "iteration": iteration}
+        if logger:
+            logger.evaluation(iteration, report)
+        if improved:
+            save("best", iteration)
+        return report
+
+    T = cfg.optim.iters
+    sums: dict[str, torch.Tensor] = {}
+    n_logged = 0
+    iteration = start_iter
+    report: dict[str, Any] | None = None
+    interrupted = False
+    net.train()
+    with StopSignal() as stop:
+        while iteration < T:
+            if any_rank(stop.signum is not None, env.device) if env.distributed else stop.signum is not None:
+                interrupted = True
+                break
+            batch = next(batches)
+            images = batch["image"].to(env.device, non_blocking=True)
+            target = batch["fine"].to(env.device, non_blocking=True)
+            if cfg.run.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            lr = poly_lr(cfg, iteration)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            with autocast_for(cfg, env.device):
+                logits, emb = model(images, with_embeddings=criterion.needs_embeddings)
+            loss, terms = criterion(logits, emb, target, iteration)
+
+            bad = not bool(torch.isfinite(loss.detach()))
+            if env.distributed:
+                bad = any_rank(bad, env.device)
+            if bad:
+                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                kept = ckpt_dir / "last.pt"
+                raise TrainingDiverged(
+                    f"the loss became non-finite at iteration {iteration} ({detail or 'total=' + str(float(loss))})",
+                    hint=(f"The last good checkpoint is kept: {kept}. " if kept.exists() else "No checkpoint was "
+                          "written yet. ") + "Try a lower --lr, --amp bf16 instead of fp16, or check the labels "
+                          "(`hiposeg prepare` manifest).")
+
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iteration += 1
+
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
+            n_logged += 1
+            if logger and (iteration % cfg.run.log_every == 0 or iteration == T):
+                logger.step(iteration, lr, criterion.schedule.phase_name(iteration - 1),
+                            {k: float(v) / n_logged for k, v in sums.items()})
+                sums, n_logged = {}, 0
+
+            if cfg.run.eval_every and iteration % cfg.run.eval_every == 0 and iteration < T:
+                run_eval(iteration)
+            if iteration % cfg.run.ckpt_every == 0 and iteration < T:
+                save("last", iteration)
+
+        if interrupted:
+            save("last", iteration)
+            if logger:
+                sig = signal.Signals(stop.signum).name if stop.signum else "signal"
+                logger.print(f"{sig}: stopped at iteration {iteration}; checkpoint written to {ckpt_dir / 'last.pt'}. "
+                             f"Continue with `hiposeg train --resume --out {out}`.")
+        else:
+            report = run_eval(iteration)
+            save("last", iteration)
+            if env.is_main:
+                atomic_write_json(out / "report.json", report)
+
+    if logger:
+        atomic_write_json(out / STATUS_FILE, {"state": "interrupted" if interrupted else "finished",
+                                              "iteration": iteration})
+        logger.close()
+    return FitResult(out, report, iteration, interrupted)
+
+
+# ==========================================================================================
+# Evaluation
+# ==========================================================================================
+
+
+@torch.no_grad()
+def evaluate(segmenter: nn.Module, data_root: Path, split: str, env: DistEnv | None = None, *,
+             mode: str = "auto", crop: tuple[int, int] = (512, 1024), batch_size: int = 1, amp: str = "off",
+             mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+             std: tuple[float, float, float] = (0.229, 0.224, 0.225), workers: int = 2, iteration: int | None = None, save_predictions: Path | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """IoU at every level over a whole prepared split, at the labels' full resolution.
+
+    Under DDP each rank takes every world_size-th image (no padding duplicates), and the confusion
+    matrices are summed across ranks before any IoU is computed.
+    """
+    from hiposeg.data.dataset import PreparedDataset
+    from hiposeg.data.transforms import eval_transforms
+
+    env = env or DistEnv(device=next(segmenter.parameters()).device)
+    was_training = segmenter.training
+    segmenter.eval()
+    probe = PreparedDataset(data_root, split, transforms=None, levels=("fine",))
+    h = probe.hierarchy
+    ds = PreparedDataset(data_root, split, transforms=eval_transforms(mean, std),
+                         levels=("fine",))
+    shard = torch.utils.data.Subset(ds, list(range(env.rank, len(ds), env.world_size)))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=env.device.type == "cuda")
+    cm = ConfusionMatrix(h.num_fine, env.device)
+    amp_ctx = (torch.autocast(env.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+               if amp != "off" and not (amp == "fp16" and env.device.type == "cpu") else nullcontext())
+    if save_predictions is not None:
+        save_predictions.mkdir(parents=True, exist_ok=True)
+    bar = _eval_progress(progress and env.is_main, len(shard))
+    for batch in loader:
+        images = batch["image"].to(env.device, non_blocking=True)
+        target = batch["fine"].to(env.device, non_blocking=True)
+        with amp_ctx:
+            logits = predict_logits(segmenter, images, h.num_fine, mode=mode, crop=crop)  # type: ignore[arg-type]
+        pred = logits.argmax(1)
+        cm.update(pred, target, h.ignore_index)
+        if save_predictions is not None:
+            from hiposeg.data.dataset import write_label
+
+            for stem, p in zip(batch["stem"], pred.cpu().numpy()):
+                write_label(save_predictions / f"{stem}.png", p.astype(h.label_dtype))
+        if bar:
+            bar[0].advance(bar[1], len(images))
+    if bar:
+        bar[0].stop()
+    cm.all_reduce()
+    if was_training:
+        segmenter.train()
+    meta = {"split": split, "data": str(data_root), "images": len(ds), "mode": mode}
+    if iteration is not None:
+        meta["iteration"] = iteration
+    return build_report(cm.numpy(), h, **meta)
+
+
+def _eval_progress(enabled: bool, total: int):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                 transient=True)
+    task = p.add_task("eval", total=total)
+    p.start()
+    return p, task
+
+
+def evaluate_predictions(pred_dir: Path, data_root: Path, split: str) -> dict[str, Any]:
+    """Score label PNGs from any tool (`{stem}.png`, fine ids) against a prepared split."""
+    from hiposeg.data.dataset import PreparedDataset, read_label
+
+    ds = PreparedDataset(data_root, split, transforms=None, levels=("fine",))
+    h = ds.hierarchy
+    cm = ConfusionMatrix(h.num_fine)
+    missing = [s for s in ds.stems if not (pred_dir / f"{s}.png").exists()]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(ds.stems)} predictions are missing in {pred_dir}, "
+                        f"e.g. {missing[0]}.png",
+                        hint="Predictions must be named {stem}.png (one per image of the split), holding fine class ids.")
+    gt_dir = Path(data_root) / split / "fine"
+    for stem in ds.stems:
+        gt = read_label(gt_dir / f"{stem}.png")
+        pred = read_label(pred_dir / f"{stem}.png")
+        if pred.ndim != 2:
+            raise UserError(f"prediction {pred_dir / (stem + '.png')} has {pred.shape[2]} channels; expected a "
+                            "single-channel map of fine class ids")
+        if pred.shape != gt.shape:
+            raise UserError(f"prediction {pred_dir / (stem + '.png')} is {pred.shape[1]}x{pred.shape[0]} but the "
+                            f"label is {gt.shape[1]}x{gt.shape[0]}",
+                            hint="Predictions must be at the label's full resolution.")
+        cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt.astype(np.int64)), h.ignore_index)
+    return build_report(cm.numpy(), h, split=split, data=str(data_root), images=len(ds.stems),
+                        predictions=str(pred_dir))

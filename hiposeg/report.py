@@ -1,0 +1,48 @@
+"""Rich tables for report.json: per-level mIoU, then per-class IoU with class names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    t = Table(title="mIoU per hierarchy level", title_justify="left")
+    t.add_column("level")
+    t.add_column("name")
+    t.add_column("classes", justify="right")
+    t.add_column("mIoU %", justify="right", style="bold")
+    t.add_column("pixel acc. %", justify="right")
+    for key, lv in report["levels"].items():
+        t.add_row(key, lv["level"], str(lv["num_classes"]), _fmt(lv["mIoU"]), _fmt(lv["pixel_accuracy"]))
+    return t
+
+
+def class_table(key: str, level: dict[str, Any], columns: int = 3) -> Table:
+    """Per-class IoU laid out in `columns` column pairs so 150 classes stay readable."""
+    t = Table(title=f"IoU per class — {key} ({level['level']})", title_justify="left")
+    for _ in range(columns):
+        t.add_column("class")
+        t.add_column("IoU %", justify="right")
+    items = list(level["IoU"].items())
+    rows = (len(items) + columns - 1) // columns
+    for r in range(rows):
+        cells: list[str] = []
+        for c in range(columns):
+            i = c * rows + r
+            cells += [items[i][0], _fmt(items[i][1])] if i < len(items) else ["", ""]
+        t.add_row(*cells)
+    return t
+
+
+def print_report(report: dict[str, Any], console: Console, per_class: bool = True) -> None:
+    if per_class:
+        for key, lv in report["levels"].items():
+            console.print(class_table(key, lv, columns=1 if lv["num_classes"] <= 12 else 3))
+    console.print(summary_table(report))
