@@ -149,7 +149,8 @@ def train_overrides(**flags: object) -> dict:
 def resolve_train_config(config_file: Optional[Path], flags: dict, sets: list[str],
                          resume: Optional[str]) -> tuple["TrainConfig", Optional[Path]]:  # noqa: F821
     """Build the run's config. On --resume the checkpoint's config is the base: only run.* fields
-    (devices, logging, checkpoint cadence) may change, so a resumed run is the same experiment."""
+    (devices, logging, checkpoint cadence) and where the data lives may change, so a resumed run is
+    the same experiment; the engine then checks the data's hierarchy against the checkpoint's."""
     from hiposeg import checkpoint
     from hiposeg.config import build_config, deep_update, load_config_file, parse_set, validate_config
 
@@ -172,9 +173,10 @@ def resolve_train_config(config_file: Optional[Path], flags: dict, sets: list[st
         path = checkpoint.resolve(resume, prefer="last")
     saved = validate_config(checkpoint.load(path)["config"], source=f"configuration saved in {path}")
     resumed = validate_config(deep_update(saved.to_plain(), explicit), source=f"configuration resumed from {path}")
+    movable = {"data.root", "data.dataset", "data.workers"}  # where the data lives, not what it is
     changed = [f"{sec}.{k}" for sec in ("data", "model", "loss", "optim")
                for k, v in getattr(resumed, sec).model_dump(mode="json").items()
-               if getattr(saved, sec).model_dump(mode="json")[k] != v]
+               if getattr(saved, sec).model_dump(mode="json")[k] != v and f"{sec}.{k}" not in movable]
     if changed:
         raise UserError(f"--resume continues the same experiment, but these settings differ from the checkpoint "
                         f"{path}: {', '.join(changed)}",

@@ -566,11 +566,39 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
             if env.is_main:
                 atomic_write_json(out / "report.json", report)
 
+    digests = rank_digests(net, criterion)
     if logger:
         atomic_write_json(out / STATUS_FILE, {"state": "interrupted" if interrupted else "finished",
-                                              "iteration": iteration})
+                                              "iteration": iteration, "rank_digests": digests})
+        if len(set(digests)) > 1:
+            logger.print(f"[red]warning: the {len(digests)} processes ended with different weights or prototype "
+                         f"memory ({digests}); please report this as a bug[/red]")
         logger.close()
     return FitResult(out, report, iteration, interrupted)
+
+
+def state_digest(*modules: nn.Module) -> str:
+    """sha256 over every tensor of the modules' state dicts (weights, BN buffers, prototype memory)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def rank_digests(net: nn.Module, criterion: nn.Module) -> list[str]:
+    """The state digest of every rank (one entry when not distributed): DDP must keep them equal."""
+    import torch.distributed as dist
+
+    mine = state_digest(net, criterion)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, mine)
+    return box
 
 
 # ==========================================================================================

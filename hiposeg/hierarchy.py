@@ -326,17 +326,31 @@ class Hierarchy:
     # ---- serialisation --------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The normalised form: every default filled in, classes sorted by id."""
+        """The normalised form: every default filled in, classes sorted by id, raw value lists sorted."""
         d = self.spec.model_dump(mode="json", exclude_none=True)
         for lvl in d["levels"]:
             lvl["classes"].sort(key=lambda c: c["id"])
+            for c in lvl["classes"]:
+                if "raw" in c:
+                    c["raw"] = sorted(c["raw"])
+        d["raw"]["ignore"] = self.raw_ignore  # sorted, duplicates dropped: they mean the same
         d["train"] = {"fine": self.fine_level, "coarse": self.coarse_level}
         return d
 
     @cached_property
     def sha256(self) -> str:
-        """Digest of the normalised form: two files that mean the same hierarchy hash the same."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        """Digest of what the hierarchy *means*: the tree, class names and ids, the raw mapping,
+        evaluation flags and training levels. Order, colours and prose (title, source,
+        description) are left out, so editing them does not orphan checkpoints or prepared data."""
+        d = self.to_dict()
+        meaning = {
+            "levels": [{"name": lvl["name"],
+                        "classes": [{k: c[k] for k in ("id", "name", "parent", "raw", "evaluate") if k in c}
+                                    for c in lvl["classes"]]} for lvl in d["levels"]],
+            "train": d["train"],
+            "raw_ignore": d.get("raw", {}).get("ignore", []),
+        }
+        blob = json.dumps(meaning, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def summary(self) -> str:

@@ -1,0 +1,289 @@
+"""End-to-end behaviour of the training engine and `hiposeg train` / `hiposeg eval`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from hiposeg import checkpoint
+from hiposeg.cli import app
+from hiposeg.config import build_config
+from hiposeg.engine import IterationSampler, fit, poly_lr
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from hiposeg.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    generate(root, train=12, val=4, size=64, seed=0, workers=1)
+    return root
+
+
+def tiny_cfg(data: Path, out: Path, **run):
+    layers = {
+        "data": {"dataset": "custom", "root": str(data), "crop": (64, 64), "workers": 0, "scale_range": (0.75, 1.25)},
+        "model": {"backbone": "resnet18", "output_stride": 16, "embed_dim": 32},
+        "optim": {"iters": 8, "batch_size": 2, "lr": 0.01},
+        "run": {"out": str(out), "device": "cpu", "deterministic": True, "ckpt_every": 4, "log_every": 2,
+                "quiet": True, "eval_mode": "whole", **run},
+    }
+    return build_config(layers)
+
+
+def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--iters", "6", "--batch-size", "2", "--crop", "64x64",
+            "--backbone", "resnet18", "--output-stride", "16", "--workers", "0", "--device", "cpu", "--quiet",
+            "--set", "model.embed_dim=32", *extra]
+
+
+def load_plain(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_poly_lr_and_sampler_are_pure_functions_of_iteration():
+    cfg = build_config({"optim": {"lr": 0.01, "iters": 100, "poly_power": 0.9}})
+    assert poly_lr(cfg, 0) == pytest.approx(0.01)
+    assert poly_lr(cfg, 50) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert poly_lr(cfg, 99) == pytest.approx(0.01 * 0.01 ** 0.9)
+    # the stream from iteration 3 equals the tail of the stream from iteration 0
+    full = IterationSampler(10, 2, 0, 1, seed=5, start_iter=0)
+    late = IterationSampler(10, 2, 0, 1, seed=5, start_iter=3)
+    a = [x for _, x in zip(range(20), iter(full))]
+    b = [x for _, x in zip(range(14), iter(late))]
+    assert a[6:] == b
+    # each epoch visits every sample exactly once
+    assert sorted(i for i, _ in a[:10]) == list(range(10))
+    # two ranks split the global batch without overlap
+    r0 = [i for _, (i, _) in zip(range(10), iter(IterationSampler(10, 1, 0, 2, 5, 0)))]
+    r1 = [i for _, (i, _) in zip(range(10), iter(IterationSampler(10, 1, 1, 2, 5, 0)))]
+    assert sorted(r0[:5] + r1[:5]) == list(range(10))
+
+
+def test_end_to_end_train_checkpoint_eval_report(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = fit(tiny_cfg(tiny_data, out))
+    assert result.iterations == 8 and not result.interrupted
+    rep = result.report
+    assert set(rep["levels"]) >= {"fine", "coarse"}
+    h = json.loads((tiny_data / "hierarchy.json").read_text())
+    fine_names = [c["name"] for c in sorted(h["levels"][0]["classes"], key=lambda c: c["id"])]
+    assert list(rep["levels"]["fine"]["IoU"]) == fine_names
+    for lv in rep["levels"].values():
+        assert 0.0 <= lv["mIoU"] <= 100.0 and 0.0 <= lv["pixel_accuracy"] <= 100.0
+    assert json.loads((out / "report.json").read_text()) == rep
+    # run directory contents
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["optim"]["iters"] == 8 and cfg["model"]["backbone"] == "resnet18"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if "loss" in r] == [2, 4, 6, 8]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    assert rows[-1]["eval"]["fine"] == pytest.approx(rep["levels"]["fine"]["mIoU"])
+    # the sequential schedule switched the terms on (T=8: coarse from 0.6, fine from 1.8, align from 3)
+    assert {"fh", "hh", "fl", "ll", "align"} <= set(rows[-2])
+    # checkpoints hold plain data only
+    for name in ("last", "best"):
+        ck = load_plain(out / "checkpoints" / f"{name}.pt")
+        assert ck["format"] == "hiposeg-checkpoint/1" and ck["iteration"] == 8
+        assert ck["hierarchy"]["name"] == "synthetic"
+        assert ck["memory"] and ck["projection"]
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+    # hiposeg eval on the run directory reproduces the final report
+    r = runner.invoke(app, ["eval", str(out), "--device", "cpu", "--workers", "0", "--mode", "whole"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((out / "eval-val.json").read_text())
+    for key in ("fine", "coarse"):
+        assert ev["levels"][key]["mIoU"] == pytest.approx(rep["levels"][key]["mIoU"], abs=1e-6)
+        assert ev["levels"][key]["IoU"] == pytest.approx(rep["levels"][key]["IoU"], abs=1e-6)
+
+
+def test_ce_only_config_builds_no_projection_head(tiny_data, tmp_path):
+    out = tmp_path / "ce"
+    fit(tiny_cfg(tiny_data, out).model_copy(update={"loss": build_config({"loss": {"terms": ["ce"]}}).loss}))
+    ck = load_plain(out / "checkpoints" / "last.pt")
+    assert ck["projection"] == {}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert set(rows[-1]) & {"fh", "hh", "fl", "ll", "align"} == set()
+
+
+class StopAfter:
+    """Stands in for the signal handler: reports SIGINT once `n` iterations have started."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.checks = n, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def signum(self):
+        self.checks += 1
+        return signal.SIGINT if self.checks > self.n else None
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    import hiposeg.engine as engine
+
+    full = fit(tiny_cfg(tiny_data, tmp_path / "full"))
+    assert full.iterations == 8
+
+    monkeypatch.setattr(engine, "StopSignal", lambda: StopAfter(5))
+    part = fit(tiny_cfg(tiny_data, tmp_path / "part"))
+    assert part.interrupted and part.iterations == 5
+    assert json.loads((tmp_path / "part" / "status.json").read_text())["state"] == "interrupted"
+    monkeypatch.undo()
+
+    done = fit(tiny_cfg(tiny_data, tmp_path / "part"), resume=tmp_path / "part" / "checkpoints" / "last.pt")
+    assert done.iterations == 8 and not done.interrupted
+    a = load_plain(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_plain(tmp_path / "part" / "checkpoints" / "last.pt")
+    for part_name in ("model", "projection", "memory"):
+        assert a[part_name].keys() == b[part_name].keys()
+        for k in a[part_name]:
+            assert torch.equal(a[part_name][k], b[part_name][k]), f"{part_name}.{k} differs after resume"
+    assert done.report["levels"]["fine"]["mIoU"] == pytest.approx(full.report["levels"]["fine"]["mIoU"])
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_keeps_ranks_identical(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = tiny_cfg(tiny_data, out, gpus=2)
+    cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"iters": 4})})
+    result = fit(cfg)
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and status["iteration"] == 4
+    assert len(status["rank_digests"]) == 2 and status["rank_digests"][0] == status["rank_digests"][1]
+    assert result.report is not None and result.report["images"] == 4
+
+
+def test_cli_train_then_eval_predictions_match_model(tiny_data, tmp_path):
+    out = tmp_path / "cli"
+    r = runner.invoke(app, cli_args(tiny_data, out))
+    assert r.exit_code == 0, r.output
+    assert "mIoU" in r.output and str(out) in r.output
+    preds = tmp_path / "preds"
+    r = runner.invoke(app, ["eval", str(out), "--device", "cpu", "--workers", "0", "--mode", "whole",
+                            "--save-predictions", str(preds), "--report", str(tmp_path / "model.json")])
+    assert r.exit_code == 0, r.output
+    assert len(list(preds.glob("*.png"))) == 4
+    r = runner.invoke(app, ["eval", "--predictions", str(preds), "--data", str(tiny_data),
+                            "--report", str(tmp_path / "preds.json")])
+    assert r.exit_code == 0, r.output
+    a = json.loads((tmp_path / "model.json").read_text())
+    b = json.loads((tmp_path / "preds.json").read_text())
+    assert a["levels"] == b["levels"]
+
+
+def test_existing_run_needs_resume_and_resume_rejects_changed_settings(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, cli_args(tiny_data, out)).exit_code == 0
+    r = runner.invoke(app, cli_args(tiny_data, out))
+    assert r.exit_code == 2 and "--resume" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["train", "--resume", "last", "--out", str(out), "--lr", "0.5", "--quiet"])
+    assert r.exit_code == 2 and "optim.lr" in r.output
+    r = runner.invoke(app, ["train", "--resume", "last", "--out", str(tmp_path / "nothing"), "--quiet"])
+    assert r.exit_code == 2 and "nothing to resume" in r.output
+    # a finished run resumed: nothing left to do, finishes immediately with its report
+    r = runner.invoke(app, ["train", "--resume", "last", "--out", str(out), "--quiet", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: each message says what is wrong and what to do, exit code 2, no traceback
+# ------------------------------------------------------------------------------------------
+
+
+def test_missing_prepared_data_names_the_prepare_command(tmp_path):
+    r = runner.invoke(app, ["train", "--dataset", "cityscapes", "--data", str(tmp_path / "nope"), "--quiet"])
+    assert r.exit_code == 2, r.output
+    assert "hiposeg prepare" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("setting,field", [
+    ("loss.sigma1=2.0", "sigma1"),
+    ("optim.lr=-1", "optim.lr"),
+    ("loss.momentum=1.5", "loss.momentum"),
+    ("loss.terms=ce,align", "align"),
+    ("loss.terms=ce,xx", "xx"),
+    ("model.backbone=vgg16", "model.backbone"),
+    ("run.amp=fp8", "run.amp"),
+    ("optim.itres=10", "optim.itres"),
+])
+def test_invalid_config_values_name_the_field(tiny_data, tmp_path, setting, field):
+    r = runner.invoke(app, cli_args(tiny_data, tmp_path / "x", "--set", setting))
+    assert r.exit_code == 2, r.output
+    assert field in r.output and "Traceback" not in r.output
+
+
+def test_batch_must_split_evenly_over_processes(tiny_data, tmp_path):
+    r = runner.invoke(app, cli_args(tiny_data, tmp_path / "x", "--gpus", "2", "--batch-size", "3"))
+    assert r.exit_code == 2 and "evenly" in r.output
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, cli_args(tiny_data, out)).exit_code == 0
+    # another hierarchy: same images, one class renamed
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other, symlinks=True)
+    h = json.loads((other / "hierarchy.json").read_text())
+    h["levels"][0]["classes"][0]["name"] += "-renamed"
+    (other / "hierarchy.json").write_text(json.dumps(h))
+    r = runner.invoke(app, ["eval", str(out), "--data", str(other), "--device", "cpu", "--workers", "0"])
+    assert r.exit_code == 2 and "hierarchy" in r.output, r.output
+    r = runner.invoke(app, ["train", "--resume", str(out / "checkpoints" / "last.pt"), "--data", str(other),
+                            "--quiet", "--device", "cpu"])
+    assert r.exit_code == 2 and "hierarchy" in r.output, r.output
+    # truncated file
+    bad = tmp_path / "bad.pt"
+    data = (out / "checkpoints" / "last.pt").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    r = runner.invoke(app, ["eval", str(bad), "--device", "cpu"])
+    assert r.exit_code == 2 and "corrupt" in r.output and "Traceback" not in r.output
+
+
+def test_default_synthetic_set_is_prepared_on_the_fly(tmp_path, monkeypatch):
+    import hiposeg.data.synthetic as synthetic
+    from hiposeg.engine import ensure_prepared
+
+    calls = []
+    real = synthetic.generate
+
+    def small(root, **kw):
+        calls.append(root)
+        return real(root, train=4, val=2, size=64, seed=0, workers=1)
+
+    monkeypatch.setattr(synthetic, "generate", small)
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"run": {"quiet": True}})
+    assert cfg.data.dataset == "synthetic" and cfg.model.backbone == "resnet18"  # the CPU recipe
+    ensure_prepared(cfg)
+    assert calls == [Path("data/synthetic")]
+    assert (tmp_path / "data" / "synthetic" / "manifest.json").exists()
+    ensure_prepared(cfg)  # second time: nothing to do
+    assert len(calls) == 1
+
+
+def test_checkpoint_loader_refuses_non_hiposeg_files(tmp_path):
+    p = tmp_path / "x.pt"
+    torch.save({"format": "something-else"}, p)
+    with pytest.raises(Exception, match="not a hiposeg-checkpoint"):
+        checkpoint.load(p)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(Exception, match="empty"):
+        checkpoint.load(tmp_path / "empty.pt")
