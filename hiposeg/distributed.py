@@ -125,6 +125,14 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BN running statistics) to every rank. Without SyncBN each rank's
+    last forward leaves its own statistics, so this runs before evaluating or saving."""
+    if dist.is_available() and dist.is_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=src)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from hiposeg import __version__, checkpoint
 from hiposeg.config import TrainConfig, save_config
-from hiposeg.distributed import DistEnv, any_rank, check_world, init_from_env, launched_by_torchrun, shutdown, spawn
+from hiposeg.distributed import (DistEnv, any_rank, broadcast_buffers_, check_world, init_from_env,
+                                 launched_by_torchrun, shutdown, spawn)
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.inference import predict_logits
@@ -270,7 +271,7 @@ def make_checkpoint(cfg: TrainConfig, hierarchy: Hierarchy, net: nn.Module, crit
     return {
         "format": checkpoint.CHECKPOINT_FORMAT,
         "hiposeg_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "iteration": iteration,
         "config": cfg.to_plain(),
         "hierarchy": hierarchy.to_dict(),
@@ -416,6 +417,11 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
     if cfg.optim.batch_size % env.world_size:
         raise UserError(f"batch size {cfg.optim.batch_size} does not split evenly over {env.world_size} processes",
                         hint=f"Use a multiple of {env.world_size} for --batch-size (it is the total over all processes).")
+    sync_bn = env.distributed and env.device.type == "cuda"
+    if cfg.optim.batch_size // env.world_size < 2 and not sync_bn:
+        raise UserError(f"batch size {cfg.optim.batch_size} over {env.world_size} process(es) leaves 1 image per "
+                        "process: BatchNorm after ASPP's image pooling cannot train on a single 1x1 value",
+                        hint=f"Use --batch-size {2 * env.world_size} or more (SyncBatchNorm on GPUs lifts this).")
     out = cfg.resolved_out()
     ckpt_dir = out / "checkpoints"
     configure_determinism(cfg)
@@ -431,7 +437,7 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
         if net.projection is not None:
             net.projection.load_state_dict(ckpt["projection"])
         criterion.load_state_dict(ckpt["memory"])
-    if env.distributed and env.device.type == "cuda":
+    if sync_bn:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # global BN statistics: the batch is global
     net.to(env.device)
     criterion.to(env.device)
@@ -453,7 +459,7 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
         # by the criterion itself (all-reduced sums and counts).
         model = nn.parallel.DistributedDataParallel(
             net, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=env.device.type != "cuda")
+            forward_sync_buffers=env.device.type != "cuda")
     if cfg.run.compile:
         model = torch.compile(model)
 
@@ -480,6 +486,8 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
 
     def run_eval(iteration: int) -> dict[str, Any]:
         nonlocal best, last_eval
+        if env.distributed and not sync_bn:
+            broadcast_buffers_(net)  # every rank evaluates (and saves) rank 0's BN statistics
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
             report = evaluate(net.segmenter, cfg.data.resolved_root(), cfg.data.val_split, env,
                               mode=cfg.run.eval_mode, crop=cfg.data.crop, batch_size=cfg.run.eval_batch_size,
@@ -555,6 +563,8 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
                 save("last", iteration)
 
         if interrupted:
+            if env.distributed and not sync_bn:
+                broadcast_buffers_(net)
             save("last", iteration)
             if logger:
                 sig = signal.Signals(stop.signum).name if stop.signum else "signal"

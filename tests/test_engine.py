@@ -163,7 +163,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path,
 def test_two_process_gloo_run_keeps_ranks_identical(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     cfg = tiny_cfg(tiny_data, out, gpus=2)
-    cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"iters": 4})})
+    cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"iters": 4, "batch_size": 4})})
     result = fit(cfg)
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished" and status["iteration"] == 4
@@ -233,6 +233,8 @@ def test_invalid_config_values_name_the_field(tiny_data, tmp_path, setting, fiel
 def test_batch_must_split_evenly_over_processes(tiny_data, tmp_path):
     r = runner.invoke(app, cli_args(tiny_data, tmp_path / "x", "--gpus", "2", "--batch-size", "3"))
     assert r.exit_code == 2 and "evenly" in r.output
+    r = runner.invoke(app, cli_args(tiny_data, tmp_path / "y", "--batch-size", "1"))
+    assert r.exit_code == 2 and "1 image per process" in r.output and "Traceback" not in r.output
 
 
 def test_corrupt_and_foreign_checkpoints_are_refused(tiny_data, tmp_path):
