@@ -1,0 +1,184 @@
+"""Loading a prepared dataset (DESIGN §5) for training, evaluation and scoring.
+
+    DATA/hierarchy.json, DATA/manifest.json
+    DATA/{split}/images/{stem}.{ext}   DATA/{split}/fine/{stem}.png   DATA/{split}/coarse/{stem}.png
+
+`PreparedDataset[i]` or `PreparedDataset[(i, seed)]` gives one sample; with a seed the random
+augmentation is a pure function of (i, seed), whichever worker process draws it, which is what
+an exactly resumable training run needs. Decoding is OpenCV (one thread per loader worker);
+images stay uint8 until the transforms' last step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torchvision import tv_tensors
+
+from hiposeg.data.prepare import BadFile, JOURNAL_NAME, encode_png, read_label_file
+from hiposeg.errors import UserError
+from hiposeg.hierarchy import Hierarchy
+from hiposeg.io import atomic_write_bytes
+
+LEVELS = ("fine", "coarse")
+BUILTIN_COMMANDS = {"cityscapes": "cityscapes", "ade20k": "ade20k", "mapillary": "mapillary",
+                    "pascal-part": "pascal-part", "pascal_part": "pascal-part", "synthetic": "synthetic"}
+
+
+# ---- label and image files -------------------------------------------------------------------
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A label PNG as written by `prepare` (or by another tool): grayscale values, or the indices of
+    a palette PNG. Colour PNGs come back as (H, W, C) arrays for the caller to reject."""
+    try:
+        return read_label_file(Path(path))
+    except BadFile as e:
+        raise UserError(f"cannot read label map {e.file}: {e.reason}",
+                        hint="Prepare the dataset again (`hiposeg prepare ... --overwrite`), or replace the file.") from None
+
+
+def write_label(path: Path, labels: np.ndarray) -> None:
+    """Atomically write a 2-D uint8/uint16 label map as PNG."""
+    if labels.ndim != 2 or labels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"label maps are 2-D uint8/uint16 arrays, got {labels.dtype} {labels.shape}")
+    atomic_write_bytes(path, encode_png(labels))
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3)."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
+    if img is None:
+        target = f" (a link to {os.readlink(path)}: was the raw release moved?)" if os.path.islink(path) else ""
+        raise UserError(f"cannot read image {path}{target}",
+                        hint="Prepare the dataset again with --overwrite (add --copy to keep copies instead of links).")
+    return img
+
+
+# ---- the prepared folder ---------------------------------------------------------------------
+
+
+def prepare_command(root: Path) -> str:
+    """The command that (re)creates `root`, from its unfinished journal or its folder name."""
+    journal = root / JOURNAL_NAME
+    if journal.exists():
+        try:
+            with open(journal, encoding="utf-8") as f:
+                header = json.loads(f.readline())
+            return f"hiposeg prepare {header['source']} {header['raw_root']} --out {root}"
+        except (OSError, ValueError, KeyError):
+            pass
+    name = BUILTIN_COMMANDS.get(root.name)
+    if name == "synthetic":
+        return "hiposeg prepare synthetic" + ("" if root == Path("data/synthetic") else f" --out {root}")
+    if name is not None:
+        return f"hiposeg prepare {name} RAW --out {root}"
+    return f"hiposeg prepare {{cityscapes,ade20k,mapillary,pascal-part,folder}} RAW --out {root}"
+
+
+def open_prepared(root: Path, split: str | None = None) -> tuple[Hierarchy, dict[str, Any]]:
+    """Load DATA/hierarchy.json and DATA/manifest.json; a UserError naming the `hiposeg prepare`
+    command to run when the folder or the split is missing."""
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        if (root / JOURNAL_NAME).exists():
+            raise UserError(f"preparing {root} did not finish (no manifest.json yet)",
+                            hint=f"Rerun `{prepare_command(root)}` to complete it (finished files are kept).")
+        raise UserError(f"no prepared dataset at {root}: run `{prepare_command(root)}`",
+                        hint="`hiposeg prepare --help` lists the sources; DATA defaults to data/DATASET.")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{manifest_path} is unreadable ({e})",
+                        hint=f"Prepare the dataset again: `{prepare_command(root)}` with --overwrite.") from None
+    hierarchy = Hierarchy.from_file(root / "hierarchy.json")
+    if manifest.get("hierarchy", {}).get("sha256") not in (None, hierarchy.sha256):
+        raise UserError(f"{root}/hierarchy.json does not match manifest.json (edited after preparing?)",
+                        hint=f"Prepare the dataset again: `{prepare_command(root)}` with --overwrite.")
+    if split is not None and split not in manifest.get("splits", {}):
+        have = ", ".join(manifest.get("splits", {})) or "none"
+        missing = split in manifest.get("missing_splits", [])
+        why = " (the raw release did not contain it)" if missing else ""
+        raise UserError(f"{root} has no split {split!r}{why}; it has: {have}",
+                        hint=f"Use one of those splits, or prepare a release that has {split!r}: "
+                             f"`{prepare_command(root)}`.")
+    return hierarchy, manifest
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """One split of a prepared dataset.
+
+    Items: `{"image": float32 (3,H,W) normalised, "fine": int64 (H,W), "coarse": int64 (H,W),
+    "stem": str}` with the given transforms (only the requested `levels`); without transforms the
+    image is uint8 (3,H,W) as decoded. A key is an index, or `(index, seed)`: then the random
+    transforms run under a forked torch RNG seeded with `seed`.
+    """
+
+    def __init__(self, root: Path, split: str, transforms: Callable[[dict], dict] | None = None,
+                 levels: tuple[str, ...] = LEVELS) -> None:
+        bad = [lv for lv in levels if lv not in LEVELS]
+        if bad or not levels:
+            raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {levels}")
+        self.root, self.split = Path(root), split
+        self.hierarchy, self.manifest = open_prepared(self.root, split)
+        self.transforms, self.levels = transforms, tuple(levels)
+        base = self.root / split
+        self.stems: list[str] = sorted(p[:-4] for p in os.listdir(base / "fine") if p.endswith(".png")
+                                       and not p.startswith(".")) if (base / "fine").is_dir() else []
+        images = {os.path.splitext(n)[0]: n for n in os.listdir(base / "images")
+                  if not n.startswith(".")} if (base / "images").is_dir() else {}
+        missing = [s for s in self.stems if s not in images]
+        if missing or not self.stems:
+            what = f"{len(missing)} images are missing, e.g. {base / 'images' / missing[0]}.*" if missing \
+                else f"{base / 'fine'} holds no label maps"
+            raise UserError(f"prepared split {base} is incomplete: {what}",
+                            hint=f"Prepare it again: `{prepare_command(self.root)}`.")
+        self._image_files = [images[s] for s in self.stems]
+        self._cv2_ready_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """The decoded sample as tv_tensors (uint8 image, label maps as masks)."""
+        if self._cv2_ready_pid != os.getpid():  # once per process: loader workers decode single-threaded
+            if torch.utils.data.get_worker_info() is not None:
+                cv2.setNumThreads(0)
+            self._cv2_ready_pid = os.getpid()
+        stem = self.stems[index]
+        base = self.root / self.split
+        image = read_image(base / "images" / self._image_files[index])
+        sample: dict[str, Any] = {"image": tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))}
+        for level in self.levels:
+            lab = read_label(base / level / f"{stem}.png")
+            if lab.shape[:2] != image.shape[:2] or lab.ndim != 2:
+                raise UserError(f"{base / level / (stem + '.png')} is {lab.shape[1]}x{lab.shape[0]} but its image is "
+                                f"{image.shape[1]}x{image.shape[0]}", hint=f"Prepare again: `{prepare_command(self.root)}`.")
+            if lab.dtype == np.uint16:  # torch ops on uint16 are limited; ids fit int32
+                lab = lab.astype(np.int32)
+            sample[level] = tv_tensors.Mask(torch.from_numpy(lab))
+        sample["stem"] = stem
+        return sample
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = (key if isinstance(key, tuple) else (key, None))
+        sample = self.load(int(index))
+        if self.transforms is not None:
+            if seed is None:
+                sample = self.transforms(sample)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+                    sample = self.transforms(sample)
+        out: dict[str, Any] = {"image": sample["image"].as_subclass(torch.Tensor), "stem": sample["stem"]}
+        for level in self.levels:
+            out[level] = sample[level].as_subclass(torch.Tensor).to(torch.int64)
+        return out

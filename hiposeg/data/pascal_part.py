@@ -1,0 +1,177 @@
+"""PASCAL-Part-108 -> prepared dataset. Two release layouts are recognised:
+
+(a) **GMNet release** (LTTM/GMNet `data.zip`): images named by VOC id (`2008_000045.jpg` or
+    `.png`), single-channel label PNGs named the same with values 0..107 (0 = background,
+    255 = ignore), and split lists `train.txt` / `val.txt` (one VOC id per line). The folder names
+    inside the zip are not documented, so the folders are found by content (up to 4 levels below
+    RAW): a folder of VOC-id PNGs with one channel holds labels, one of VOC-id JPEGs or colour
+    PNGs holds images, a folder with `train.txt`/`val.txt` of VOC ids holds the lists. When several
+    folders qualify (e.g. the 21/58/108 variants side by side) the one with "108" in its path wins;
+    `--images/--labels/--lists DIR` name them explicitly otherwise.
+(b) **Re-organised layout** (mmsegmentation/LogicSeg style):
+    `RAW/img_dir/{train,val}/*.jpg` + `RAW/ann108_dir/{train,val}/*.png`.
+
+Leaf ids are the GMNet class order (identity mapping; 255 = ignore). Stems: the VOC ids.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from hiposeg.data.prepare import (
+    IMAGE_EXTS, BadFile, Discovery, Item, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in,
+    png_header,
+)
+from hiposeg.errors import UserError
+
+VOC_ID = re.compile(r"^\d{4}_\d{6}$")
+SPLITS = ("train", "val")
+MAX_DEPTH = 4
+EXPECTED = ("either (a) the GMNet release: images named by VOC id (e.g. 2008_000045.jpg), single-channel label PNGs "
+            "with the same names (values 0..107, 255 = ignore) and split lists train.txt / val.txt, in folders up to "
+            f"{MAX_DEPTH} levels below RAW; or (b) RAW/img_dir/{{train,val}}/*.jpg + RAW/ann108_dir/{{train,val}}/*.png")
+
+
+@dataclass
+class PascalPart(Source):
+    images: Path | None = None  # GMNet layout: folder of images (relative to RAW or absolute)
+    labels: Path | None = None  # GMNet layout: folder of 108-part label PNGs
+    lists: Path | None = None  # GMNet layout: folder with train.txt / val.txt
+
+    name: ClassVar[str] = "pascal-part"
+    default_hierarchy: ClassVar[str] = "pascal_part_108"
+    label_expected: ClassVar[str] = "PASCAL-Part-108 labels: 8-bit one-channel PNG, 0..107 and 255 = ignore"
+
+    def __post_init__(self) -> None:
+        self._layout: dict[str, str] = {}
+
+    def options(self) -> dict[str, Any]:
+        return dict(self._layout)
+
+    def discover(self, raw: Path) -> Discovery:
+        if check_dir(raw / "img_dir", "img_dir") and check_dir(raw / "ann108_dir", "ann108_dir") \
+                and not (self.images or self.labels or self.lists):
+            return self._discover_reorganised(raw)
+        return self._discover_gmnet(raw)
+
+    # ---- (b) img_dir/ + ann108_dir/ ------------------------------------------------------
+
+    def _discover_reorganised(self, raw: Path) -> Discovery:
+        self._layout = {"layout": "img_dir/ann108_dir"}
+        found = Discovery(items={}, notes=["layout: img_dir/{train,val} + ann108_dir/{train,val}"])
+        for split in SPLITS:
+            img_dir, ann_dir = raw / "img_dir" / split, raw / "ann108_dir" / split
+            has_i, has_a = check_dir(img_dir, f"img_dir/{split}"), check_dir(ann_dir, f"ann108_dir/{split}")
+            if not has_i and not has_a:
+                found.missing_splits.append(split)
+                continue
+            if not has_i or not has_a:
+                raise UserError(f"{img_dir if not has_i else ann_dir} is missing", hint=f"Expected {EXPECTED}.")
+            items, orphans = pair_by_stem(split, list_files(img_dir, IMAGE_EXTS), list_files(ann_dir, [".png"]),
+                                          partner_in(ann_dir, ".png"), partner_in(img_dir, ".jpg"))
+            found.items[split] = items
+            found.orphans += orphans
+        if not found.items:
+            raise UserError(f"{raw}/img_dir and ann108_dir have no train/ or val/ folder", hint=f"Expected {EXPECTED}.")
+        return found
+
+    # ---- (a) GMNet release ---------------------------------------------------------------
+
+    def _discover_gmnet(self, raw: Path) -> Discovery:
+        image_dirs, label_dirs, list_dirs = scan_release(raw)
+        label_dir = self._choose(raw, self.labels, label_dirs, "label PNGs (one channel)", "--labels")
+        image_dir = self._choose(raw, self.images, image_dirs, "images", "--images")
+        lists_dir = self._choose(raw, self.lists, list_dirs, "split lists train.txt/val.txt", "--lists")
+        images, labels = list_files(image_dir, IMAGE_EXTS), list_files(label_dir, [".png"])
+        rel = {k: os.path.relpath(v, raw) for k, v in (("images", image_dir), ("labels", label_dir), ("lists", lists_dir))}
+        self._layout = {"layout": "gmnet", **rel}
+        found = Discovery(items={}, notes=[f"layout: GMNet release (images {rel['images']}/, labels {rel['labels']}/, "
+                                           f"lists {rel['lists']}/)"])
+        for split in SPLITS:
+            list_file = lists_dir / f"{split}.txt"
+            if not list_file.is_file():
+                found.missing_splits.append(split)
+                continue
+            stems = read_split_list(list_file)
+            found.items[split] = [Item(split, s, images[s], labels[s]) for s in stems if s in images and s in labels]
+            for s in stems:
+                if s not in labels:
+                    found.orphans.append(BadFile(label_dir / f"{s}.png", f"listed in {list_file} but missing", split))
+                elif s not in images:
+                    found.orphans.append(BadFile(image_dir / f"{s}.jpg", f"listed in {list_file} but no image "
+                                                 f"{s}.* in {image_dir}", split))
+        return found
+
+    def _choose(self, raw: Path, given: Path | None, candidates: list[Path], what: str, flag: str) -> Path:
+        if given is not None:
+            path = given if given.is_absolute() else raw / given
+            if not check_dir(path, flag):
+                raise UserError(f"{flag} {given}: folder {path} not found")
+            return path
+        if not candidates:
+            raise UserError(f"no PASCAL-Part-108 release in {raw}: found no folder of {what}. Expected {EXPECTED}; "
+                            f"found: {describe_dir(raw)}",
+                            hint=f"If the files are there under other names, point at them with {flag} DIR.")
+        preferred = [c for c in candidates if "108" in os.path.relpath(c, raw)] or candidates
+        if len(preferred) > 1:
+            shown = ", ".join(os.path.relpath(c, raw) for c in preferred[:6])
+            raise UserError(f"several folders under {raw} hold {what}: {shown}",
+                            hint=f"Name the 108-part one with {flag} DIR (relative to RAW).")
+        return preferred[0]
+
+
+def scan_release(raw: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """Folders (depth <= MAX_DEPTH, symlinks not followed) holding VOC-id images, VOC-id label
+    PNGs, and VOC-id split lists."""
+    image_dirs, label_dirs, list_dirs = [], [], []
+    base = len(raw.parts)
+    for dirpath, dirnames, filenames in os.walk(raw):
+        depth = len(Path(dirpath).parts) - base
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if depth < MAX_DEPTH else []
+        voc = sorted(f for f in filenames if VOC_ID.match(os.path.splitext(f)[0])
+                     and os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+        if voc:
+            first = Path(dirpath) / voc[0]
+            (label_dirs if _is_index_png(first) else image_dirs).append(Path(dirpath))
+        if any(f in ("train.txt", "val.txt") and _is_voc_list(Path(dirpath) / f) for f in filenames):
+            list_dirs.append(Path(dirpath))
+    return image_dirs, label_dirs, list_dirs
+
+
+def _is_index_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            header = png_header(f.read(32))
+    except OSError:
+        return False
+    return header is not None and header.is_index_map
+
+
+def _is_voc_list(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = next((line.split()[0] for line in f if line.strip()), "")
+    except OSError:
+        return False
+    return bool(VOC_ID.match(first))
+
+
+def read_split_list(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read split list {path}: {e}") from None
+    stems = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        stem = line.split()[0]
+        if not VOC_ID.match(stem):
+            raise UserError(f"{path}, line {n}: {stem!r} is not a VOC id (YYYY_NNNNNN)",
+                            hint="Split lists hold one VOC image id per line.")
+        stems.append(stem)
+    return stems

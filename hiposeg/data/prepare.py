@@ -1,0 +1,1072 @@
+"""Shared machinery of `hiposeg prepare`: raw release -> prepared dataset (DESIGN §5).
+
+One converter module per release (`cityscapes.py`, `ade20k.py`, ...) only *discovers* the
+(image, label) pairs of its layout and says how its label files are decoded. Everything else is
+here and is the same for every source:
+
+1. **Check** the input: RAW exists, `--out` is not inside RAW (raw data is never written), the
+   output folder is empty or was made by the same command (else `--overwrite`).
+2. **Convert** each pair in a pool of worker processes (`--workers`, default: all cores): decode
+   the label, map raw values -> fine -> coarse ids with look-up tables (cv2.LUT / numpy indexing;
+   no per-pixel Python), count pixels per class from the raw histogram, write both PNGs
+   atomically (temp file + rename) and symlink (or `--copy`) the image.
+3. **Journal** every finished item in `DATA/.prepare-journal.jsonl` from the main process (the
+   raw files' size/mtime, the outputs' sizes and sha256, the pixel counts). A rerun verifies each
+   record against the files on disk and redoes only what is missing or changed, so a run killed
+   at any point resumes where it stopped; temp files of writes in flight are removed.
+4. **Manifest**: `DATA/manifest.json` (counts, per-class pixels at both levels, unknown values,
+   skipped files, hierarchy hash, options, version) is written last; its presence means "done".
+
+Per-file problems (unreadable, truncated or empty files, size mismatches, colour labels where an
+index map is expected, missing partners) are collected and reported together with the file and
+the fix; `--skip-bad` skips them instead and lists them in the manifest. Raw values the hierarchy
+does not know are an error naming the values and the first files, or, with `--unknown ignore`,
+mapped to ignore and counted in the manifest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import errno
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+
+from hiposeg import __version__
+from hiposeg.errors import UserError
+from hiposeg.hierarchy import Hierarchy
+from hiposeg.io import TMP_PREFIX, atomic_open, atomic_write_bytes, atomic_write_json
+
+JOURNAL_NAME = ".prepare-journal.jsonl"
+JOURNAL_FORMAT = "hiposeg-prepare-journal/1"
+MANIFEST_FORMAT = "hiposeg-prepared/1"
+LEVEL_DIRS = ("images", "fine", "coarse")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Options a rerun may change without --overwrite: they change no output byte ("unknown" only matters
+# for files holding unknown values, and those records are checked against it one by one).
+NON_OUTPUT_OPTIONS = frozenset({"limit", "skip_bad", "workers", "unknown"})
+MAX_REPORTED_FILES = 5  # bad files listed in an error message
+GRACE_ITEMS = 32  # after the first bad file, look at up to this many more to report several at once
+
+
+class UnknownPolicy(str, Enum):
+    """What to do with raw label values the hierarchy does not list."""
+
+    error = "error"
+    ignore = "ignore"
+
+
+class BadFile(Exception):
+    """A problem with one input file. Collected per run; `--skip-bad` skips such files."""
+
+    def __init__(self, file: str | os.PathLike, reason: str, split: str | None = None) -> None:
+        super().__init__(f"{file}: {reason}")
+        self.file = str(file)
+        self.reason = reason
+        self.split = split  # set for files found without their partner during discovery
+
+    def as_dict(self) -> dict[str, str]:
+        return {"file": self.file, "reason": self.reason}
+
+
+# ==========================================================================================
+# Label PNG codec. OpenCV decodes palette PNGs (colour type 3, e.g. Mapillary labels) to RGB;
+# the class ids are the palette *indices*. Relabelling the image as grayscale of the same bit
+# depth (identical IDAT stream: one sample per pixel either way) makes cv2 return the indices.
+# ==========================================================================================
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_GRAY, PNG_PALETTE = 0, 3  # IHDR colour types
+
+
+@dataclass(frozen=True)
+class PngHeader:
+    width: int
+    height: int
+    bit_depth: int
+    color_type: int
+
+    @property
+    def is_index_map(self) -> bool:
+        """One value per pixel: grayscale (8/16-bit) or palette indices."""
+        return self.color_type in (PNG_GRAY, PNG_PALETTE)
+
+
+def png_header(data: bytes) -> PngHeader | None:
+    """The IHDR fields, or None if `data` does not start like a PNG file."""
+    if len(data) < 29 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
+    return PngHeader(w, h, depth, ctype)
+
+
+def png_is_complete(data: bytes) -> bool:
+    """A PNG ends with its IEND chunk; a truncated download does not."""
+    return b"IEND" in data[-64:]
+
+
+def _palette_as_grayscale(data: bytes) -> bytes:
+    """Same image with colour type 0: keep IHDR (patched), the IDAT chunks and IEND only."""
+    out = [PNG_SIGNATURE]
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        ctype = data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if ctype == b"IHDR":
+            body = bytearray(data[pos + 8:pos + 8 + length])
+            body[9] = PNG_GRAY
+            out.append(struct.pack(">I", length) + b"IHDR" + bytes(body)
+                       + struct.pack(">I", zlib.crc32(b"IHDR" + bytes(body)) & 0xFFFFFFFF))
+        elif ctype in (b"IDAT", b"IEND"):
+            out.append(data[pos:end])
+        if ctype == b"IEND":
+            break
+        pos = end
+    return b"".join(out)
+
+
+def decode_label_png(data: bytes) -> np.ndarray | None:
+    """Decode a label PNG: grayscale -> values, palette -> indices, colour -> (H, W, C) BGR.
+
+    Returns None if cv2 cannot decode the bytes.
+    """
+    header = png_header(data)
+    if header is not None and header.color_type == PNG_PALETTE:
+        gray = cv2.imdecode(np.frombuffer(_palette_as_grayscale(data), np.uint8), cv2.IMREAD_UNCHANGED)
+        if gray is not None and header.bit_depth < 8 and gray.max(initial=0) >= 1 << header.bit_depth:
+            gray = gray // (255 // ((1 << header.bit_depth) - 1))  # libpng scaled 1/2/4-bit gray to 0..255
+        return gray
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:  # pragma: no cover - cv2 encodes any 2-D uint8/uint16 array
+        raise RuntimeError(f"cv2 could not encode a {array.dtype} array of shape {array.shape} as PNG")
+    return buf.tobytes()
+
+
+# ==========================================================================================
+# Reading input files, with the problems a person can act on turned into BadFile.
+# ==========================================================================================
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadFile(path, "file not found (removed while preparing?)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadFile(path, "symlink loop: the link points (eventually) back to itself") from None
+        raise BadFile(path, f"cannot read: {e.strerror or e}") from None
+    if not data:
+        raise BadFile(path, "empty file (0 bytes): re-extract or re-download it")
+    return data
+
+
+def read_label_file(path: Path) -> np.ndarray:
+    """Decode a label PNG (see `decode_label_png`); BadFile if empty, truncated or corrupt."""
+    data = read_bytes(path)
+    if png_header(data) is None:
+        raise BadFile(path, "not a PNG file: label maps must be lossless PNGs")
+    if not png_is_complete(data):
+        raise BadFile(path, "truncated: the PNG ends before its IEND chunk (incomplete copy or download)")
+    values = decode_label_png(data)
+    if values is None:
+        raise BadFile(path, "corrupt PNG: OpenCV cannot decode it")
+    return values
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(f: Any) -> tuple[int, int] | None:
+    """(height, width) from the first SOF segment, reading only the headers."""
+    if f.read(2) != b"\xff\xd8":
+        return None
+    while True:
+        byte = f.read(1)
+        while byte and byte != b"\xff":
+            byte = f.read(1)
+        while byte == b"\xff":
+            byte = f.read(1)
+        if not byte:
+            return None
+        marker = byte[0]
+        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            continue
+        seg = f.read(2)
+        if len(seg) < 2:
+            return None
+        (length,) = struct.unpack(">H", seg)
+        if marker in _JPEG_SOF:
+            body = f.read(5)
+            if len(body) < 5:
+                return None
+            h, w = struct.unpack(">HH", body[1:5])
+            return h, w
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def probe_image(path: Path) -> tuple[int, int]:
+    """(height, width) of an image without decoding its pixels (PNG, JPEG); checks the file is
+    complete (PNG IEND / JPEG EOI). Other formats are decoded by cv2."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise BadFile(path, "empty file (0 bytes): re-extract or re-download it")
+        with open(path, "rb") as f:
+            head = f.read(32)
+            if head.startswith(PNG_SIGNATURE):
+                header = png_header(head)
+                f.seek(max(0, size - 64))
+                if header is None or not png_is_complete(f.read()):
+                    raise BadFile(path, "truncated or corrupt PNG image (no IEND chunk at the end)")
+                return header.height, header.width
+            if head.startswith(b"\xff\xd8"):
+                f.seek(0)
+                hw = _jpeg_size(f)
+                f.seek(max(0, size - 4096))
+                if hw is None or b"\xff\xd9" not in f.read():
+                    raise BadFile(path, "truncated or corrupt JPEG image (no end-of-image marker)")
+                return hw
+    except FileNotFoundError:
+        raise BadFile(path, "file not found") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadFile(path, "symlink loop: the link points (eventually) back to itself") from None
+        raise BadFile(path, f"cannot read: {e.strerror or e}") from None
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise BadFile(path, "unreadable image: OpenCV cannot decode it")
+    return img.shape[0], img.shape[1]
+
+
+def file_signature(path: Path) -> list[int]:
+    """[size, mtime_ns]: a raw file that changes after being prepared is prepared again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return [-1, -1]
+    return [st.st_size, st.st_mtime_ns]
+
+
+# ==========================================================================================
+# Discovery helpers used by the source modules.
+# ==========================================================================================
+
+
+@dataclass(frozen=True)
+class Item:
+    """One (image, label) pair to prepare."""
+
+    split: str
+    stem: str
+    image: Path
+    label: Path
+
+
+@dataclass
+class Discovery:
+    """What a source found under RAW."""
+
+    items: dict[str, list[Item]]  # output split -> items sorted by stem
+    missing_splits: list[str] = field(default_factory=list)
+    orphans: list[BadFile] = field(default_factory=list)  # files without their partner
+    notes: list[str] = field(default_factory=list)  # e.g. which layout was detected
+
+
+def check_dir(path: Path, what: str) -> bool:
+    """True if `path` is a directory; UserError for a symlink loop or a broken link."""
+    if path.is_dir():
+        return True
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UserError(f"symlink loop in RAW: {path} ({what}) points back to itself",
+                                hint="Fix or remove that link (`ls -l` shows where it points).") from None
+            raise UserError(f"broken symlink in RAW: {path} ({what}) -> {os.readlink(path)}",
+                            hint="Point the link at the real folder, or remove it.") from None
+    return False
+
+
+def list_files(directory: Path, suffixes: Iterable[str], strip: str = "") -> dict[str, Path]:
+    """{stem: path} of the files in `directory` (not recursive) whose name ends with one of
+    `suffixes` (case-insensitive); `strip` removes a fixed name ending from the stem."""
+    suffixes = tuple(s.lower() for s in suffixes)
+    out: dict[str, Path] = {}
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as e:
+        raise UserError(f"cannot list {directory}: {e.strerror or e}") from None
+    for e in entries:
+        name = e.name
+        if name.startswith(".") or not name.lower().endswith(suffixes):
+            continue
+        stem = name[: -len(strip)] if strip and name.endswith(strip) else os.path.splitext(name)[0]
+        out[stem] = Path(e.path)
+    return out
+
+
+def list_subdirs(directory: Path) -> list[Path]:
+    """Sub-folders (not hidden), sorted; links that loop or dangle are a UserError."""
+    try:
+        entries = [Path(e.path) for e in os.scandir(directory) if not e.name.startswith(".")]
+    except OSError as e:
+        raise UserError(f"cannot list {directory}: {e.strerror or e}") from None
+    return sorted(p for p in entries if check_dir(p, "folder"))
+
+
+def pair_by_stem(split: str, images: dict[str, Path], labels: dict[str, Path], label_for: Callable[[Path], Path],
+                 image_for: Callable[[Path], Path]) -> tuple[list[Item], list[BadFile]]:
+    """Items for stems present on both sides; a BadFile for each file without its partner, naming
+    the partner path that was expected (`label_for(image)`, `image_for(label)`)."""
+    items = [Item(split, s, images[s], labels[s]) for s in sorted(images.keys() & labels.keys())]
+    orphans = [BadFile(images[s], f"missing partner: no label {label_for(images[s])}", split)
+               for s in sorted(images.keys() - labels.keys())]
+    orphans += [BadFile(labels[s], f"missing partner: no image {image_for(labels[s])}", split)
+                for s in sorted(labels.keys() - images.keys())]
+    return items, orphans
+
+
+def partner_in(directory: Path, suffix: str) -> Callable[[Path], Path]:
+    """`path -> directory / (stem + suffix)`, for `pair_by_stem` messages."""
+    return lambda p: directory / (p.stem + suffix)
+
+
+def describe_dir(path: Path, limit: int = 8) -> str:
+    """A short listing for 'found: ...' in layout errors."""
+    try:
+        names = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(path) if not e.name.startswith("."))
+    except OSError:
+        return "(cannot list)"
+    if not names:
+        return "(empty)"
+    more = f", ... ({len(names)} entries)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+# ==========================================================================================
+# Sources: one subclass per release layout.
+# ==========================================================================================
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A label map in raw values. `unknown`, when given, names what the reader could not map
+    (e.g. colours of a colour mask) and replaces the value-based report."""
+
+    values: np.ndarray
+    unknown: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class IndexLabelReader:
+    """Single-channel label PNGs: 8/16-bit grayscale, or palette PNGs read as indices."""
+
+    expected: str  # what a label file of this source is, for the message on a colour PNG
+
+    def __call__(self, path: Path) -> Decoded:
+        values = read_label_file(path)
+        if values.ndim != 2:
+            raise BadFile(path, f"is a {values.shape[2]}-channel colour image, but a single-channel index map "
+                                f"was expected ({self.expected})")
+        return Decoded(values)
+
+
+class Source:
+    """A release layout. Subclasses set the class attributes and implement `discover`."""
+
+    name: ClassVar[str]  # converter name (CLI command, manifest "source")
+    default_hierarchy: ClassVar[str]  # built-in hierarchy name
+    splits: ClassVar[tuple[str, ...]] = ("train", "val")  # output splits a full release has
+    label_expected: ClassVar[str] = "one-channel PNG of label ids"
+
+    def discover(self, raw: Path) -> Discovery:
+        raise NotImplementedError
+
+    def check(self, raw: Path, hierarchy: Hierarchy) -> None:
+        """Source-specific consistency checks between RAW and the hierarchy (e.g. a config)."""
+
+    def options(self) -> dict[str, Any]:
+        """Source-specific options recorded in the manifest (they must match on resume)."""
+        return {}
+
+    def reader(self, hierarchy: Hierarchy) -> Callable[[Path], Decoded]:
+        return IndexLabelReader(self.label_expected)
+
+    def command(self, raw: Path | str, out: Path | str) -> str:
+        return f"hiposeg prepare {self.name} {raw} --out {out}"
+
+
+# ==========================================================================================
+# The per-item work, run in worker processes.
+# ==========================================================================================
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs; sent once per worker process."""
+
+    out: Path
+    reader: Callable[[Path], Decoded]
+    lut: np.ndarray  # int32 raw -> fine id, -1 = unknown, ignore_index = ignore
+    lut_out_fine: np.ndarray  # raw -> fine in the label dtype (unknown -> ignore)
+    lut_out_coarse: np.ndarray
+    ignore_index: int
+    unknown: str
+    copy: bool
+
+
+_JOB: Job | None = None
+
+
+def _init_worker(job: Job) -> None:
+    global _JOB
+    _JOB = job
+    if multiprocessing.parent_process() is not None:
+        cv2.setNumThreads(0)  # one process per core: no nested threads (in-process runs keep cv2 as it is)
+
+
+def _convert_in_worker(item: Item) -> dict[str, Any]:
+    assert _JOB is not None, "worker not initialised"
+    return convert_item(_JOB, item)
+
+
+def histogram(values: np.ndarray) -> np.ndarray:
+    """Pixel count per raw value (int64)."""
+    if values.dtype == np.uint8 and values.size < 1 << 24:  # calcHist counts in float32: exact below 2^24
+        return cv2.calcHist([values], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    return np.bincount(values.ravel(), minlength=256 if values.dtype == np.uint8 else 0).astype(np.int64)
+
+
+def apply_lut(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    if values.dtype == np.uint8 and lut.dtype == np.uint8:
+        return cv2.LUT(values, lut[:256])
+    return lut[values]
+
+
+def class_counts(hist: np.ndarray, lut_out: np.ndarray, ignore_index: int) -> tuple[dict[str, int], int]:
+    """Pixels per class id (nonzero only) and ignore pixels, from the raw histogram."""
+    n = len(hist)
+    per = np.bincount(lut_out[:n].astype(np.int64), weights=hist.astype(np.float64))
+    counts = {str(i): int(c) for i, c in enumerate(per) if c and i != ignore_index}
+    ignore = int(per[ignore_index]) if ignore_index < len(per) else 0
+    return counts, ignore
+
+
+def link_or_copy_image(src: Path, dest: Path, copy: bool) -> list[Any]:
+    """Atomically place the image: a symlink to the raw file (default) or a copy."""
+    if copy:
+        with open(src, "rb") as fin, atomic_open(dest, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+        return ["copy", dest.stat().st_size]
+    target = os.path.abspath(src)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, dest)
+    return ["link", target]
+
+
+def output_paths(out: Path, split: str, stem: str, image_suffix: str) -> dict[str, Path]:
+    return {"images": out / split / "images" / f"{stem}{image_suffix}",
+            "fine": out / split / "fine" / f"{stem}.png",
+            "coarse": out / split / "coarse" / f"{stem}.png"}
+
+
+def convert_item(job: Job, item: Item) -> dict[str, Any]:
+    """Prepare one pair. Returns its journal record, or a record with "bad"/"unknown"."""
+    rec: dict[str, Any] = {"split": item.split, "stem": item.stem,
+                           "src": file_signature(item.label) + file_signature(item.image)}
+    try:
+        decoded = job.reader(item.label)
+        values = decoded.values
+        h, w = probe_image(item.image)
+        if (h, w) != values.shape[:2]:
+            raise BadFile(item.label, f"size mismatch: the label is {values.shape[1]}x{values.shape[0]} but its "
+                                      f"image {item.image} is {w}x{h} (width x height)")
+    except BadFile as e:
+        rec["bad"] = {"file": e.file, "reason": e.reason}
+        return rec
+    hist = histogram(values)
+    if decoded.unknown is not None:
+        unknown = decoded.unknown
+    else:
+        idx = np.flatnonzero((hist > 0) & (job.lut[:len(hist)] < 0))
+        unknown = {str(int(v)): int(hist[v]) for v in idx}
+    if unknown and job.unknown == UnknownPolicy.error.value:
+        rec["unknown"] = unknown
+        rec["file"] = str(item.label)
+        return rec
+    fine = encode_png(apply_lut(values, job.lut_out_fine))
+    coarse = encode_png(apply_lut(values, job.lut_out_coarse))
+    paths = output_paths(job.out, item.split, item.stem, item.image.suffix)
+    atomic_write_bytes(paths["fine"], fine)
+    atomic_write_bytes(paths["coarse"], coarse)
+    rec["image"] = link_or_copy_image(item.image, paths["images"], job.copy)
+    rec["fine"] = [len(fine), hashlib.sha256(fine).hexdigest()]
+    rec["coarse"] = [len(coarse), hashlib.sha256(coarse).hexdigest()]
+    fine_counts, ignore = class_counts(hist, job.lut_out_fine, job.ignore_index)
+    coarse_counts, _ = class_counts(hist, job.lut_out_coarse, job.ignore_index)
+    rec["pixels"] = {"fine": fine_counts, "coarse": coarse_counts, "ignore": ignore}
+    rec["unknown"] = unknown
+    return rec
+
+
+# ==========================================================================================
+# Parallel map with a bounded window of tasks in flight.
+# ==========================================================================================
+
+
+class WorkerPool:
+    """`imap_unordered` over a process pool (or in-process for workers=1).
+
+    Keeps at most `window` tasks in flight, so `stop()` (e.g. after a bad file) lets the tasks
+    already running finish and submits no more. A worker that dies (killed, out of memory)
+    raises UserError: the finished items are journaled, so rerunning resumes.
+    """
+
+    def __init__(self, workers: int, initializer: Callable[..., None], initargs: tuple = ()) -> None:
+        self.workers = max(1, workers)
+        self.initializer, self.initargs = initializer, initargs
+        self._stopping = False
+        self._executor: cf.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> WorkerPool:
+        if self.workers > 1:
+            self._executor = cf.ProcessPoolExecutor(self.workers, mp_context=_mp_context(),
+                                                    initializer=self.initializer, initargs=self.initargs)
+            self._executor.submit(int).result()  # start the workers now, before any progress-bar thread
+        else:
+            self.initializer(*self.initargs)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def imap_unordered(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
+        if self._executor is None:
+            for t in tasks:
+                if self._stopping:
+                    return
+                yield fn(t)
+            return
+        it = iter(tasks)
+        pending: set[cf.Future] = set()
+        window = 4 * self.workers
+        try:
+            while True:
+                while not self._stopping and len(pending) < window:
+                    t = next(it, None)
+                    if t is None:
+                        break
+                    pending.add(self._executor.submit(fn, t))
+                if not pending:
+                    return
+                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    yield fut.result()
+        except cf.process.BrokenProcessPool:
+            raise UserError("a worker process died unexpectedly (killed, or out of memory); the files finished so "
+                            "far are kept",
+                            hint="Rerun the same command to resume, with fewer --workers if memory is short.") from None
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """fork starts a pool in ~0.03 s (the workers inherit the imported modules) and is safe while
+    this process runs no other thread; otherwise forkserver (~0.5 s: workers start clean), with
+    this module preloaded in the server."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def progress_bar(quiet: bool):  # type: ignore[no-untyped-def]
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=quiet)
+
+
+# ==========================================================================================
+# The journal: one JSON line per finished item, written by the main process only.
+# ==========================================================================================
+
+
+class Journal:
+    """Append-only record of finished items; the first line describes the run (header)."""
+
+    def __init__(self, path: Path, header: dict[str, Any], records: dict[tuple[str, str], dict[str, Any]]) -> None:
+        self.path, self.header, self.records = path, header, records
+        self._f = None
+        self._last_sync = 0.0
+
+    @staticmethod
+    def read(path: Path) -> tuple[dict[str, Any] | None, dict[tuple[str, str], dict[str, Any]]]:
+        if not path.exists():
+            return None, {}
+        header, records = None, {}
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the last line of a killed run may be cut short
+                if i == 0:
+                    header = obj if obj.get("journal") == JOURNAL_FORMAT else None
+                    if header is None:
+                        break
+                    continue
+                records[(obj["split"], obj["stem"])] = obj
+        return header, records
+
+    def open_for_append(self, fresh: bool) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            with atomic_open(self.path, "w") as f:
+                f.write(json.dumps(self.header) + "\n")
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if not fresh:
+            # a record cut short by a kill would glue onto the next one: end it with a newline
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        self._f.write("\n")
+
+    def append(self, record: dict[str, Any]) -> None:
+        assert self._f is not None
+        self.records[(record["split"], record["stem"])] = record
+        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._f.flush()
+        now = time.monotonic()
+        if now - self._last_sync > 2.0:
+            os.fsync(self._f.fileno())
+            self._last_sync = now
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+
+
+def record_is_current(rec: dict[str, Any], item: Item, out: Path, copy: bool) -> bool:
+    """A journaled item is done if its raw files are unchanged and its outputs are on disk."""
+    if "skipped" in rec or rec.get("src") != file_signature(item.label) + file_signature(item.image):
+        return False
+    paths = output_paths(out, item.split, item.stem, item.image.suffix)
+    for level in ("fine", "coarse"):
+        try:
+            if paths[level].stat().st_size != rec[level][0]:
+                return False
+        except OSError:
+            return False
+    kind, value = rec["image"]
+    try:
+        if kind == "link":
+            return not copy and os.readlink(paths["images"]) == value
+        return copy and not paths["images"].is_symlink() and paths["images"].stat().st_size == value
+    except OSError:
+        return False
+
+
+# ==========================================================================================
+# The driver.
+# ==========================================================================================
+
+
+def build_luts(hierarchy: Hierarchy, *, ignore_unevaluated: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(raw -> fine with -1 for unknown, raw -> fine output, raw -> coarse output)."""
+    ignore = hierarchy.ignore_index
+    lut = hierarchy.raw_lut(hierarchy.fine_level, unknown="error")
+    lut_coarse = hierarchy.raw_lut(hierarchy.coarse_level, unknown="error")
+    if ignore_unevaluated:
+        leaves = hierarchy.classes(hierarchy.level_names[0])
+        for raw, leaf in hierarchy.raw_to_leaf().items():
+            if not leaves[leaf].evaluate:
+                lut[raw] = lut_coarse[raw] = ignore
+    dtype = hierarchy.label_dtype
+    out_fine = np.where(lut < 0, ignore, lut).astype(dtype)
+    out_coarse = np.where(lut_coarse < 0, ignore, lut_coarse).astype(dtype)
+    return lut, out_fine, out_coarse
+
+
+def check_out_not_in_raw(raw: Path, out: Path) -> None:
+    r, o = raw.resolve(), out.resolve()
+    if o == r or r in o.parents:
+        raise UserError(f"--out {out} is inside the raw release {raw}; hiposeg never writes under RAW",
+                        hint="Choose an output folder outside RAW (the default is data/DATASET).")
+    if o in r.parents:
+        raise UserError(f"the raw release {raw} is inside --out {out}; preparing (or --overwrite) there could "
+                        "touch the raw files", hint="Choose an --out folder that does not contain RAW.")
+
+
+def _split_dirs(out: Path, splits: Iterable[str]) -> list[Path]:
+    return [out / s / d for s in splits for d in LEVEL_DIRS]
+
+
+def clear_prepared(out: Path, extra_splits: Iterable[str] = ()) -> None:
+    """Delete what `prepare` wrote in `out` (for --overwrite): never anything else."""
+    splits = set(extra_splits)
+    header, records = Journal.read(out / JOURNAL_NAME)
+    splits |= {s for s, _ in records}
+    if (out / "manifest.json").exists():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            splits |= set(json.loads((out / "manifest.json").read_text()).get("splits", {}))
+    for d in _split_dirs(out, splits):
+        if d.is_symlink():
+            d.unlink()
+        elif d.is_dir():
+            shutil.rmtree(d)
+    for s in splits:
+        with contextlib.suppress(OSError):
+            (out / s).rmdir()  # only if empty
+    for name in (JOURNAL_NAME, "manifest.json", "hierarchy.json"):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+
+
+def remove_temp_files(directory: Path) -> int:
+    """Remove temp files (and temp symlinks) left by writes in flight when a run was killed."""
+    n = 0
+    if directory.is_dir():
+        for e in os.scandir(directory):
+            if e.name.startswith(TMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+                    n += 1
+    return n
+
+
+def open_output(out: Path, header: dict[str, Any], source: Source, raw: Path, overwrite: bool) -> tuple[Journal, bool]:
+    """Check `out` may be written, clear it for --overwrite; returns the journal and whether it is fresh."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder", hint="Choose another --out.")
+    journal_path = out / JOURNAL_NAME
+    old_header, records = Journal.read(journal_path)
+    has_manifest = (out / "manifest.json").exists()
+    nonempty = out.is_dir() and any(out.iterdir())
+    if nonempty and old_header is None and not has_manifest:
+        raise UserError(f"--out {out} is not empty and holds no hiposeg prepared dataset; refusing to write into it",
+                        hint=f"Choose an empty or new folder, e.g. --out data/{source.name}.")
+    if overwrite:
+        clear_prepared(out, source.splits)
+        return Journal(journal_path, header, {}), True
+    if old_header is None and has_manifest:
+        raise UserError(f"{out} already holds a prepared dataset made without a resumable journal",
+                        hint=f"Add --overwrite to prepare it again from {raw}, or choose another --out.")
+    if old_header is not None:
+        mismatch = [k for k in ("source", "hierarchy_sha256", "options")
+                    if _comparable(old_header.get(k)) != _comparable(header.get(k))]
+        if mismatch:
+            was = {k: old_header.get(k) for k in mismatch}
+            now = {k: header.get(k) for k in mismatch}
+            raise UserError(f"{out} was prepared with different settings: {_diff_text(was, now)}",
+                            hint="Add --overwrite to prepare it again with the new settings, or choose another --out.")
+        return Journal(journal_path, header, records), False
+    return Journal(journal_path, header, {}), True
+
+
+def _comparable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: x for k, x in v.items() if k not in NON_OUTPUT_OPTIONS}
+    return v
+
+
+def _diff_text(was: dict[str, Any], now: dict[str, Any]) -> str:
+    parts = []
+    for k in was:
+        a, b = _comparable(was[k]), _comparable(now[k])
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(a.keys() | b.keys()):
+                if a.get(key) != b.get(key):
+                    parts.append(f"{key}: was {a.get(key)!r}, now {b.get(key)!r}")
+        elif k == "hierarchy_sha256":
+            parts.append("the hierarchy differs (different class tree or raw mapping)")
+        else:
+            parts.append(f"{k}: was {a!r}, now {b!r}")
+    return "; ".join(parts)
+
+
+@dataclass
+class RunOutcome:
+    done: int = 0
+    bad: list[BadFile] = field(default_factory=list)
+    unknown: list[tuple[str, dict[str, int]]] = field(default_factory=list)
+
+
+def prepare(source: Source, raw: Path, out: Path, *, hierarchy: Hierarchy | str | None = None,
+            workers: int | None = None, limit: int | None = None, copy: bool = False, overwrite: bool = False,
+            unknown: UnknownPolicy | str = UnknownPolicy.error, skip_bad: bool = False,
+            ignore_unevaluated: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Convert a raw release into a prepared dataset at `out`; returns the manifest."""
+    raw, out = Path(raw), Path(out)
+    unknown = UnknownPolicy(unknown).value
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit} must be at least 1")
+    if not check_dir(raw, "RAW"):
+        raise UserError(f"raw release folder not found: {raw}" if not raw.exists() else f"RAW {raw} is not a folder",
+                        hint=f"Give the folder of the {source.name} release: `{source.command('RAW', out)}` "
+                             f"(`hiposeg prepare {source.name} --help` shows the layout).")
+    check_out_not_in_raw(raw, out)
+    h = hierarchy if isinstance(hierarchy, Hierarchy) else Hierarchy.load(hierarchy or source.default_hierarchy)
+    source.check(raw, h)
+    found = source.discover(raw)
+    selected = {s: items[:limit] if limit else items for s, items in found.items.items()}
+    options = {"unknown": unknown, "ignore_unevaluated": ignore_unevaluated, "copy": copy, "limit": limit,
+               "skip_bad": skip_bad, **source.options()}
+    header = {"journal": JOURNAL_FORMAT, "source": source.name, "raw_root": str(raw.resolve()),
+              "hierarchy_name": h.name, "hierarchy_sha256": h.sha256, "options": options}
+    if found.orphans and not skip_bad:
+        raise _bad_files_error(found.orphans)
+    if not any(selected.values()) and not found.orphans:
+        raise UserError(f"no {source.name} image/label pairs found under {raw}",
+                        hint=f"`hiposeg prepare {source.name} --help` shows the expected layout.")
+    journal, fresh = open_output(out, header, source, raw, overwrite)
+    for d in _split_dirs(out, selected):
+        remove_temp_files(d)
+    if fresh or not (out / "hierarchy.json").exists():
+        atomic_write_json(out / "hierarchy.json", h.to_dict())
+
+    todo = [it for items in selected.values() for it in items
+            if not _is_done(journal, it, out, copy=copy, skip_bad=skip_bad, unknown=unknown)]
+    total = sum(len(v) for v in selected.values())
+    lut, lut_fine, lut_coarse = build_luts(h, ignore_unevaluated=ignore_unevaluated)
+    job = Job(out=out, reader=source.reader(h), lut=lut, lut_out_fine=lut_fine, lut_out_coarse=lut_coarse,
+              ignore_index=h.ignore_index, unknown=unknown, copy=copy)
+    outcome = run_jobs(job, todo, total, journal, fresh, workers=min(workers or default_workers(), max(1, len(todo))),
+                       skip_bad=skip_bad, quiet=quiet, label=f"prepare {source.name}",
+                       resume_hint=source.command(raw, out))
+    if outcome.unknown:
+        raise _unknown_values_error(outcome.unknown, h)
+    if outcome.bad:
+        raise _bad_files_error(outcome.bad)
+
+    manifest = build_manifest(source, raw, h, options, found, journal)
+    atomic_write_json(out / "manifest.json", manifest)
+    manifest["_run"] = {"converted": outcome.done, "reused": total - len(todo), "notes": found.notes}
+    return manifest
+
+
+def _is_done(journal: Journal, item: Item, out: Path, *, copy: bool, skip_bad: bool, unknown: str) -> bool:
+    """Finished in an earlier run (outputs verified), or skipped as bad and unchanged since. A file
+    whose unknown values were mapped to ignore is redone (and reported) under --unknown error."""
+    rec = journal.records.get((item.split, item.stem))
+    if rec is None:
+        return False
+    if "skipped" in rec:
+        return skip_bad and rec["src"] == file_signature(item.label) + file_signature(item.image)
+    if rec["unknown"] and unknown == UnknownPolicy.error.value:
+        return False
+    return record_is_current(rec, item, out, copy)
+
+
+def run_jobs(job: Job, todo: list[Item], total: int, journal: Journal, fresh: bool, *, workers: int, skip_bad: bool,
+             quiet: bool, label: str, resume_hint: str) -> RunOutcome:
+    """Convert `todo` in parallel, journaling each finished item; stop early on bad input."""
+    outcome = RunOutcome()
+    journal.open_for_append(fresh)
+    try:
+        with WorkerPool(workers, _init_worker, (job,)) as pool, progress_bar(quiet) as bar:
+            task = bar.add_task(label, total=total, completed=total - len(todo))
+            since_failure = -1  # items seen since the first failure (-1: none yet)
+            for rec in pool.imap_unordered(_convert_in_worker, todo):
+                bar.advance(task)
+                if "bad" in rec and skip_bad:
+                    journal.append({"split": rec["split"], "stem": rec["stem"], "src": rec["src"], "skipped": rec["bad"]})
+                elif "bad" in rec:
+                    outcome.bad.append(BadFile(rec["bad"]["file"], rec["bad"]["reason"]))
+                elif "fine" not in rec:  # raw values the hierarchy does not know, policy "error"
+                    outcome.unknown.append((rec["file"], rec["unknown"]))
+                else:
+                    journal.append(rec)
+                    outcome.done += 1
+                failures = len(outcome.bad) + len(outcome.unknown)
+                since_failure += since_failure >= 0 or failures > 0
+                if failures >= MAX_REPORTED_FILES or since_failure >= GRACE_ITEMS:
+                    pool.stop()  # enough to report: let the files in flight finish, start no more
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted after {total - len(todo) + outcome.done} of {total} files (the finished ones "
+                        "are kept)", hint=f"Rerun the same command to resume: `{resume_hint}`.") from None
+    finally:
+        journal.close()
+    return outcome
+
+
+def build_manifest(source: Source, raw: Path, h: Hierarchy, options: dict[str, Any], found: Discovery,
+                   journal: Journal) -> dict[str, Any]:
+    """Totals over every journaled item that RAW still holds (also those of earlier runs)."""
+    fine_names, coarse_names = h.names(h.fine_level), h.names(h.coarse_level)
+    discovered = {(it.split, it.stem) for items in found.items.values() for it in items}
+    splits: dict[str, Any] = {}
+    for split in sorted(found.items, key=_split_order):
+        fine = np.zeros(len(fine_names), np.int64)
+        coarse = np.zeros(len(coarse_names), np.int64)
+        ignore, images = 0, 0
+        unknown: dict[str, int] = {}
+        skipped = [o.as_dict() for o in found.orphans if o.split == split]
+        for (s, stem), rec in sorted(journal.records.items()):
+            if s != split or (s, stem) not in discovered:
+                continue
+            if "skipped" in rec:
+                skipped.append(rec["skipped"])
+                continue
+            images += 1
+            for k, v in rec["pixels"]["fine"].items():
+                fine[int(k)] += v
+            for k, v in rec["pixels"]["coarse"].items():
+                coarse[int(k)] += v
+            ignore += rec["pixels"]["ignore"]
+            for k, v in rec["unknown"].items():
+                unknown[k] = unknown.get(k, 0) + v
+        splits[split] = {
+            "images": images,
+            "pixels": {"fine": dict(zip(fine_names, fine.tolist())), "coarse": dict(zip(coarse_names, coarse.tolist())),
+                       "ignore": ignore},
+            "unknown_values": dict(sorted(unknown.items(), key=lambda kv: _value_order(kv[0]))),
+            "skipped": sorted(skipped, key=lambda x: x["file"]),
+        }
+    return manifest_dict(source=source.name, raw_root=str(raw.resolve()), hierarchy=h, options=options,
+                         splits=splits, missing_splits=found.missing_splits)
+
+
+def manifest_dict(*, source: str, raw_root: str | None, hierarchy: Hierarchy, options: dict[str, Any],
+                  splits: dict[str, Any], missing_splits: list[str]) -> dict[str, Any]:
+    """The manifest.json layout (DESIGN §5), shared by the converters and the synthetic set."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "hiposeg_version": __version__,
+        "source": source,
+        "raw_root": raw_root,
+        "hierarchy": {"name": hierarchy.name, "sha256": hierarchy.sha256},
+        "levels": {"fine": hierarchy.fine_level, "coarse": hierarchy.coarse_level},
+        "ignore_index": hierarchy.ignore_index,
+        "options": options,
+        "splits": splits,
+        "missing_splits": missing_splits,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _split_order(split: str) -> tuple[int, str]:
+    order = {"train": 0, "val": 1, "test": 2}
+    return order.get(split, 3), split
+
+
+def _value_order(v: str) -> tuple[int, Any]:
+    return (0, int(v)) if v.isdigit() else (1, v)
+
+
+# ==========================================================================================
+# Messages for bad input.
+# ==========================================================================================
+
+
+def _bad_files_error(bad: list[BadFile]) -> UserError:
+    bad = sorted(bad, key=lambda b: b.file)
+    lines = [f"  {b.file}: {b.reason}" for b in bad[:MAX_REPORTED_FILES]]
+    more = f"\n  ... and {len(bad) - MAX_REPORTED_FILES} more" if len(bad) > MAX_REPORTED_FILES else ""
+    n = len(bad)
+    return UserError(f"{n} input file{'s' if n > 1 else ''} cannot be prepared:\n" + "\n".join(lines) + more,
+                     hint="Fix or replace those files and rerun (finished files are kept), or add --skip-bad to "
+                          "leave them out (they are listed in manifest.json).")
+
+
+def _unknown_values_error(found: list[tuple[str, dict[str, int]]], h: Hierarchy) -> UserError:
+    found = sorted(found)
+    values: dict[str, int] = {}
+    for _, u in found:
+        for k, v in u.items():
+            values[k] = values.get(k, 0) + v
+    shown = ", ".join(f"{k} ({v} px)" for k, v in sorted(values.items(), key=lambda kv: _value_order(kv[0]))[:20])
+    files = "\n".join(f"  {f}: {', '.join(sorted(u, key=_value_order)[:10])}" for f, u in found[:MAX_REPORTED_FILES])
+    more = f"\n  ... and {len(found) - MAX_REPORTED_FILES} more files" if len(found) > MAX_REPORTED_FILES else ""
+    return UserError(f"label values that hierarchy {h.name!r} does not know: {shown}\nfirst files:\n{files}{more}",
+                     hint="Check that RAW is the release this hierarchy describes (or pass the matching --hierarchy "
+                          "FILE), or add --unknown ignore to map these values to ignore (they are counted in "
+                          "manifest.json).")
+
+
+# ==========================================================================================
+# Summary for the terminal.
+# ==========================================================================================
+
+
+def print_summary(manifest: dict[str, Any], out: Path, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"prepared {manifest['source']} -> {out}", title_justify="left")
+    for col in ("split", "images", "skipped", "ignore px", "unknown px", "classes present (fine)"):
+        table.add_column(col, justify="left" if col in ("split",) else "right")
+    for split, s in manifest["splits"].items():
+        px = s["pixels"]
+        total = sum(px["fine"].values()) + px["ignore"]
+        ign = f"{100 * px['ignore'] / total:.1f}%" if total else "-"
+        present = sum(1 for v in px["fine"].values() if v)
+        table.add_row(split, str(s["images"]), str(len(s["skipped"])), ign, str(sum(s["unknown_values"].values())),
+                      f"{present}/{len(px['fine'])}")
+    console.print(table)
+    run = manifest.get("_run", {})
+    for note in run.get("notes", []):
+        console.print(f"[dim]{note}[/dim]")
+    if run:
+        console.print(f"converted {run['converted']} file(s), {run['reused']} already done (resumed)")
+    if manifest["missing_splits"]:
+        console.print(f"[yellow]missing splits[/yellow] (not in RAW): {', '.join(manifest['missing_splits'])}")
+    skipped = [x for s in manifest["splits"].values() for x in s["skipped"]]
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} bad file(s)[/yellow] (listed in manifest.json):")
+        for x in skipped[:10]:
+            console.print(f"  {x['file']}: {x['reason']}")
+    unknown = {k for s in manifest["splits"].values() for k in s["unknown_values"]}
+    if unknown:
+        shown = ", ".join(sorted(unknown, key=_value_order))
+        console.print(f"[yellow]unknown raw values mapped to ignore[/yellow]: {shown}")
+    console.print(f"dataset ready: [bold]{out}[/bold] (manifest.json, hierarchy.json, "
+                  f"{{{','.join(manifest['splits'])}}}/{{images,fine,coarse}})")

@@ -1,0 +1,55 @@
+"""Shared test helpers: the real-format sample files, and a palette-PNG writer (cv2 cannot write
+colour-type-3 PNGs, so it is written by hand with zlib + struct)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REAL_FIXTURES = Path(os.environ.get("HIPOSEG_REAL_FIXTURES", Path(__file__).resolve().parents[2] / "shared/fixtures/real"))
+
+
+@pytest.fixture(scope="session")
+def real_fixtures() -> Path:
+    """../shared/fixtures/real (see its README); the test is skipped when it is absent."""
+    if not REAL_FIXTURES.is_dir():
+        pytest.skip(f"real-format sample files not found at {REAL_FIXTURES}")
+    return REAL_FIXTURES
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def palette_png_bytes(indices: np.ndarray, palette: np.ndarray, bit_depth: int = 8) -> bytes:
+    """A colour-type-3 PNG: `indices` (H, W) uint8 into `palette` (N, 3) RGB, filter 0 rows."""
+    h, w = indices.shape
+    if bit_depth == 8:
+        rows = indices.astype(np.uint8)
+    else:  # pack 1/2/4-bit indices, most significant bits first
+        per = 8 // bit_depth
+        padded = np.zeros((h, -(-w // per) * per), np.uint8)
+        padded[:, :w] = indices
+        shifts = (8 - bit_depth * (np.arange(per) + 1)).astype(np.uint8)
+        rows = (padded.reshape(h, -1, per) << shifts).sum(axis=2).astype(np.uint8)
+    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, 3, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"PLTE", palette.astype(np.uint8).tobytes())
+            + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="session")
+def write_palette_png():
+    """`write(path, indices, palette, bit_depth=8)` writes a real palette PNG."""
+
+    def write(path: Path, indices: np.ndarray, palette: np.ndarray, bit_depth: int = 8) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(palette_png_bytes(indices, palette, bit_depth))
+        return path
+
+    return write

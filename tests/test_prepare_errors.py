@@ -1,0 +1,274 @@
+"""Bad input to `hiposeg prepare`, through the CLI: exit code 2, one message that names the file
+and the fix, no traceback; `--skip-bad` and `--unknown ignore` instead record the problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hiposeg.cli import app
+from hiposeg.hierarchy import builtin_dir
+
+runner = CliRunner()
+
+
+def squash(text: str) -> str:
+    """Rich wraps long lines (even inside paths): compare with all whitespace removed."""
+    return "".join(text.split())
+
+
+def run(*args: str | Path) -> tuple[int, str]:
+    r = runner.invoke(app, ["prepare", *map(str, args), "--workers", "1", "-q"])
+    assert "Traceback" not in r.output, r.output
+    return r.exit_code, r.output
+
+
+def fails_with(args: tuple, *fragments: str | Path) -> str:
+    code, out = run(*args)
+    assert code == 2, out
+    for f in fragments:
+        assert squash(str(f)) in squash(out), f"{f!r} not in:\n{out}"
+    return out
+
+
+def city_tree(raw: Path, n: int = 2, h: int = 16, w: int = 32) -> list[tuple[Path, Path]]:
+    pairs = []
+    for i in range(n):
+        stem = f"ulm_{i:06d}_000019"
+        img = raw / "leftImg8bit/val/ulm" / f"{stem}_leftImg8bit.png"
+        lab = raw / "gtFine/val/ulm" / f"{stem}_gtFine_labelIds.png"
+        img.parent.mkdir(parents=True, exist_ok=True)
+        lab.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(img), np.full((h, w, 3), 50, np.uint8))
+        cv2.imwrite(str(lab), np.full((h, w), 7, np.uint8))
+        pairs.append((img, lab))
+    return pairs
+
+
+@pytest.fixture
+def city(tmp_path) -> tuple[Path, list[tuple[Path, Path]]]:
+    return tmp_path / "raw", city_tree(tmp_path / "raw")
+
+
+def test_unknown_raw_values_are_listed_with_the_files(city, tmp_path):
+    raw, pairs = city
+    lab = np.full((16, 32), 7, np.uint8)
+    lab[:2, :3] = 40
+    lab[5, 5] = 200
+    cv2.imwrite(str(pairs[1][1]), lab)
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o"), "40 (6 px)", "200 (1 px)", pairs[1][1],
+               "--unknown ignore", "does not know")
+    # the suggested fix, rerun in the same folder: the finished file is kept, the other one is mapped
+    code, out = run("cityscapes", raw, "--out", tmp_path / "o", "--unknown", "ignore")
+    assert code == 0, out
+    m = json.loads((tmp_path / "o/manifest.json").read_text())
+    assert m["splits"]["val"]["unknown_values"] == {"40": 6, "200": 1}
+    fine = cv2.imread(str(tmp_path / "o/val/fine" / "ulm_000001_000019.png"), cv2.IMREAD_UNCHANGED)
+    assert (fine[:2, :3] == 255).all() and fine[5, 5] == 255 and fine[10, 10] == 0
+    assert "unknown raw values mapped to ignore" in out
+    # back to --unknown error: the file with unknown values is checked again and reported
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o"), "40 (6 px)", pairs[1][1])
+
+
+def test_size_mismatch(city, tmp_path):
+    raw, pairs = city
+    cv2.imwrite(str(pairs[0][0]), np.zeros((16, 30, 3), np.uint8))
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o"), pairs[0][1], "size mismatch", "32x16", "30x16",
+               "--skip-bad")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncate", "truncated"),
+    ("empty", "empty file (0 bytes)"),
+    ("corrupt", "corrupt PNG"),
+    ("not_png", "not a PNG file"),
+])
+def test_unreadable_labels(city, tmp_path, damage, reason):
+    raw, pairs = city
+    lab = pairs[0][1]
+    data = lab.read_bytes()
+    if damage == "truncate":
+        lab.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        lab.write_bytes(b"")
+    elif damage == "corrupt":  # intact header and IEND, garbage compressed data
+        idat = data.index(b"IDAT") + 4
+        lab.write_bytes(data[:idat] + bytes(len(data) - idat - 12) + data[-12:])
+    else:
+        lab.write_bytes(cv2.imencode(".jpg", np.zeros((16, 32), np.uint8))[1].tobytes())
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o"), lab, reason, "--skip-bad")
+
+
+def test_unreadable_images(tmp_path):
+    raw = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (raw / "images" / split).mkdir(parents=True)
+        (raw / "annotations" / split).mkdir(parents=True)
+        for k in range(2):
+            stem = f"ADE_{'train' if split == 'training' else 'val'}_{k + 1:08d}"
+            cv2.imwrite(str(raw / "images" / split / f"{stem}.jpg"), np.full((20, 20, 3), 128, np.uint8))
+            cv2.imwrite(str(raw / "annotations" / split / f"{stem}.png"), np.full((20, 20), 3, np.uint8))
+    jpgs = sorted(raw.rglob("*.jpg"))
+    jpgs[0].write_bytes(b"")
+    data = jpgs[1].read_bytes()
+    jpgs[1].write_bytes(data[: len(data) - 40])
+    out = fails_with(("ade20k", raw, "--out", tmp_path / "o"), "2 input files cannot be prepared", jpgs[0],
+                     "empty file (0 bytes)", jpgs[1], "truncated or corrupt JPEG")
+    assert "--skip-bad" in out
+
+
+def test_missing_partner(city, tmp_path):
+    raw, pairs = city
+    pairs[1][1].unlink()
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o"), pairs[1][0], "missing partner",
+               "ulm_000001_000019_gtFine_labelIds.png", "--skip-bad")
+
+
+def test_skip_bad_lists_the_files_in_the_manifest(tmp_path):
+    raw = tmp_path / "raw"
+    pairs = city_tree(raw, n=3)
+    pairs[1][1].write_bytes(pairs[1][1].read_bytes()[:30])  # truncated label
+    pairs[2][1].unlink()  # image without label
+    code, out = run("cityscapes", raw, "--out", tmp_path / "o", "--skip-bad")
+    assert code == 0, out
+    m = json.loads((tmp_path / "o/manifest.json").read_text())
+    assert m["splits"]["val"]["images"] == 1
+    skipped = {x["file"]: x["reason"] for x in m["splits"]["val"]["skipped"]}
+    assert set(skipped) == {str(pairs[1][1]), str(pairs[2][0])}
+    assert "truncated" in skipped[str(pairs[1][1])] and "missing partner" in skipped[str(pairs[2][0])]
+    assert "skipped 2 bad file(s)" in out
+    # a rerun with --skip-bad does not retry the unchanged bad file; without the flag both are errors again
+    # (files without a partner are reported before any conversion starts)
+    code, out = run("cityscapes", raw, "--out", tmp_path / "o", "--skip-bad")
+    assert code == 0 and "converted 0 file(s), 2 already done" in " ".join(out.split()), out
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o"), pairs[2][0], "missing partner")
+    pairs[2][0].unlink()
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o"), pairs[1][1], "truncated")
+
+
+def test_empty_or_wrong_layout(tmp_path):
+    (tmp_path / "empty").mkdir()
+    fails_with(("cityscapes", tmp_path / "empty", "--out", tmp_path / "o"), "no Cityscapes release in",
+               "leftImg8bit/{train,val}/CITY/*_leftImg8bit.png", "found: (empty)")
+    city_tree(tmp_path / "half")
+    shutil.rmtree(tmp_path / "half/gtFine")
+    fails_with(("cityscapes", tmp_path / "half", "--out", tmp_path / "o"), tmp_path / "half/gtFine", "is missing",
+               "gtFine_trainvaltest.zip")
+    fails_with(("cityscapes", tmp_path / "nope", "--out", tmp_path / "o"), "raw release folder not found",
+               tmp_path / "nope")
+    fails_with(("ade20k", tmp_path / "empty", "--out", tmp_path / "o"), "no ADE20K SceneParsing release",
+               "RAW/images/{training,validation}/*.jpg")
+    fails_with(("pascal-part", tmp_path / "empty", "--out", tmp_path / "o"), "no PASCAL-Part-108 release",
+               "(a) the GMNet release", "(b) RAW/img_dir/{train,val}/*.jpg + RAW/ann108_dir/{train,val}/*.png")
+    fails_with(("folder", tmp_path / "empty", "--hierarchy", "cityscapes", "--out", tmp_path / "o"),
+               "no images/masks folders", "RAW/images/* + RAW/masks/*.png")
+
+
+def test_rgb_label_where_an_index_map_is_expected(city, tmp_path):
+    raw, pairs = city
+    cv2.imwrite(str(pairs[0][1]), np.full((16, 32, 3), (128, 64, 128), np.uint8))  # a *_color.png in disguise
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o"), pairs[0][1], "3-channel colour image",
+               "single-channel index map", "_gtFine_labelIds.png")
+
+
+def _mapillary(raw: Path, write_palette_png) -> list[dict]:
+    spec = json.loads((builtin_dir() / "mapillary_v2.json").read_text())
+    labels = [{"name": c["name"], "readable": c["name"], "color": c["color"], "evaluate": c.get("evaluate", True)}
+              for c in sorted(spec["levels"][0]["classes"], key=lambda c: c["id"])]
+    (raw / "validation/images").mkdir(parents=True)
+    cv2.imwrite(str(raw / "validation/images/key.jpg"), np.zeros((8, 8, 3), np.uint8))
+    write_palette_png(raw / "validation/v2.0/labels/key.png", np.full((8, 8), 27, np.uint8), np.zeros((256, 3)))
+    (raw / "config_v2.0.json").write_text(json.dumps({"labels": labels}))
+    return labels
+
+
+def test_mapillary_config_and_version_checks(tmp_path, write_palette_png):
+    raw = tmp_path / "vistas"
+    labels = _mapillary(raw, write_palette_png)
+    code, out = run("mapillary", raw, "--out", tmp_path / "ok")
+    assert code == 0, out
+    swapped = labels.copy()
+    swapped[21], swapped[24] = swapped[24], swapped[21]
+    (raw / "config_v2.0.json").write_text(json.dumps({"labels": swapped}))
+    fails_with(("mapillary", raw, "--out", tmp_path / "o"), raw / "config_v2.0.json", "does not match hierarchy",
+               "label 21 is 'construction--flat--sidewalk' in the config but 'construction--flat--road'")
+    (raw / "config_v2.0.json").write_text(json.dumps({"labels": labels[:66]}))
+    fails_with(("mapillary", raw, "--out", tmp_path / "o"), "the hierarchy maps raw values [66, 67",
+               "(66 labels) does not have")
+    (raw / "config_v2.0.json").unlink()
+    fails_with(("mapillary", raw, "--out", tmp_path / "o"), raw / "config_v2.0.json", "not found")
+    v12 = tmp_path / "v12"
+    (v12 / "training/v1.2/labels").mkdir(parents=True)
+    (v12 / "training/images").mkdir(parents=True)
+    (v12 / "config_v1.2.json").write_text("{}")
+    fails_with(("mapillary", v12, "--out", tmp_path / "o"), "Mapillary Vistas v1.2 tree", v12 / "training",
+               "Vistas 2.0 download")
+
+
+def test_symlink_loops_in_raw(city, tmp_path):
+    raw, pairs = city
+    os.rename(raw / "leftImg8bit", raw / "leftImg8bit.real")
+    os.symlink(raw / "leftImg8bit", raw / "leftImg8bit")  # points to itself
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o"), "symlink loop", raw / "leftImg8bit")
+    os.unlink(raw / "leftImg8bit")
+    os.rename(raw / "leftImg8bit.real", raw / "leftImg8bit")
+    pairs[0][1].unlink()
+    os.symlink(pairs[0][1], pairs[0][1])  # a label file that links to itself
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o"), pairs[0][1], "symlink loop")
+
+
+def test_folder_unknown_colour_is_named(tmp_path):
+    spec = {"format": "hiposeg-hierarchy/1", "name": "two", "source": "test",
+            "levels": [{"name": "leaf", "classes": [{"id": 0, "name": "a", "color": [255, 0, 0], "parent": "x"},
+                                                    {"id": 1, "name": "b", "color": [0, 255, 0], "parent": "x"}]},
+                       {"name": "top", "classes": [{"id": 0, "name": "x", "color": [0, 0, 0]}]}]}
+    (tmp_path / "two.json").write_text(json.dumps(spec))
+    raw = tmp_path / "raw"
+    for split in ("train", "val"):
+        (raw / split / "images").mkdir(parents=True)
+        (raw / split / "masks").mkdir(parents=True)
+        cv2.imwrite(str(raw / split / "images/p.png"), np.zeros((4, 4, 3), np.uint8))
+        rgb = np.zeros((4, 4, 3), np.uint8)
+        rgb[..., 0] = 255
+        rgb[0, 0] = (1, 2, 3)
+        cv2.imwrite(str(raw / split / "masks/p.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    fails_with(("folder", raw, "--hierarchy", tmp_path / "two.json", "--out", tmp_path / "o"), "rgb(1,2,3) (2 px)",
+               raw / "train/masks/p.png", raw / "val/masks/p.png")
+    code, out = run("folder", raw, "--hierarchy", tmp_path / "two.json", "--out", tmp_path / "o", "--unknown", "ignore")
+    assert code == 0, out
+    m = json.loads((tmp_path / "o/manifest.json").read_text())
+    assert m["splits"]["train"]["unknown_values"] == {"rgb(1,2,3)": 1}
+
+
+def test_bad_flag_values(city, tmp_path):
+    raw, _ = city
+    r = runner.invoke(app, ["prepare", "cityscapes", str(raw), "--unknown", "drop"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    r = runner.invoke(app, ["prepare", "cityscapes", str(raw), "--workers", "0"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    fails_with(("cityscapes", raw, "--out", tmp_path / "o", "--hierarchy", tmp_path / "missing.json"),
+               "hierarchy file not found", tmp_path / "missing.json")
+
+
+def test_pascal_part_ambiguous_folders_are_named(tmp_path):
+    raw = tmp_path / "gmnet"
+    for variant in ("parts_a", "parts_b"):  # two label folders, neither says 108
+        (raw / variant).mkdir(parents=True)
+        cv2.imwrite(str(raw / variant / "2008_000045.png"), np.full((8, 8), 3, np.uint8))
+    (raw / "JPEGImages").mkdir()
+    cv2.imwrite(str(raw / "JPEGImages/2008_000045.jpg"), np.zeros((8, 8, 3), np.uint8))
+    (raw / "train.txt").write_text("2008_000045\n")
+    fails_with(("pascal-part", raw, "--out", tmp_path / "o"), "several folders under", "parts_a, parts_b",
+               "--labels DIR")
+    code, out = run("pascal-part", raw, "--out", tmp_path / "o", "--labels", "parts_b")
+    assert code == 0, out
+    assert "missing splits (not in RAW): val" in out
+    m = json.loads((tmp_path / "o/manifest.json").read_text())
+    assert m["options"] == {**m["options"], "layout": "gmnet", "labels": "parts_b", "images": "JPEGImages", "lists": "."}
