@@ -534,7 +534,14 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def _print_user_error(e: UserError) -> None:
-    err_console.print(Text("error: ", style="bold red") + Text(e.message))
+    message = e.message
+    # A UserError raised in a DataLoader worker arrives re-created around the worker's traceback
+    # text ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): show only
+    # the original message.
+    marker = "hiposeg.errors.UserError: "
+    if message.startswith("Caught UserError") and marker in message:
+        message = message.rsplit(marker, 1)[1].strip()
+    err_console.print(Text("error: ", style="bold red") + Text(message))
     if e.hint:
         err_console.print(Text(e.hint, style="yellow"))
 
