@@ -548,13 +548,13 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
             optimizer.zero_grad(set_to_none=True)
             iteration += 1
 
-            for k, v in terms.items():
+            for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
             n_logged += 1
-            if logger and (iteration % cfg.run.log_every == 0 or iteration == T):
-                logger.step(iteration, lr, criterion.schedule.phase_name(iteration - 1),
-                            {k: float(v) / n_logged for k, v in sums.items()})
+            if iteration % cfg.run.log_every == 0 or iteration == T:
+                means = mean_over_ranks(sums, n_logged, env)
+                if logger:
+                    logger.step(iteration, lr, criterion.schedule.phase_name(iteration - 1), means)
                 sums, n_logged = {}, 0
 
             if cfg.run.eval_every and iteration % cfg.run.eval_every == 0 and iteration < T:
@@ -585,6 +585,19 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
                          f"memory ({digests}); please report this as a bug[/red]")
         logger.close()
     return FitResult(out, report, iteration, interrupted)
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], n: int, env: DistEnv) -> dict[str, float]:
+    """Average logged sums over steps and ranks. Under DDP the pixel-averaged terms (ce, fh, fl) of
+    one rank are its share of the global mean, so only the mean over ranks is the batch's value."""
+    keys = list(sums)
+    vec = torch.stack([torch.as_tensor(sums[k], device=env.device).float() for k in keys]) / n
+    if env.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(vec)
+        vec /= env.world_size
+    return dict(zip(keys, vec.tolist()))
 
 
 def state_digest(*modules: nn.Module) -> str:

@@ -115,8 +115,12 @@ class DeepLabV3Plus(nn.Module):
         self.fuse = nn.Sequential(_conv_bn_relu(DECODER_CHANNELS + LOW_LEVEL_CHANNELS, DECODER_CHANNELS, 3),
                                   _conv_bn_relu(DECODER_CHANNELS, DECODER_CHANNELS, 3))
         self.classifier = nn.Conv2d(DECODER_CHANNELS, num_classes, 1)
-        for module in (self.aspp, self.reduce_low_level, self.fuse, self.classifier):
+        for module in (self.aspp, self.reduce_low_level, self.fuse):
             _init_head(module)
+        # Small classifier init (mmsegmentation's conv_seg: N(0, 0.01)): the first losses are ~ln K
+        # instead of the large values He init gives a layer followed by no nonlinearity.
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         """{"logits": (B, K, H, W), "decoder": (B, 256, H/4, W/4), "backbone": stage-4 feature (B, C, H/OS, W/OS)}."""
