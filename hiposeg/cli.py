@@ -171,6 +171,8 @@ def resolve_train_config(config_file: Optional[Path], flags: dict, sets: list[st
                             hint=f"Start the run without --resume, or check --out (given: {out}).")
     else:
         path = checkpoint.resolve(resume, prefer="last")
+        if path.parent.name == "checkpoints" and not explicit.get("run", {}).get("out"):
+            explicit.setdefault("run", {})["out"] = str(path.parent.parent)  # continue in that run directory
     saved = validate_config(checkpoint.load(path)["config"], source=f"configuration saved in {path}")
     resumed = validate_config(deep_update(saved.to_plain(), explicit), source=f"configuration resumed from {path}")
     movable = {"data.root", "data.dataset", "data.workers"}  # where the data lives, not what it is

@@ -191,7 +191,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "synthetic": {
         "data": {"crop": (128, 128), "scale_range": (0.75, 1.5), "workers": 2},
         "model": {"backbone": "resnet18", "output_stride": 16},
-        "optim": {"batch_size": 8, "iters": 300, "lr": 0.02},
+        "optim": {"batch_size": 8, "iters": 400, "lr": 0.02},
         "run": {"ckpt_every": 100, "log_every": 10},
     },
 }

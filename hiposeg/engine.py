@@ -407,6 +407,10 @@ class StopSignal:
 
 def train_worker(cfg: TrainConfig, resume: Path | None) -> FitResult:
     env = init_from_env(cfg.run.device)
+    if env.distributed and env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # N CPU processes share the cores instead of each starting one thread per core
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
         return _train(cfg, resume, env)
     finally:
