@@ -5,6 +5,7 @@ one function. User mistakes (`UserError`) are printed as one clear message with 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -232,7 +233,7 @@ def train_cmd(
                             ckpt_every=ckpt_every, eval_every=eval_every, deterministic=deterministic,
                             channels_last=channels_last, quiet=quiet)
     cfg, resume_path = resolve_train_config(config, flags, set_ or [], resume)
-    if not cfg.run.quiet:
+    if not cfg.run.quiet and os.environ.get("RANK", "0") == "0":
         default = dataset is None and data is None and config is None and resume is None
         note = " (the built-in default: no dataset given)" if default else ""
         err_console.print(f"hiposeg train: dataset [bold]{cfg.data.dataset}[/bold]{note}, {cfg.model.backbone} "
@@ -240,6 +241,8 @@ def train_cmd(
                           f"{cfg.data.crop[0]}x{cfg.data.crop[1]}, losses {','.join(cfg.loss.terms)} "
                           f"({cfg.loss.schedule}), {cfg.run.gpus} process(es) -> {cfg.resolved_out()}")
     result = fit(cfg, resume=resume_path)
+    if not result.is_main:
+        return
     if result.interrupted:
         err_console.print(f"interrupted at iteration {result.iterations}; resume with "
                           f"`hiposeg train --resume --out {result.out}`")

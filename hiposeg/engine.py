@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from hiposeg import __version__, checkpoint
 from hiposeg.config import TrainConfig, save_config
-from hiposeg.distributed import (DistEnv, any_rank, broadcast_buffers_, check_world, init_from_env,
+from hiposeg.distributed import (DistEnv, any_rank, barrier, broadcast_buffers_, check_world, init_from_env,
                                  launched_by_torchrun, shutdown, spawn)
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
@@ -51,6 +51,7 @@ class FitResult:
     report: dict[str, Any] | None
     iterations: int
     interrupted: bool
+    is_main: bool = True  # False on the other ranks under torchrun: they neither write nor print
 
 
 class TrainingDiverged(UserError):
@@ -65,7 +66,8 @@ class TrainingDiverged(UserError):
 def fit(cfg: TrainConfig, *, resume: Path | None = None) -> FitResult:
     """Train (and finally evaluate) per `cfg`; `resume` is a checkpoint file to continue from."""
     out = cfg.resolved_out()
-    ensure_prepared(cfg)
+    if not launched_by_torchrun():  # under torchrun, rank 0 prepares inside the process group
+        ensure_prepared(cfg)
     guard_run_dir(out, resume)
     world = cfg.run.gpus
     if world > 1 and not launched_by_torchrun():
@@ -118,8 +120,7 @@ def ensure_prepared(cfg: TrainConfig) -> None:
     from hiposeg.data.dataset import open_prepared
 
     root = cfg.data.resolved_root()
-    if cfg.data.dataset == "synthetic" and not (root / "manifest.json").exists() \
-            and int(os.environ.get("RANK", 0)) == 0:
+    if cfg.data.dataset == "synthetic" and not (root / "manifest.json").exists():
         from hiposeg.data.synthetic import generate
 
         if not cfg.run.quiet:
@@ -432,6 +433,9 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
 
     from hiposeg.data.dataset import open_prepared
 
+    if env.is_main:
+        ensure_prepared(cfg)  # generates the built-in set if needed; a no-op when it exists
+    barrier()
     hierarchy, _ = open_prepared(cfg.data.resolved_root(), cfg.data.train_split)
     net, criterion = build_model(cfg, hierarchy)
     ckpt = checkpoint.load(resume) if resume is not None else None
@@ -588,7 +592,7 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
             logger.print(f"[red]warning: the {len(digests)} processes ended with different weights or prototype "
                          f"memory ({digests}); please report this as a bug[/red]")
         logger.close()
-    return FitResult(out, report, iteration, interrupted)
+    return FitResult(out, report, iteration, interrupted, is_main=env.is_main)
 
 
 def mean_over_ranks(sums: dict[str, torch.Tensor], n: int, env: DistEnv) -> dict[str, float]:

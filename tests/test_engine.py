@@ -171,6 +171,43 @@ def test_two_process_gloo_run_keeps_ranks_identical(tiny_data, tmp_path):
     assert result.report is not None and result.report["images"] == 4
 
 
+@pytest.mark.slow
+def test_torchrun_launch_line_runs_the_same_path(tiny_data, tmp_path):
+    """README: `torchrun --nproc_per_node=N -m hiposeg train ...` (here 2 CPU processes, gloo)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "torchrun"
+    args = [a for a in cli_args(tiny_data, out) if a != "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "hiposeg", *args, "--iters", "4", "--batch-size", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("mIoU per hierarchy level") == 1  # only rank 0 prints
+    status = json.loads((out / "status.json").read_text())
+    assert status["iteration"] == 4 and len(status["rank_digests"]) == 2
+    assert status["rank_digests"][0] == status["rank_digests"][1]
+    assert (out / "report.json").exists()
+
+
+def test_config_file_layers_under_flags_and_set(tiny_data, tmp_path):
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("optim:\n  iters: 3\n  lr: 0.005\nloss:\n  tau: 0.2\n  terms: [ce, fh, hh]\n")
+    out = tmp_path / "cfgrun"
+    args = [a for a in cli_args(tiny_data, out) if a not in ("--iters", "6")] + ["--config", str(cfg_file),
+                                                                               "--set", "loss.tau=0.3"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["optim"]["iters"] == 3 and saved["optim"]["lr"] == 0.005   # from the file
+    assert saved["loss"]["tau"] == 0.3                                       # --set beats the file
+    assert saved["loss"]["terms"] == ["ce", "fh", "hh"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    r = runner.invoke(app, cli_args(tiny_data, tmp_path / "b") + ["--config", str(bad)])
+    assert r.exit_code == 2 and "bad.yaml" in r.output and "Traceback" not in r.output
+
+
 def test_cli_train_then_eval_predictions_match_model(tiny_data, tmp_path):
     out = tmp_path / "cli"
     r = runner.invoke(app, cli_args(tiny_data, out))
