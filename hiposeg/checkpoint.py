@@ -31,10 +31,26 @@ def save(obj: dict[str, Any], path: Path) -> None:
     """torch.save into a temp file, fsync, rename: the previous file survives any failure."""
     try:
         atomic_save(path, lambda f: torch.save(obj, f))
-    except OSError as e:
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}",
+    except (OSError, RuntimeError) as e:
+        cause = write_error(e)
+        if cause is None:  # not an I/O failure: a bug, keep the traceback
+            raise
+        raise UserError(f"could not write checkpoint {path}: {cause.strerror or cause}",
                         hint="The previous checkpoint (if any) is intact. Free disk space or choose another --out, "
                              "then resume with --resume.") from None
+
+
+def write_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind a failed write, if any. torch.save's zip writer turns an exception from
+    the file's `write()` (e.g. ENOSPC on a full disk) into a RuntimeError ("unexpected pos ...")
+    and keeps the OSError only as its `__context__`."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT_FORMAT,),

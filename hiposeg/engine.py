@@ -16,6 +16,7 @@ ends with the same weights as an uninterrupted one (bit-exact in `--deterministi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -414,6 +415,13 @@ def train_worker(cfg: TrainConfig, resume: Path | None) -> FitResult:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
         return _train(cfg, resume, env)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk while writing the run's logs or status (checkpoint writes report it themselves)
+        raise UserError(f"no space left on the device while writing {e.filename or 'to ' + str(cfg.resolved_out())}",
+                        hint="The last checkpoint written is intact. Free disk space (or choose another --out), then "
+                             f"continue with `hiposeg train --resume --out {cfg.resolved_out()}`.") from None
     finally:
         shutdown()
 
@@ -543,9 +551,12 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
                 bad = any_rank(bad, env.device)
             if bad:
                 detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                broken = [k for k, v in terms.items() if not bool(torch.isfinite(v))]
+                where = f" in term{'s' * (len(broken) > 1)} {', '.join(broken)}" if broken else ""
                 kept = ckpt_dir / "last.pt"
                 raise TrainingDiverged(
-                    f"the loss became non-finite at iteration {iteration} ({detail or 'total=' + str(float(loss))})",
+                    f"the loss became non-finite at iteration {iteration}{where} "
+                    f"({detail or 'total=' + str(float(loss))})",
                     hint=(f"The last good checkpoint is kept: {kept}. " if kept.exists() else "No checkpoint was "
                           "written yet. ") + "Try a lower --lr, --amp bf16 instead of fp16, or check the labels "
                           "(`hiposeg prepare` manifest).")

@@ -54,7 +54,8 @@ def write_label(path: Path, labels: np.ndarray) -> None:
 
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3)."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
+    # a missing file (e.g. a link whose raw file moved) is reported here, without OpenCV's warning
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB) if os.path.exists(path) else None
     if img is None:
         target = f" (a link to {os.readlink(path)}: was the raw release moved?)" if os.path.islink(path) else ""
         raise UserError(f"cannot read image {path}{target}",

@@ -681,19 +681,23 @@ class Journal:
     def append(self, record: dict[str, Any]) -> None:
         assert self._f is not None
         self.records[(record["split"], record["stem"])] = record
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._f.flush()
-        now = time.monotonic()
-        if now - self._last_sync > 2.0:
-            os.fsync(self._f.fileno())
-            self._last_sync = now
+        try:
+            self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._f.flush()
+            now = time.monotonic()
+            if now - self._last_sync > 2.0:
+                os.fsync(self._f.fileno())
+                self._last_sync = now
+        except OSError as e:  # e.g. a full disk: a failed write() names no file
+            e.filename = e.filename or str(self.path)
+            raise
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
+            f, self._f = self._f, None  # closed even if the flush fails (a second close is a no-op)
+            with f:
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def record_is_current(rec: dict[str, Any], item: Item, out: Path, copy: bool) -> bool:
@@ -934,6 +938,13 @@ def run_jobs(job: Job, todo: list[Item], total: int, journal: Journal, fresh: bo
     except KeyboardInterrupt:
         raise UserError(f"interrupted after {total - len(todo) + outcome.done} of {total} files (the finished ones "
                         "are kept)", hint=f"Rerun the same command to resume: `{resume_hint}`.") from None
+    except OSError as e:  # writing an output failed (disk full, permissions); unreadable inputs are BadFile
+        with contextlib.suppress(OSError):
+            journal.close()  # may fail the same way: records it cannot write are redone by the rerun
+        raise UserError(f"cannot write {e.filename or job.out}: {e.strerror or e}",
+                        hint=f"The {total - len(todo) + outcome.done} files finished so far are kept and no partial "
+                             f"file is left. Free disk space (or fix the permissions of {job.out}), then rerun the "
+                             f"same command to resume: `{resume_hint}`.") from None
     finally:
         journal.close()
     return outcome

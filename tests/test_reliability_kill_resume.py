@@ -1,0 +1,158 @@
+"""Reliability: real processes killed at random points resume to the same result.
+
+* `hiposeg train` is SIGKILLed at a random iteration, then in the middle of a checkpoint write (a
+  random byte offset), then stopped by SIGTERM at a random iteration; `--resume` finishes with
+  weights and prototype memory bit-identical to an uninterrupted run, and after every kill
+  `checkpoints/last.pt` is absent or a complete plain-data checkpoint.
+* `hiposeg prepare` is SIGKILLed while a label PNG is half-written: no partial PNG is visible, the
+  rerun redoes only the files the journal had not recorded, and the outputs are byte-identical.
+  (tests/test_prepare_resume.py kills a Cityscapes-sized run at a random moment and checks the
+  rerun's outputs; this test pins the kill inside a write and counts the work redone.)
+
+The kill points are drawn from a seeded RNG, so a failure reproduces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from faults import (assert_same_state, file_size, kill, load_checkpoint, logged_iterations, make_tiny_data, run,
+                    start, tail, temp_files, train_args, wait_for)
+
+pytestmark = pytest.mark.slow
+
+ITERS, CKPT_EVERY = 10, 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_data(tmp_path_factory.mktemp("kill") / "synthetic")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory) -> Path:
+    """The uninterrupted run, through the same CLI in the same kind of process."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    log = out.parent / "log.txt"
+    assert run(train_args(tiny, out, iters=ITERS, ckpt_every=CKPT_EVERY), log) == 0, tail(log)
+    return out
+
+
+def sha256(p: Path) -> str | None:
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
+
+
+def checkpoint_after_kill(out: Path) -> int | None:
+    """After any kill: last.pt is absent or loads as plain data (never half-written). Its iteration."""
+    last = out / "checkpoints" / "last.pt"
+    if not last.exists():
+        return None
+    ck = load_checkpoint(last)
+    assert ck["format"] == "hiposeg-checkpoint/1"
+    return int(ck["iteration"])
+
+
+def test_train_killed_at_random_points_resumes_bit_exact(tiny, reference, tmp_path):
+    rng = random.Random(2024)
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.pt"
+    args = train_args(tiny, out, iters=ITERS, ckpt_every=CKPT_EVERY)
+
+    # 1. SIGKILL right after a random iteration (3..5) is logged: the kill lands in the next
+    #    forward/backward or in the checkpoint write that follows an even iteration.
+    k1 = rng.randint(3, 5)
+    proc = start(args, log)
+    wait_for(lambda: max(logged_iterations(out), default=0) >= k1, proc, log, f"iteration {k1}")
+    kill(proc)
+    it1 = checkpoint_after_kill(out)
+    # the checkpoint of iteration 2 was complete before iteration 3 started; a later one may be too
+    assert it1 is not None and it1 % CKPT_EVERY == 0 and 2 <= it1 <= max(logged_iterations(out)), it1
+
+    # 2. Resume; SIGKILL while the next last.pt is being written, at a random byte offset.
+    ready = tmp_path / "stalled"
+    offset = int(file_size(reference / "checkpoints" / "last.pt") * rng.uniform(0.05, 0.95))
+    before = sha256(last)
+    mark = file_size(out / "metrics.jsonl")
+    proc = start([*args, "--resume"], log, inject=["stall-write", "last.pt", "1", str(offset), str(ready)])
+    wait_for(ready.exists, proc, log, "the checkpoint write to stall")
+    kill(proc)
+    assert logged_iterations(out, since=mark)[0] == it1 + 1  # it resumed where the checkpoint left off
+    assert sha256(last) == before, "the previous checkpoint changed during an interrupted write"
+    assert checkpoint_after_kill(out) == it1
+    torn = temp_files(ckpt_dir)
+    assert len(torn) == 1 and torn[0].stat().st_size == offset  # the write really was cut in the middle
+    with pytest.raises(Exception):  # noqa: B017 - any failure: the torn file is not a checkpoint
+        load_checkpoint(torn[0])
+
+    # 3. Resume; SIGTERM after a random later iteration: checkpoint at that boundary, exit 130.
+    k3 = rng.randint(it1 + 1, ITERS - 2)  # a stop is checked before each iteration: not after the last
+    mark = file_size(out / "metrics.jsonl")
+    proc = start([*args, "--resume"], log)
+    wait_for(lambda: max(logged_iterations(out, since=mark), default=0) >= k3, proc, log, f"iteration {k3}")
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130, tail(log)
+    assert not temp_files(ckpt_dir), "a stale temp file survived the resume"
+    stopped = json.loads((out / "status.json").read_text())
+    assert stopped["state"] == "interrupted" and checkpoint_after_kill(out) == stopped["iteration"] >= k3
+
+    # 4. Resume to the end: the same weights, BN statistics and prototype memory as without faults.
+    assert run([*args, "--resume"], log) == 0, tail(log)
+    a, b = load_checkpoint(reference / "checkpoints" / "last.pt"), load_checkpoint(last)
+    assert a["iteration"] == b["iteration"] == ITERS
+    assert_same_state(a, b)
+    momentum = [(a["optimizer"]["state"][k]["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+                for k in a["optimizer"]["state"]]
+    assert momentum and all(torch.equal(x, y) for x, y in momentum)  # the optimizer resumed exactly too
+    ref_report = json.loads((reference / "report.json").read_text())
+    assert json.loads((out / "report.json").read_text())["levels"] == ref_report["levels"]
+    assert not temp_files(ckpt_dir)
+
+
+def test_prepare_killed_mid_png_write_redoes_only_unrecorded_files(tmp_path):
+    from test_prepare_resume import make_raw, manifest_body, outputs
+
+    from hiposeg.data.cityscapes import Cityscapes
+    from hiposeg.data.prepare import JOURNAL_NAME, prepare
+
+    rng = random.Random(7)
+    raw, ref, out = tmp_path / "raw", tmp_path / "ref", tmp_path / "out"
+    make_raw(raw, 12, 4)
+    prepare(Cityscapes(), raw, ref, workers=1, quiet=True)
+    total = 16
+
+    # Each of the 2 worker processes stalls on its n-th PNG after 40 bytes; then SIGKILL all.
+    nth, ready, log = rng.randint(3, 6), tmp_path / "stalled", tmp_path / "log.txt"
+    proc = start(["prepare", "cityscapes", str(raw), "--out", str(out), "--workers", "2", "-q"], log,
+                 inject=["stall-write", "*.png", str(nth), "40", str(ready)])
+    wait_for(ready.exists, proc, log, "a PNG write to stall")
+    kill(proc)
+
+    assert not (out / "manifest.json").exists()
+    journal = (out / JOURNAL_NAME).read_text().split("\n")[1:-1]  # complete records after the header
+    recorded = {(r["split"], r["stem"]) for r in map(json.loads, journal)}
+    assert 0 < len(recorded) < total
+    # No partial PNG under a final name: every visible output is complete (= the reference bytes).
+    pngs = [p for p in out.rglob("*.png") if not p.name.startswith(".tmp-")]
+    for p in pngs:
+        assert p.read_bytes() == (ref / p.relative_to(out)).read_bytes(), f"partial or wrong output {p}"
+    torn = [p for p in out.rglob(".tmp-*") if p.is_file() and not p.is_symlink()]
+    assert any(p.stat().st_size == 40 for p in torn), "the kill did not land inside a PNG write"
+    mtimes = {p: p.stat().st_mtime_ns for p in pngs}
+
+    m = prepare(Cityscapes(), raw, out, workers=1, quiet=True)
+    # Only what the journal had not recorded is converted again; recorded outputs are not touched.
+    assert m["_run"]["reused"] == len(recorded) and m["_run"]["converted"] == total - len(recorded)
+    rewritten = {p for p, t in mtimes.items() if p.stat().st_mtime_ns != t}
+    assert all((p.parent.parent.name, p.stem) not in recorded for p in rewritten)
+    assert outputs(out) == outputs(ref)
+    assert manifest_body(out) == manifest_body(ref)
+    assert not list(out.rglob(".tmp-*"))
