@@ -157,7 +157,8 @@ def resolve_train_config(config_file: Optional[Path], flags: dict, sets: list[st
 
     layers = [load_config_file(config_file) if config_file else {}, flags, parse_set(sets)]
     if resume is None:
-        return build_config(*layers, source="training configuration"), None
+        source = f"training configuration (--config {config_file} and flags)" if config_file else "training configuration"
+        return build_config(*layers, source=source), None
     explicit: dict = {}
     for layer in layers:
         explicit = deep_update(explicit, layer)
@@ -288,8 +289,8 @@ def eval_cmd(
         from hiposeg.distributed import DistEnv, pick_device
         from hiposeg.export import load_inference_model
 
-        loaded = load_inference_model(model, prefer=which)
         dev = pick_device(device)
+        loaded = load_inference_model(model, prefer=which, device=dev)
         data_root = data or loaded.data_root
         if data_root is None:
             raise UserError(f"{model} does not record its dataset; pass --data DATA")
@@ -511,6 +512,128 @@ def prepare_synthetic(
     if after == before:
         console.print(f"{out} already holds this synthetic set (same settings): nothing to do")
     print_summary(json.loads(after), out, console)
+
+
+# ------------------------------------------------------------------------------------------
+# hiposeg ablate | export | predict
+# ------------------------------------------------------------------------------------------
+
+
+@app.command("ablate")
+def ablate_cmd(
+    losses: Annotated[Optional[list[str]], typer.Option(
+        help="A loss-term set, comma-separated (ce is always on); repeat for each configuration. Default: the "
+             "paper's Table 5 rows ce | ce,fh,hh | ce,fl,ll | ce,fh,hh,fl,ll | all.")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="Schedules to sweep, e.g. sequential,joint (Table 12).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="KEY=V1,V2 sweeps a field (Tables 10-11: --set loss.sigma1=0.1,0.25); KEY=V sets it for every "
+                      "run. List-valued fields sweep bracketed values: --set loss.phases=[0,0,0],[0.1,0.2,0.3].")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Runs per configuration (seeds S..S+N-1); mean ± std.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="First seed S (default: the config's run.seed, 0).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Ablation directory (default: runs/ablate-DATASET-BACKBONE).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the configurations and what a run would do; "
+                                                            "train nothing.")] = False,
+    dataset: Annotated[Optional[str], typer.Option(help=f"Dataset recipe: {DATASET_HELP}")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Prepared dataset directory (default: data/DATASET).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON config file (base of every run).")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Training iterations per run.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Total batch over all processes.")] = None,
+    crop: Annotated[Optional[str], typer.Option(help="Training crop HxW, e.g. 512x1024.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="resnet18, resnet50 or resnet101.")] = None,
+    output_stride: Annotated[Optional[int], typer.Option("--output-stride", help="8 or 16.")] = None,
+    pretrained: Annotated[Optional[Path], typer.Option(help="Local torchvision ResNet state-dict (.pth).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Base learning rate (poly decay).")] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="Processes per run, one per GPU (with --device cpu: CPU "
+                                                     "processes).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cuda or cpu.")] = None,
+    amp: Annotated[Optional[str], typer.Option(help="Mixed precision: off, bf16 or fp16.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data loader workers per process.")] = None,
+    ckpt_every: Annotated[Optional[int], typer.Option("--ckpt-every", help="Checkpoint every N iterations.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N iterations (0: at the end).")] = None,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic algorithms.")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output (the results table still prints).")] = False,
+) -> None:
+    """Train one run per loss-term set (and schedule / --set sweep value, and seed) through the training
+    engine, then tabulate fine and coarse mIoU beside the paper's Tables 5/6.
+
+    Reruns of the same --out skip finished runs, resume interrupted ones and add new configurations.
+    Results: OUT/results.md, OUT/results.csv, OUT/results.json.
+    """
+    from hiposeg import ablate
+
+    flags = train_overrides(dataset=dataset, data=data, iters=iters, batch_size=batch_size, crop=crop, backbone=backbone,
+                            output_stride=output_stride, pretrained=pretrained, lr=lr, gpus=gpus, device=device,
+                            amp=amp, workers=workers, ckpt_every=ckpt_every, eval_every=eval_every,
+                            deterministic=deterministic, channels_last=channels_last, quiet=quiet)
+    plan = ablate.make_plan(config, flags, set_ or [], losses, schedule, seeds, seed, out)
+    if dry_run:
+        console.print(ablate.plan_table(plan))
+        return
+    results = ablate.run_ablation(plan, err_console, quiet=quiet)
+    console.print(ablate.results_table(results))
+    console.print(f"results: [bold]{plan.out}[/bold]/results.md, results.csv, results.json")
+    if results["interrupted"]:
+        err_console.print("interrupted; rerun the same command to continue (finished runs are skipped, the "
+                          "interrupted one resumes)")
+        raise typer.Exit(130)
+
+
+@app.command("export")
+def export_cmd(
+    source: Annotated[Path, typer.Argument(help="Run directory, training checkpoint, or a hiposeg-format model "
+                                                "(to convert it).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Model file to write.", show_default=False)],
+    format_: Annotated[str, typer.Option("--format", help="hiposeg (plain-data .pt, default), torch-export (.pt2 "
+                                                          "program, dynamic H/W) or onnx (needs hiposeg[onnx]).")] = "hiposeg",
+    which: Annotated[str, typer.Option("--checkpoint", help="For a run directory: best or last.")] = "best",
+) -> None:
+    """Write an inference-only model: DeepLabV3+ weights + hierarchy, palette, pi and normalisation, with no
+    projection head, prototype memory or optimizer. Reloads it and checks its logits against the training model."""
+    from hiposeg.export import export_model
+
+    if which not in ("best", "last"):
+        raise UserError(f"--checkpoint {which!r} is not best or last")
+    s = export_model(source, out, fmt=format_, prefer=which)
+    console.print(f"wrote [bold]{s.out}[/bold] ({s.format}, {s.file_bytes / 2**20:.1f} MiB)")
+    console.print(f"parameters: {s.parameters:,} exported = {s.plain_parameters:,} in a plain DeepLabV3+ "
+                  f"({s.parameters / s.plain_parameters:.2f}x); the training model had {s.training_parameters:,} "
+                  f"(+{s.training_parameters - s.parameters:,} projection head) and {s.memory_values:,} prototype "
+                  "memory values, none exported")
+    console.print(f"check: max |exported - training| logit difference {s.max_abs_diff:.3g} on a random "
+                  f"{'x'.join(map(str, s.check_shape))} batch (tolerance {s.tolerance:.3g}; {s.checked_with})")
+
+
+@app.command("predict")
+def predict_cmd(
+    model: Annotated[Path, typer.Argument(help="Exported model (any format), run directory or checkpoint.",
+                                          show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or quoted globs.",
+                                                show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: fine/, coarse/, overlay/ PNGs.",
+                                      show_default=False)],
+    mode: Annotated[str, typer.Option(help="auto (sliding windows of the training crop for larger images), whole "
+                                           "or slide.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (equal sizes are grouped).")] = 4,
+    overlay: Annotated[str, typer.Option(help="Colour overlays: fine, coarse (overlay-coarse/), both or none.")] = "fine",
+    alpha: Annotated[float, typer.Option(help="Overlay opacity of the palette colours.")] = 0.5,
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    workers: Annotated[int, typer.Option(min=0, help="Image decoding workers.")] = 2,
+    which: Annotated[str, typer.Option("--checkpoint", help="For a run directory: best or last.")] = "best",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Segment images: fine ids (OUT/fine), coarse ids through the hierarchy (OUT/coarse), colour overlays."""
+    from hiposeg.distributed import pick_device
+    from hiposeg.export import load_inference_model
+    from hiposeg.predict import predict
+
+    dev = pick_device(device)
+    loaded = load_inference_model(model, prefer=which, device=dev)
+    s = predict(loaded, inputs, out, mode=mode, batch_size=batch_size, overlay=overlay, alpha=alpha,  # type: ignore[arg-type]
+                workers=workers, device=dev, progress=not quiet)
+    folders = {"fine": "overlay/", "coarse": "overlay-coarse/", "both": "overlay/, overlay-coarse/", "none": ""}
+    console.print(f"{s.images} image(s) in {s.seconds:.1f} s -> [bold]{out}[/bold] "
+                  f"(fine/, coarse/{', ' + folders[overlay] if folders[overlay] else ''})")
 
 
 # ------------------------------------------------------------------------------------------

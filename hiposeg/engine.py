@@ -415,6 +415,12 @@ def train_worker(cfg: TrainConfig, resume: Path | None) -> FitResult:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
         return _train(cfg, resume, env)
+    except TrainingDiverged as e:
+        if env.is_main:  # say so in the run directory too: ablate and schedulers read status.json
+            status = cfg.resolved_out() / STATUS_FILE
+            old = json.loads(status.read_text()) if status.exists() else {}
+            atomic_write_json(status, {**old, "state": "diverged", "error": e.message})
+        raise
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

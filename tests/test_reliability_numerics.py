@@ -73,6 +73,8 @@ def test_non_finite_loss_stops_naming_iteration_and_term(tiny, tmp_path, monkeyp
     assert ck["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     assert not temp_files(last.parent)
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "diverged" and f"iteration 3 in term {term}" in status["error"]
 
 
 def blank(path: Path, keep: tuple[int, ...] = ()) -> None:
