@@ -1,0 +1,232 @@
+"""`hiposeg predict`: label maps and colour overlays for any images, from any exported model.
+
+    DIR/fine/{stem}.png            fine class ids (8-bit, 16-bit above 255 classes), the model's argmax
+    DIR/coarse/{stem}.png          coarse class ids: pi(fine), the hierarchy's fine->coarse map
+    DIR/overlay/{stem}.png         the fine palette blended over the image (--overlay fine|coarse|both|none;
+    DIR/overlay-coarse/{stem}.png  the coarse one with coarse/both)
+
+Images are probed first (headers only), so a missing, empty or truncated file stops the command before
+any inference. They are then sorted by size and batched in groups of equal size (no padding, so a
+batch's logits are exactly the single-image logits), decoded in loader workers, and predicted in
+whole-image or sliding-window mode (`auto`: windows of the training crop when the image is larger).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hiposeg.errors import UserError
+from hiposeg.export import InferenceModel
+from hiposeg.inference import Mode, predict_logits
+from hiposeg.io import atomic_write_bytes
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+OVERLAYS = ("fine", "coarse", "both", "none")
+_GLOB_CHARS = set("*?[")
+
+
+# ==========================================================================================
+# Inputs
+# ==========================================================================================
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files, folders (searched recursively for image files) and glob patterns -> sorted unique paths.
+
+    An input that names nothing is an error, as is an empty result, and two images with one stem
+    (their outputs would overwrite each other)."""
+    found: list[Path] = []
+    for item in inputs:
+        text = str(item)
+        if any(c in _GLOB_CHARS for c in text) and not Path(text).exists():
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            if not files:
+                raise UserError(f"the pattern {text!r} matches no image files",
+                                hint=f"Image files end in {', '.join(IMAGE_SUFFIXES)}; quote the pattern so the "
+                                     "shell passes it through, e.g. 'photos/*.jpg'.")
+            found += files
+        elif Path(text).is_dir():
+            files = sorted(p for p in Path(text).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(text).parts))
+            if not files:
+                raise UserError(f"folder {text} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            found += files
+        elif Path(text).is_file():
+            found.append(Path(text))
+        else:
+            raise UserError(f"input {text} does not exist", hint="Give image files, folders or quoted glob patterns.")
+    # abspath, not resolve(): a symlinked image (as in a prepared dataset) keeps its own stem
+    unique = list(dict.fromkeys(Path(os.path.abspath(p)) for p in found))
+    if not unique:
+        raise UserError("no input images given", hint="Example: hiposeg predict model.pt photos/ --out preds")
+    by_stem: dict[str, Path] = {}
+    for p in unique:
+        if p.stem in by_stem:
+            raise UserError(f"two inputs share the name {p.stem!r}: {by_stem[p.stem]} and {p}; their outputs "
+                            f"({p.stem}.png) would overwrite each other",
+                            hint="Predict the two folders into different --out directories.")
+        by_stem[p.stem] = p
+    return unique
+
+
+def probe_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """(H, W) of each image from its header, failing on the first unreadable file with its reason."""
+    from hiposeg.data.prepare import BadFile, probe_image
+
+    sizes = []
+    for p in paths:
+        try:
+            sizes.append(probe_image(p))
+        except BadFile as e:
+            raise UserError(f"cannot read image {e.file}: {e.reason}",
+                            hint="Remove it from the inputs, or replace it with a readable PNG/JPEG.") from None
+    return sizes
+
+
+def size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped by equal (H, W), in chunks of at most `batch_size`, largest groups first."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, hw in enumerate(sizes):
+        groups.setdefault(tuple(hw), []).append(i)
+    batches = []
+    for members in sorted(groups.values(), key=len, reverse=True):
+        batches += [members[k:k + batch_size] for k in range(0, len(members), batch_size)]
+    return batches
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB in stored pixel order (EXIF orientation is not applied, so predictions align
+    with the file's pixels, as label maps do); greyscale, alpha and 16-bit images are converted."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None:
+        raise UserError(f"cannot read image {path}: OpenCV cannot decode it",
+                        hint="Remove it from the inputs, or convert it to PNG/JPEG.")
+    return img
+
+
+class ImageFiles(Dataset):
+    """Decodes and normalises one image per item (in loader workers); the batch sampler groups sizes."""
+
+    def __init__(self, paths: Sequence[Path], sizes: Sequence[tuple[int, int]], mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        self.paths, self.sizes = list(paths), list(sizes)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        rgb = read_rgb(self.paths[i])
+        if rgb.shape[:2] != tuple(self.sizes[i]):
+            raise UserError(f"image {self.paths[i]} decodes to {rgb.shape[1]}x{rgb.shape[0]}, but its header says "
+                            f"{self.sizes[i][1]}x{self.sizes[i][0]}", hint="The file is damaged: replace it.")
+        image = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0 - self.mean) / self.std
+        return {"image": image, "rgb": torch.from_numpy(rgb), "index": i}
+
+
+# ==========================================================================================
+# Outputs
+# ==========================================================================================
+
+
+def blend(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:
+    """(1 - alpha) * image + alpha * palette[label], uint8 RGB; out-of-palette ids keep the image."""
+    known = labels < len(palette)
+    colours = palette[np.where(known, labels, 0)].astype(np.float32)
+    mixed = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colours
+    return np.where(known[..., None], np.rint(mixed), rgb).astype(np.uint8)
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Atomic PNG write; `array` is a 2-D label map or (H, W, 3) RGB."""
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:  # pragma: no cover - cv2 encodes any uint8/uint16 array
+        raise RuntimeError(f"cv2 could not encode {array.dtype} {array.shape} as PNG")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+@dataclass
+class PredictSummary:
+    out: Path
+    images: int
+    batches: int
+    seconds: float
+
+
+def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, mode: Mode = "auto",
+            batch_size: int = 4, overlay: str = "fine", alpha: float = 0.5, workers: int = 2,
+            device: torch.device | None = None, progress: bool = True) -> PredictSummary:
+    """Predict every input image and write its fine, coarse and overlay PNGs under `out`."""
+    if mode not in ("auto", "whole", "slide"):
+        raise UserError(f"--mode {mode!r} is not one of auto, whole, slide")
+    if overlay not in OVERLAYS:
+        raise UserError(f"--overlay {overlay!r} is not one of {', '.join(OVERLAYS)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {alpha}")
+    paths = collect_inputs(inputs)
+    sizes = probe_sizes(paths)
+    batches = size_batches(sizes, batch_size)
+    device = device or torch.device("cpu")
+    h = model.hierarchy
+    pi = torch.as_tensor(h.fine_to_coarse, dtype=torch.int64, device=device)
+    palettes = {"fine": h.colors(h.fine_level), "coarse": h.colors(h.coarse_level)}
+    overlays = {"fine": ["fine"], "coarse": ["coarse"], "both": ["fine", "coarse"], "none": []}[overlay]
+    dirs = {"fine": out / "fine", "coarse": out / "coarse", "overlay-fine": out / "overlay",
+            "overlay-coarse": out / "overlay-coarse"}
+    loader = DataLoader(ImageFiles(paths, sizes, model.mean, model.std), batch_sampler=batches,
+                        num_workers=min(workers, len(batches)), collate_fn=_collate)
+    module = model.module.eval()
+    t0 = time.perf_counter()
+    with _progress(progress, len(paths)) as advance, torch.no_grad():
+        for batch in loader:
+            images = batch["image"].to(device)
+            logits = predict_logits(module, images, h.num_fine, mode=mode, crop=model.crop)
+            fine = logits.argmax(1)
+            levels = {"fine": fine, "coarse": pi[fine]}
+            for j, i in enumerate(batch["index"]):
+                stem = paths[i].stem
+                maps = {k: v[j].cpu().numpy().astype(h.label_dtype) for k, v in levels.items()}
+                write_png(dirs["fine"] / f"{stem}.png", maps["fine"])
+                write_png(dirs["coarse"] / f"{stem}.png", maps["coarse"])
+                for level in overlays:
+                    write_png(dirs[f"overlay-{level}"] / f"{stem}.png",
+                              blend(batch["rgb"][j].numpy(), maps[level], palettes[level], alpha))
+            advance(len(batch["index"]))
+    return PredictSummary(out, len(paths), len(batches), time.perf_counter() - t0)
+
+
+def _collate(items: list[dict[str, object]]) -> dict[str, object]:
+    return {"image": torch.stack([it["image"] for it in items]), "rgb": [it["rgb"] for it in items],
+            "index": [it["index"] for it in items]}
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A Rich progress bar over images on stderr (or nothing); yields `advance(n)`."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("predict", total=total)
+        yield lambda n: bar.advance(task, n)

@@ -1,0 +1,305 @@
+"""`hiposeg ablate`: the grid rules, the results tables, and reruns that skip, resume and extend."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hiposeg import ablate
+from hiposeg.ablate import Record, build_grid, collect_results, split_sets
+from hiposeg.cli import app
+from hiposeg.errors import UserError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from hiposeg.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("ablate-data") / "synthetic"
+    generate(root, train=8, val=2, size=64, seed=0, workers=1)
+    return root
+
+
+def ablate_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """Tiny runs as in tests/test_engine.py: resnet18 at 64x64, a few iterations, every term on."""
+    return ["ablate", "--data", str(data), "--out", str(out), "--iters", "3", "--batch-size", "2", "--crop", "64x64",
+            "--backbone", "resnet18", "--output-stride", "16", "--workers", "0", "--device", "cpu", "--quiet",
+            "--deterministic", "--set", "model.embed_dim=32", "--set", "run.eval_mode=whole", "--schedule", "joint",
+            *extra]
+
+
+# ------------------------------------------------------------------------------------------
+# The grid
+# ------------------------------------------------------------------------------------------
+
+
+def test_default_grid_is_table5_and_axes_combine_as_a_cartesian_product():
+    rows = [v.values["loss.terms"] for v in build_grid(None, None, [])]
+    assert rows == [["ce"], ["ce", "fh", "hh"], ["ce", "fl", "ll"], ["ce", "fh", "hh", "fl", "ll"],
+                    ["ce", "fh", "hh", "fl", "ll", "align"]]
+    _, sweeps = split_sets(["loss.sigma1=0.1,0.25"])
+    grid = build_grid(["fh,hh", "ll,fl"], "sequential,joint", sweeps)
+    assert len(grid) == 2 * 2 * 2
+    assert [v.name for v in grid[:3]] == [
+        "losses=ce+fh+hh, schedule=sequential, loss.sigma1=0.1",
+        "losses=ce+fh+hh, schedule=sequential, loss.sigma1=0.25",
+        "losses=ce+fh+hh, schedule=joint, loss.sigma1=0.1"]
+    assert grid[-1].values == {"loss.terms": ["ce", "fl", "ll"], "loss.schedule": "joint", "loss.sigma1": 0.25}
+    assert grid[-1].overrides() == {"loss": {"terms": ["ce", "fl", "ll"], "schedule": "joint", "sigma1": 0.25}}
+    assert grid[-1].slug == "losses=ce+fl+ll__schedule=joint__loss.sigma1=0.25"
+
+
+def test_set_values_sweep_on_commas_except_inside_list_valued_fields():
+    plain, axes = split_sets(["optim.lr=0.02", "loss.tau=0.05,0.1,0.2", "data.crop=48,48",
+                              "loss.phases=[0,0,0],[0.1,0.2,0.3]"])
+    assert plain == ["optim.lr=0.02", "data.crop=48,48"]  # a list-valued field keeps its commas, as in train
+    assert [(a.field, a.values) for a in axes] == [("loss.tau", (0.05, 0.1, 0.2)),
+                                                    ("loss.phases", ([0, 0, 0], [0.1, 0.2, 0.3]))]
+    for bad, words in [("loss.terms=ce,fh", "--losses"), ("loss.schedule=joint", "--schedule"),
+                       ("run.seed=1,2", "--seeds"), ("loss.tau=0.1,0.1", "twice"), ("loss.tau=0.1,", "empty"),
+                       ("novalue", "key=value")]:
+        with pytest.raises(UserError) as e:
+            split_sets([bad])
+        assert words in str(e.value), (bad, str(e.value))
+
+
+@pytest.mark.parametrize("losses,words", [
+    ("fh,xx", ["unknown loss term", "ce, fh, hh, fl, ll, align"]),
+    ("fh,align", ["align", "fine term"]),
+])
+def test_bad_losses_give_a_clear_error(tiny_data, tmp_path, losses, words):
+    r = runner.invoke(app, ablate_args(tiny_data, tmp_path / "a", "--losses", losses))
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    text = " ".join(r.output.split())  # Rich wraps long messages
+    for w in words:
+        assert w in text, r.output
+    assert not (tmp_path / "a").exists()  # validated before anything is written
+
+
+def test_invalid_sweep_value_fails_before_any_training(tiny_data, tmp_path):
+    r = runner.invoke(app, ablate_args(tiny_data, tmp_path / "a", "--set", "loss.sigma1=0.1,2.0"))
+    assert r.exit_code == 2 and "sigma1" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "a").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Results from run directories (hand-made reports: no training)
+# ------------------------------------------------------------------------------------------
+
+
+def fake_run(root: Path, rec: Record, seed: int, fine: float, coarse: float, hierarchy: str) -> None:
+    d = rec.run_dir(root, seed)
+    d.mkdir(parents=True)
+    (d / "report.json").write_text(json.dumps({"levels": {"fine": {"mIoU": fine}, "coarse": {"mIoU": coarse}},
+                                               "hierarchy": {"name": hierarchy}}))
+    (d / "status.json").write_text(json.dumps({"state": "finished", "iteration": 10}))
+
+
+def record(terms: list[str], schedule: str = "sequential") -> Record:
+    name = "losses=" + "+".join(terms)
+    exp = {"loss": {"terms": terms, "schedule": schedule, "sigma1": 0.25, "sigma2": 1.0, "momentum": 0.9},
+           "optim": {"iters": 10}}
+    return Record(name, ablate.slugify(name), {"loss.terms": terms}, exp, [0, 1])
+
+
+@pytest.mark.parametrize("hierarchy,expected", [
+    ("cityscapes", {"ce": 73.55, "ce+fh+hh": 80.96, "ce+fl+ll": 81.04, "ce+fh+hh+fl+ll": 79.16,
+                    "ce+fh+hh+fl+ll+align": 84.04}),
+    ("ade20k", {"ce": 44.48, "ce+fh+hh": 46.87, "ce+fl+ll": 46.92, "ce+fh+hh+fl+ll": None,
+                "ce+fh+hh+fl+ll+align": 48.99}),
+    ("pascal_part_108", {"ce": 46.90, "ce+fh+hh": 47.59, "ce+fl+ll": 47.02, "ce+fh+hh+fl+ll": None,
+                         "ce+fh+hh+fl+ll+align": 49.33}),
+    ("synthetic", {"ce": None, "ce+fh+hh": None, "ce+fl+ll": None, "ce+fh+hh+fl+ll": None,
+                   "ce+fh+hh+fl+ll+align": None}),
+])
+def test_results_mean_std_delta_and_paper_columns(tmp_path, hierarchy, expected):
+    recs = [record(list(r)) for r in ablate.TABLE5_ROWS]
+    scores = {0: (60.0, 80.0), 1: (62.0, 81.0)}  # ce: fine 60 / 62, coarse 80 / 81
+    for i, rec in enumerate(recs):
+        for s, (f, c) in scores.items():
+            fake_run(tmp_path, rec, s, f + i, c + 2 * i, hierarchy)
+    res = collect_results(tmp_path, recs)
+    rows = {r["config"].removeprefix("losses="): r for r in res["configs"]}
+    ce = rows["ce"]
+    assert ce["fine"]["mean"] == pytest.approx(61.0) and ce["fine"]["std"] == pytest.approx(math.sqrt(2.0))
+    assert ce["coarse"]["mean"] == pytest.approx(80.5) and ce["coarse"]["std"] == pytest.approx(math.sqrt(0.5))
+    assert rows["ce+fl+ll"]["delta_vs_ce"] == pytest.approx({"fine": 2.0, "coarse": 4.0})
+    for key, value in expected.items():
+        paper = rows[key]["paper"]
+        assert (paper and paper["fine_mIoU"]) == value or (paper is None and value is None), key
+    # a non-paper setting (joint schedule) is not matched with the paper's rows
+    joint = record(["ce"], schedule="joint")
+    joint.slug = "joint-ce"
+    fake_run(tmp_path, joint, 0, 1.0, 1.0, hierarchy)
+    joint.seeds = [0]
+    assert collect_results(tmp_path, [joint])["configs"][0]["paper"] is None
+
+
+def test_unfinished_runs_are_counted_but_not_averaged(tmp_path):
+    rec = record(["ce"])
+    rec.seeds = [0, 1, 2]
+    fake_run(tmp_path, rec, 0, 50.0, 70.0, "synthetic")
+    rec.run_dir(tmp_path, 1).mkdir(parents=True)  # seed 1 never finished
+    rec.run_dir(tmp_path, 2).mkdir(parents=True)  # seed 2 diverged
+    (rec.run_dir(tmp_path, 2) / "status.json").write_text(json.dumps({"state": "diverged", "error": "nan in fh"}))
+    res = collect_results(tmp_path, [rec])
+    row = res["configs"][0]
+    assert row["fine"] == {"mean": 50.0, "std": None, "n": 1}
+    assert (row["finished"], row["diverged"], row["total"]) == (1, 1, 3)
+    assert [r["state"] for r in row["runs"]] == ["finished", "new", "diverged"]
+    assert row["runs"][2]["error"] == "nan in fh"
+    assert "| 1/3 (1 diverged) |" in ablate.results_markdown(res)
+
+
+def test_a_diverged_run_is_reported_and_skipped_and_the_grid_goes_on(tiny_data, tmp_path, monkeypatch):
+    """Stand-in for engine.fit that writes what the engine writes: no training needed."""
+    import hiposeg.engine as engine
+
+    calls = []
+
+    def fake_fit(cfg, resume=None):
+        out = cfg.run.out
+        out.mkdir(parents=True, exist_ok=True)
+        calls.append(out.parent.name)
+        if cfg.loss.terms == ["ce", "fh", "hh"]:
+            (out / "status.json").write_text(json.dumps({"state": "diverged", "error": "loss became non-finite"}))
+            raise engine.TrainingDiverged("the loss became non-finite at iteration 2 (fh=nan)")
+        (out / "report.json").write_text(json.dumps({"levels": {"fine": {"mIoU": 40.0}, "coarse": {"mIoU": 60.0}},
+                                                     "hierarchy": {"name": "synthetic"}}))
+        (out / "status.json").write_text(json.dumps({"state": "finished", "iteration": 3}))
+        return engine.FitResult(out, None, 3, False)
+
+    monkeypatch.setattr(engine, "fit", fake_fit)
+    args = ablate_args(tiny_data, tmp_path / "abl", "--losses", "fh,hh", "--losses", "fl,ll")
+    args.remove("--quiet")
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "diverged" in r.output and calls == ["losses=ce+fh+hh__schedule=joint", "losses=ce+fl+ll__schedule=joint"]
+    rows = json.loads((tmp_path / "abl" / "results.json").read_text())["configs"]
+    assert [(x["finished"], x["diverged"]) for x in rows] == [(0, 1), (1, 0)]
+    r = runner.invoke(app, args)  # a rerun does not repeat the diverged run
+    assert r.exit_code == 0 and len(calls) == 2 and "diverged earlier, skipped" in " ".join(r.output.split())
+
+
+# ------------------------------------------------------------------------------------------
+# End to end on the synthetic set
+# ------------------------------------------------------------------------------------------
+
+
+class StopAt:
+    """Stands in for the engine's signal handler: reports SIGINT once `n` iterations have started."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.checks = n, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def signum(self):
+        self.checks += 1
+        return signal.SIGINT if self.checks > self.n else None
+
+
+@pytest.mark.slow
+def test_ablate_writes_tables_resumes_interrupted_and_skips_finished(tiny_data, tmp_path, monkeypatch):
+    import hiposeg.engine as engine
+
+    out = tmp_path / "abl"
+    args = ablate_args(tiny_data, out, "--losses", "ce", "--losses", "fh,hh")
+    real_fit = engine.fit
+    calls = []
+
+    def recording_fit(cfg, resume=None):
+        calls.append((cfg.run.out.name, cfg.run.out.parent.name, resume))
+        return real_fit(cfg, resume=resume)
+
+    monkeypatch.setattr(engine, "fit", recording_fit)
+
+    # 1. the first run is interrupted after 1 of 3 iterations: the ablation stops there
+    original_stop = engine.StopSignal
+    monkeypatch.setattr(engine, "StopSignal", lambda: StopAt(1))
+    r = runner.invoke(app, args)
+    assert r.exit_code == 130, r.output
+    first = out / "runs" / "losses=ce__schedule=joint" / "seed-0"
+    status = json.loads((first / "status.json").read_text())
+    assert (status["state"], status["iteration"]) == ("interrupted", 1)
+    assert (first / "checkpoints" / "last.pt").exists() and not (first / "report.json").exists()
+    assert len(calls) == 1 and calls[0][2] is None
+    monkeypatch.setattr(engine, "StopSignal", original_stop)
+
+    # 2. rerun: the interrupted run resumes from its last.pt, the other one starts
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert calls[1] == ("seed-0", "losses=ce__schedule=joint", first / "checkpoints" / "last.pt")
+    assert calls[2] == ("seed-0", "losses=ce+fh+hh__schedule=joint", None)
+    assert json.loads((first / "status.json").read_text())["iteration"] == 3
+
+    # the tables hold what the runs' own reports say
+    reports = {name: json.loads((out / "runs" / name / "seed-0" / "report.json").read_text())
+               for name in ("losses=ce__schedule=joint", "losses=ce+fh+hh__schedule=joint")}
+    res = json.loads((out / "results.json").read_text())
+    assert [c["config"] for c in res["configs"]] == ["losses=ce, schedule=joint", "losses=ce+fh+hh, schedule=joint"]
+    for c, rep in zip(res["configs"], reports.values()):
+        assert c["fine"]["mean"] == pytest.approx(rep["levels"]["fine"]["mIoU"])
+        assert c["coarse"]["mean"] == pytest.approx(rep["levels"]["coarse"]["mIoU"])
+        assert (c["finished"], c["total"]) == (1, 1)
+    ce_fine = reports["losses=ce__schedule=joint"]["levels"]["fine"]["mIoU"]
+    hh_fine = reports["losses=ce+fh+hh__schedule=joint"]["levels"]["fine"]["mIoU"]
+    assert res["configs"][1]["delta_vs_ce"]["fine"] == pytest.approx(hh_fine - ce_fine)
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert [row["loss.terms"] for row in rows] == ["ce", "ce+fh+hh"]
+    assert float(rows[1]["fine_mIoU_mean"]) == pytest.approx(hh_fine, abs=1e-4)
+    md = (out / "results.md").read_text()
+    assert "| config | fine mIoU | coarse mIoU | Δ fine | Δ coarse | runs |" in md
+    assert f"| losses=ce+fh+hh, schedule=joint | {hh_fine:.2f} |" in md
+    assert "mIoU per" not in r.output and "Ablation on synthetic" in r.output
+    saved = json.loads((out / "ablation.json").read_text())
+    assert [c["values"]["loss.terms"] for c in saved["configs"]] == [["ce"], ["ce", "fh", "hh"]]
+
+    # 3. rerun: every run is finished, nothing trains and nothing is rewritten
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 3
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamps
+    assert json.loads((out / "results.json").read_text())["configs"] == res["configs"]
+
+    # 4. a larger grid adds its new configuration; changed settings under a recorded name are refused
+    r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "ce", "--losses", "fh,hh", "--losses", "fl,ll",
+                                       "--dry-run"))
+    assert r.exit_code == 0, r.output
+    assert "(1 new)" in r.output and r.output.count("skip") == 2 and "train" in r.output
+    r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "ce", "--iters", "4"))
+    assert r.exit_code == 2 and "optim.iters: 3 -> 4" in " ".join(r.output.split()) and "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_seeds_repeat_a_configuration_and_report_mean_and_std(tiny_data, tmp_path):
+    out = tmp_path / "seeds"
+    r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "ce", "--seeds", "2", "--seed", "5"))
+    assert r.exit_code == 0, r.output
+    runs = out / "runs" / "losses=ce__schedule=joint"
+    assert sorted(p.name for p in runs.iterdir()) == ["seed-5", "seed-6"]
+    fine = [json.loads((runs / s / "report.json").read_text())["levels"]["fine"]["mIoU"] for s in ("seed-5", "seed-6")]
+    mean = (fine[0] + fine[1]) / 2
+    std = math.sqrt(((fine[0] - mean) ** 2 + (fine[1] - mean) ** 2) / (2 - 1))
+    row = json.loads((out / "results.json").read_text())["configs"][0]
+    assert row["fine"]["mean"] == pytest.approx(mean) and row["fine"]["std"] == pytest.approx(std)
+    assert [run["seed"] for run in row["runs"]] == [5, 6]
+    import yaml
+
+    assert yaml.safe_load((runs / "seed-6" / "config.yaml").read_text())["run"]["seed"] == 6

@@ -1,0 +1,163 @@
+"""`hiposeg predict`: fine and coarse label PNGs and overlays with the right sizes and values."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hiposeg.cli import app
+from hiposeg.config import build_config
+from hiposeg.engine import fit
+from hiposeg.model import DeepLabV3Plus
+
+runner = CliRunner()
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> tuple[Path, Path]:
+    """(exported hiposeg-format model, its run directory) of a tiny 2-iteration run."""
+    from hiposeg.data.synthetic import generate
+
+    base = tmp_path_factory.mktemp("predict")
+    data = base / "synthetic"
+    generate(data, train=8, val=2, size=64, seed=0, workers=1)
+    cfg = build_config({
+        "data": {"dataset": "custom", "root": str(data), "crop": (64, 64), "workers": 0},
+        "model": {"backbone": "resnet18", "output_stride": 16, "embed_dim": 32},
+        "optim": {"iters": 2, "batch_size": 2},
+        "run": {"out": str(base / "run"), "device": "cpu", "quiet": True, "eval_mode": "whole"}})
+    fit(cfg)
+    r = runner.invoke(app, ["export", str(base / "run"), "--out", str(base / "model.pt")])
+    assert r.exit_code == 0, r.output
+    return base / "model.pt", base / "run"
+
+
+@pytest.fixture
+def images(tmp_path) -> dict[str, np.ndarray]:
+    """RGB images of three sizes (one larger than the 64x64 training crop), as PNG and JPEG, one in a subfolder."""
+    rng = np.random.default_rng(0)
+    sizes = {"a": (64, 64), "b": (64, 64), "c": (40, 72), "d": (96, 130)}
+    imgs = {stem: rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for stem, hw in sizes.items()}
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    for stem, img in imgs.items():
+        cv2.imwrite(str(root / ("sub" if stem == "b" else "") / f"{stem}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return imgs
+
+
+def expected_logits(run: Path, rgb: np.ndarray) -> torch.Tensor:
+    """The trained segmenter on the image normalised by hand (whole image)."""
+    m = DeepLabV3Plus(15, "resnet18", 16)
+    m.load_state_dict(torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"])
+    x = torch.from_numpy(((rgb / 255.0 - MEAN) / STD).astype(np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return m.eval()(x)
+
+
+def pi_and_palette(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """pi (fine id -> coarse id) and the fine palette, from the prepared dataset's hierarchy file."""
+    h = json.loads((run.parent / "synthetic" / "hierarchy.json").read_text())
+    coarse = {c["name"]: c["id"] for c in h["levels"][1]["classes"]}
+    fine = sorted(h["levels"][0]["classes"], key=lambda c: c["id"])
+    return np.array([coarse[c["parent"]] for c in fine]), np.array([c["color"] for c in fine])
+
+
+def read(path: Path) -> np.ndarray:
+    a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert a is not None, path
+    return cv2.cvtColor(a, cv2.COLOR_BGR2RGB) if a.ndim == 3 else a
+
+
+def test_predict_writes_fine_coarse_and_overlays_with_the_models_values(model_file, images, tmp_path):
+    model, run = model_file
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["predict", str(model), str(tmp_path / "in"), "--out", str(out), "--device", "cpu",
+                            "--workers", "0", "--mode", "whole", "--overlay", "both"])
+    assert r.exit_code == 0, r.output
+    assert "4 image(s)" in r.output
+    pi, palette = pi_and_palette(run)
+    for stem, rgb in images.items():
+        fine, coarse = read(out / "fine" / f"{stem}.png"), read(out / "coarse" / f"{stem}.png")
+        assert fine.shape == coarse.shape == rgb.shape[:2] and fine.dtype == np.uint8
+        want = expected_logits(run, rgb)[0].argmax(0).numpy()
+        assert (fine == want).mean() > 0.999, stem  # float ties aside, the argmax of the model on that image
+        assert np.array_equal(coarse, pi[fine])
+        overlay = read(out / "overlay" / f"{stem}.png")
+        assert overlay.shape == rgb.shape
+        blend = 0.5 * rgb.astype(np.float64) + 0.5 * palette[fine]
+        assert np.abs(overlay.astype(np.float64) - blend).max() <= 1.0
+        assert read(out / "overlay-coarse" / f"{stem}.png").shape == rgb.shape
+
+
+def test_batching_and_sliding_windows(model_file, images, tmp_path):
+    from hiposeg.export import load_inference_model
+    from hiposeg.inference import slide_logits
+    from hiposeg.predict import predict
+
+    model, run = model_file
+    loaded = load_inference_model(model)
+    one = predict(loaded, [tmp_path / "in"], tmp_path / "one", batch_size=1, workers=0, progress=False, mode="whole")
+    many = predict(loaded, [tmp_path / "in"], tmp_path / "many", batch_size=8, workers=0, progress=False, mode="whole")
+    assert (one.batches, many.batches) == (4, 3)  # a and b share a size
+    for stem in images:
+        assert np.array_equal(read(tmp_path / "one" / "fine" / f"{stem}.png"),
+                              read(tmp_path / "many" / "fine" / f"{stem}.png"))
+    # auto = sliding 64x64 windows for the 96x130 image only; a symlinked input keeps its own name
+    (tmp_path / "link.png").symlink_to(tmp_path / "in" / "d.png")
+    predict(loaded, [tmp_path / "link.png"], tmp_path / "auto", workers=0, progress=False)
+    rgb = images["d"]
+    x = torch.from_numpy(((rgb / 255.0 - MEAN) / STD).astype(np.float32)).permute(2, 0, 1)[None]
+    want = slide_logits(loaded.module, x, 15, (64, 64))[0].argmax(0).numpy()
+    assert (read(tmp_path / "auto" / "fine" / "link.png") == want).mean() > 0.999
+
+
+@pytest.mark.slow
+def test_predict_from_a_torch_export_program_matches_the_hiposeg_file(model_file, images, tmp_path):
+    model, run = model_file
+    pt2 = tmp_path / "model.pt2"
+    assert runner.invoke(app, ["export", str(run), "--out", str(pt2), "--format", "torch-export"]).exit_code == 0
+    formats = [(model, "a"), (pt2, "b")]
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        onnx = tmp_path / "model.onnx"
+        assert runner.invoke(app, ["export", str(run), "--out", str(onnx), "--format", "onnx"]).exit_code == 0
+        formats.append((onnx, "c"))
+    for path, name in formats:
+        r = runner.invoke(app, ["predict", str(path), str(tmp_path / "in" / "*.png"), "--out", str(tmp_path / name),
+                                "--device", "cpu", "--workers", "0", "--overlay", "none", "-q"])
+        assert r.exit_code == 0, r.output
+        assert not (tmp_path / name / "overlay").exists()
+    for stem in ("a", "c", "d"):  # the glob is not recursive: sub/b.png is not matched
+        ref = read(tmp_path / "a" / "fine" / f"{stem}.png")
+        for _, name in formats[1:]:
+            assert (read(tmp_path / name / "fine" / f"{stem}.png") == ref).mean() > 0.999
+    assert not (tmp_path / "a" / "fine" / "b.png").exists()
+
+
+def test_bad_inputs_are_clear_errors_before_any_output(model_file, tmp_path):
+    model, _ = model_file
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    good = np.zeros((32, 32, 3), np.uint8)
+    cv2.imwrite(str(tmp_path / "bad" / "ok.png"), good)
+    data = cv2.imencode(".png", good)[1].tobytes()
+    (tmp_path / "bad" / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "dup").mkdir()
+    cv2.imwrite(str(tmp_path / "dup" / "ok.jpg"), good)
+    cases = [([str(tmp_path / "empty")], "holds no image files"), ([str(tmp_path / "missing.png")], "does not exist"),
+             ([str(tmp_path / "none" / "*.jpg")], "matches no image files"), ([str(tmp_path / "bad")], "cut.png"),
+             ([str(tmp_path / "bad" / "ok.png"), str(tmp_path / "dup")], "share the name")]
+    for inputs, words in cases:
+        out = tmp_path / "out"
+        r = runner.invoke(app, ["predict", str(model), *inputs, "--out", str(out), "--device", "cpu", "--workers", "0"])
+        assert r.exit_code == 2, (inputs, r.output)
+        text = " ".join(r.output.split())  # Rich wraps long messages
+        assert words in text and "Traceback" not in text, r.output
+        assert not out.exists()
