@@ -346,11 +346,66 @@ class ExportedProgramModule(BoundedInput):
         return self._program[0](x)
 
 
-def _load_torch_export(path: Path, device: torch.device) -> tuple[dict[str, Any], nn.Module]:
-    extra = {METADATA_NAME: ""}
+def check_program_archive(path: Path) -> None:
+    """Refuse a .pt2 whose loading would unpickle arbitrary Python objects, before torch reads it.
+
+    `torch.export.load` unpickles with `weights_only=False` in several places: weights and tensor
+    constants stored with `use_pickle`, legacy `.pt` weight/constant payloads, the sample inputs when a
+    safe load fails, and `pickle.loads` / TorchScript unpickling for opaque and custom-object
+    constants. `hiposeg export` writes none of those, so an archive that has them is refused; the
+    remaining `torch.load` calls are forced to weights-only while loading (`_weights_only_loads`).
+    """
+    from torch.export.pt2_archive import constants as pt2
+
+    unsafe_prefixes = (pt2.CUSTOM_OBJ_FILENAME_PREFIX, pt2.OPAQUE_OBJ_FILENAME_PREFIX)
+    refusal = f"refusing to load {path}: "
+    hint = "hiposeg programs hold plain tensors only. Do not load files from untrusted sources; export the model again."
     try:
-        with open(path, "rb") as f:  # a file object: torch.export.load warns about names not ending in .pt2
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if "/data/weights/" in name or "/data/constants/" in name:
+                    if name.endswith(".pt"):
+                        raise UserError(refusal + f"it stores pickled (legacy) payloads ({name})", hint=hint)
+                    if name.endswith("_config.json"):
+                        entries = json.loads(zf.read(name)).get("config", {})
+                        for fqn, entry in entries.items():
+                            if entry.get("use_pickle") or str(entry.get("path_name", "")).startswith(unsafe_prefixes):
+                                raise UserError(refusal + f"its entry {fqn!r} in {name} would be unpickled as an "
+                                                "arbitrary Python object", hint=hint)
+    except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{path} is not a valid torch.export archive ({type(e).__name__}: {str(e)[:120]})",
+                        hint="Export the model again with `hiposeg export --format torch-export`.") from None
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Force every `torch.load` inside (including torch.export's own fallbacks) to weights_only=True."""
+    import os
+
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def _load_torch_export(path: Path, device: torch.device) -> tuple[dict[str, Any], nn.Module]:
+    import pickle
+
+    extra = {METADATA_NAME: ""}
+    check_program_archive(path)
+    try:
+        with open(path, "rb") as f, _weights_only_loads():  # a file object: torch warns about names not ending in .pt2
             program = torch.export.load(f, extra_files=extra)
+    except pickle.UnpicklingError:
+        raise UserError(f"refusing to load {path}: it contains pickled Python objects (e.g. in its sample inputs) "
+                        "that only unsafe unpickling could restore",
+                        hint="hiposeg programs hold plain tensors only. Do not load files from untrusted sources; "
+                             "export the model again.") from None
     except Exception as e:  # noqa: BLE001 - any failure of the archive reader means the same to the user
         raise UserError(f"cannot load torch.export program {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                         hint="The file is damaged or from an incompatible PyTorch version: export it again "

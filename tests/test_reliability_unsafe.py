@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from typer.testing import CliRunner
 
 from faults import make_tiny_data, one_thread  # noqa: F401
 from hiposeg.cli import app
+from hiposeg.errors import UserError
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,9 +159,6 @@ def crafted_program(path: Path, marker: Path) -> Path:
 
 
 @needs("predict")
-@pytest.mark.xfail(strict=True, reason="hiposeg/export.py reads .pt2 files with torch.export.load, which unpickles "
-                                       "the archive's sample inputs with weights_only=False when the safe load "
-                                       "fails: the payload runs before any hiposeg check (reported to the lead)")
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_commands_refuse_code_in_a_torch_export_archive(trained, tmp_path, command):
     data, _ = trained
@@ -172,6 +172,41 @@ def test_commands_refuse_code_in_a_torch_export_archive(trained, tmp_path, comma
     r = runner.invoke(app, [str(a) for a in args])
     assert not marker.exists(), f"the payload RAN during `hiposeg {command}`"
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert squash("refusing to load") in squash(r.output) and squash(str(model)) in squash(r.output), r.output
+
+
+def pickled_weight_program(path: Path, marker: Path) -> Path:
+    """A .pt2 whose weight entry says use_pickle and whose bytes are a code-running pickle."""
+    program = torch.export.export(torch.nn.Conv2d(3, 2, 1), (torch.zeros(1, 3, 8, 8),))
+    clean = path.with_name("clean-w.pt2")
+    torch.export.save(program, clean, extra_files={"hiposeg.json": "{}"})
+    buf = io.BytesIO()
+    torch.save(Payload(marker), buf)
+    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("weights/model_weights_config.json"):
+                cfg = json.loads(data)
+                first = next(iter(cfg["config"].values()))
+                first["use_pickle"] = True
+                data = json.dumps(cfg).encode()
+                target = first["path_name"]
+            dst.writestr(info, data)
+        name = next(n for n in src.namelist() if n.endswith(f"data/weights/{target}"))
+    with zipfile.ZipFile(path, "a") as dst, warnings.catch_warnings():  # the appended member wins on read
+        warnings.simplefilter("ignore", UserWarning)  # "Duplicate name"
+        dst.writestr(name, buf.getvalue())
+    return path
+
+
+def test_pickled_weights_in_a_torch_export_archive_are_refused_before_loading(tmp_path):
+    from hiposeg.export import load_inference_model
+
+    marker = tmp_path / "PAYLOAD-RAN"
+    model = pickled_weight_program(tmp_path / "w.pt2", marker)
+    with pytest.raises(UserError, match="would be unpickled"):
+        load_inference_model(model)
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------
