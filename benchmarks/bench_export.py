@@ -37,15 +37,7 @@ from hiposeg.export import count_parameters, export_model, load_inference_model 
 from hiposeg.hierarchy import Hierarchy  # noqa: E402
 from hiposeg.model import DeepLabV3Plus  # noqa: E402
 
-
-def parse_size(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from common import parse_size, sync  # noqa: E402  (benchmarks/common.py: run as a script)
 
 
 def training_checkpoint(backbone: str, output_stride: int, folder: Path) -> Path:

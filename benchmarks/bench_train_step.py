@@ -40,19 +40,11 @@ from hiposeg.hierarchy import Hierarchy  # noqa: E402
 from hiposeg.model import DeepLabV3Plus, HiPoSegNet  # noqa: E402
 from hiposeg.prototypes import HiPoSegCriterion  # noqa: E402
 
+from common import parse_size, sync  # noqa: E402  (benchmarks/common.py: run as a script)
+
 TOTAL_ITERS = 1000
 LAST_ITER = TOTAL_ITERS - 1  # past every phase boundary: all terms active
 HIERARCHIES = {19: "cityscapes", 124: "mapillary_v2", 150: "ade20k"}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def autocast(device: torch.device, amp: str):  # type: ignore[no-untyped-def]

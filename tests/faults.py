@@ -356,3 +356,22 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+class StopAfter:
+    """Stands in for `engine.StopSignal`: reports SIGINT once `n` iterations have started, so a test
+    interrupts a run at an exact iteration (`monkeypatch.setattr(engine, "StopSignal", lambda: StopAfter(5))`)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.checks = n, 0
+
+    def __enter__(self) -> "StopAfter":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+    @property
+    def signum(self) -> int | None:
+        self.checks += 1
+        return signal.SIGINT if self.checks > self.n else None

@@ -6,12 +6,12 @@ import csv
 import io
 import json
 import math
-import signal
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from faults import StopAfter
 from hiposeg import ablate
 from hiposeg.ablate import Record, build_grid, collect_results, split_sets
 from hiposeg.cli import app
@@ -196,22 +196,6 @@ def test_a_diverged_run_is_reported_and_skipped_and_the_grid_goes_on(tiny_data, 
 # ------------------------------------------------------------------------------------------
 
 
-class StopAt:
-    """Stands in for the engine's signal handler: reports SIGINT once `n` iterations have started."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.checks = n, 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @property
-    def signum(self):
-        self.checks += 1
-        return signal.SIGINT if self.checks > self.n else None
 
 
 @pytest.mark.slow
@@ -231,7 +215,7 @@ def test_ablate_writes_tables_resumes_interrupted_and_skips_finished(tiny_data, 
 
     # 1. the first run is interrupted after 1 of 3 iterations: the ablation stops there
     original_stop = engine.StopSignal
-    monkeypatch.setattr(engine, "StopSignal", lambda: StopAt(1))
+    monkeypatch.setattr(engine, "StopSignal", lambda: StopAfter(1))
     r = runner.invoke(app, args)
     assert r.exit_code == 130, r.output
     first = out / "runs" / "losses=ce__schedule=joint" / "seed-0"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from faults import StopAfter
 from hiposeg import checkpoint
 from hiposeg.cli import app
 from hiposeg.config import build_config
@@ -118,22 +118,6 @@ def test_ce_only_config_builds_no_projection_head(tiny_data, tmp_path):
     assert set(rows[-1]) & {"fh", "hh", "fl", "ll", "align"} == set()
 
 
-class StopAfter:
-    """Stands in for the signal handler: reports SIGINT once `n` iterations have started."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.checks = n, 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @property
-    def signum(self):
-        self.checks += 1
-        return signal.SIGINT if self.checks > self.n else None
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch):

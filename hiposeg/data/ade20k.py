@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.prepare import Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in
+from hiposeg.data.prepare import (Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in,
+                                  split_folders)
 from hiposeg.errors import UserError
 
 RELEASE_SPLITS = {"train": "training", "val": "validation"}
@@ -39,13 +40,8 @@ class ADE20K(Source):
         found = Discovery(items={})
         for split, release in RELEASE_SPLITS.items():
             img_dir, ann_dir = img_root / release, ann_root / release
-            has_i, has_a = check_dir(img_dir, f"images/{release}"), check_dir(ann_dir, f"annotations/{release}")
-            if not has_i and not has_a:
-                found.missing_splits.append(split)
+            if not split_folders(found, split, img_dir, ann_dir, raw, EXPECTED):
                 continue
-            if not has_i or not has_a:
-                raise UserError(f"{img_dir if not has_i else ann_dir} is missing but {ann_dir if not has_i else img_dir} "
-                                "exists", hint=f"Expected {EXPECTED}.")
             images = list_files(img_dir, [".jpg", ".jpeg", ".png"])
             labels = list_files(ann_dir, [".png"])
             if not images and not labels:

@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.prepare import Discovery, Source, check_dir, describe_dir, list_files, list_subdirs, pair_by_stem
+from hiposeg.data.prepare import (Discovery, Source, check_dir, describe_dir, list_files, list_subdirs, pair_by_stem,
+                                  split_folders)
 from hiposeg.errors import UserError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -48,14 +49,8 @@ class Cityscapes(Source):
         found = Discovery(items={})
         for split in self.splits:
             img_dir, gt_dir = img_root / split, gt_root / split
-            has_i, has_g = check_dir(img_dir, f"leftImg8bit/{split}"), check_dir(gt_dir, f"gtFine/{split}")
-            if not has_i and not has_g:
-                found.missing_splits.append(split)
+            if not split_folders(found, split, img_dir, gt_dir, raw, EXPECTED):
                 continue
-            if not has_i or not has_g:
-                missing = img_dir if not has_i else gt_dir
-                raise UserError(f"{missing} is missing but {gt_dir if not has_i else img_dir} exists",
-                                hint=f"Expected {EXPECTED}. Unpack the missing part of the release.")
             images, labels = self._split_files(img_dir, gt_dir)
             items, orphans = pair_by_stem(
                 split, images, labels,

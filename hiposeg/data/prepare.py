@@ -171,12 +171,8 @@ def encode_png(array: np.ndarray) -> bytes:
 def read_bytes(path: Path) -> bytes:
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise BadFile(path, "file not found (removed while preparing?)") from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise BadFile(path, "symlink loop: the link points (eventually) back to itself") from None
-        raise BadFile(path, f"cannot read: {e.strerror or e}") from None
+        raise unreadable(path, e) from None
     if not data:
         raise BadFile(path, "empty file (0 bytes): re-extract or re-download it")
     return data
@@ -248,12 +244,8 @@ def probe_image(path: Path) -> tuple[int, int]:
                 if hw is None or b"\xff\xd9" not in f.read():
                     raise BadFile(path, "truncated or corrupt JPEG image (no end-of-image marker)")
                 return hw
-    except FileNotFoundError:
-        raise BadFile(path, "file not found") from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise BadFile(path, "symlink loop: the link points (eventually) back to itself") from None
-        raise BadFile(path, f"cannot read: {e.strerror or e}") from None
+        raise unreadable(path, e) from None
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise BadFile(path, "unreadable image: OpenCV cannot decode it")
@@ -292,6 +284,30 @@ class Discovery:
     missing_splits: list[str] = field(default_factory=list)
     orphans: list[BadFile] = field(default_factory=list)  # files without their partner
     notes: list[str] = field(default_factory=list)  # e.g. which layout was detected
+
+
+def split_folders(found: Discovery, split: str, image_dir: Path, label_dir: Path, raw: Path, expected: str) -> bool:
+    """Whether a split's image and label folders both exist. A split with neither is recorded as
+    missing (a release may ship only some splits); one with only one of them is an error."""
+    has_image = check_dir(image_dir, str(image_dir.relative_to(raw)))
+    has_label = check_dir(label_dir, str(label_dir.relative_to(raw)))
+    if not has_image and not has_label:
+        found.missing_splits.append(split)
+        return False
+    if not has_image or not has_label:
+        missing, present = (image_dir, label_dir) if not has_image else (label_dir, image_dir)
+        raise UserError(f"{missing} is missing but {present} exists",
+                        hint=f"Expected {expected}. Unpack the missing part of the release.")
+    return True
+
+
+def unreadable(path: Path, e: OSError) -> BadFile:
+    """The BadFile for an OSError while reading an input file."""
+    if isinstance(e, FileNotFoundError):
+        return BadFile(path, "file not found (removed while preparing?)")
+    if e.errno == errno.ELOOP:
+        return BadFile(path, "symlink loop: the link points (eventually) back to itself")
+    return BadFile(path, f"cannot read: {e.strerror or e}")
 
 
 def check_dir(path: Path, what: str) -> bool:
