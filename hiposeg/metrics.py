@@ -95,7 +95,7 @@ def level_scores(mat: np.ndarray, names: list[str]) -> dict[str, Any]:
 
 
 def build_report(fine_mat: np.ndarray, hierarchy: Hierarchy, **meta: Any) -> dict[str, Any]:
-    """report.json (DESIGN §6): "fine", "coarse", then every other level above fine by its name."""
+    """report.json (README "Evaluation"): "fine", "coarse", then every other level above fine by its name."""
     fine = hierarchy.fine_level
     levels: dict[str, Any] = {}
     for level in hierarchy.levels_above_fine:

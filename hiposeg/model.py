@@ -1,6 +1,6 @@
 """DeepLabV3+ on a torchvision ResNet, and the training wrapper that adds the projection head g_phi.
 
-Two modules, two jobs (DESIGN §3 "Model", "Embeddings"):
+Two modules, two jobs (README "The method, as implemented"):
 
 * `DeepLabV3Plus` is the segmentation model and the only thing that is ever exported: backbone,
   ASPP, stride-4 decoder, a classifier over the FINE classes. Coarse predictions are the fine argmax

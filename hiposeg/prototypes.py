@@ -1,7 +1,7 @@
 """HiPoSeg's training-only branch: hierarchical prototype memory, the loss terms and the phase schedule.
 
 Paper Sec. 3 (equation numbers cited next to the code that computes them); every choice the paper
-leaves open is decided in DESIGN §3 and repeated here where the code makes it.
+leaves open is decided here, next to the code that makes it (summarised in the README's method section).
 
 One training step, for a batch of L2-normalised pixel embeddings z (eq. 3, from `model.ProjectionHead`)
 and FINE labels y (the coarse labels are y' = pi(y), eq. 2):
@@ -201,7 +201,7 @@ class PrototypeMemory(nn.Module):
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
 
     def blend(self, batch: Tensor, present: Tensor, momentum: float) -> tuple[Tensor, Tensor]:
-        """(P, has_proto): the prototypes the losses use this step (DESIGN §3 "Gradients").
+        """(P, has_proto): the prototypes the losses use this step (step 3 of the module docstring).
 
         batch: (K, d) normalised batch means mu_hat (eq. 6), carrying gradient; present: (K,) bool.
         """

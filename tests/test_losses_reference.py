@@ -1,7 +1,7 @@
 """The vectorised HiPoSeg branch against a float64 reference written straight from the paper's formulas.
 
 The reference below loops over pixels, classes and pairs and follows Sec. 3 (eqs. 2, 5-15) plus the
-decisions of DESIGN §3 that the paper leaves open (which prototypes a loss sees, first sighting,
+decisions (hiposeg/prototypes.py docstring) that the paper leaves open (which prototypes a loss sees, first sighting,
 never-seen classes, centred nearest label sampling). It shares no code with hiposeg.prototypes.
 """
 
@@ -63,7 +63,7 @@ def ref_batch_prototypes(pixels: list[tuple[torch.Tensor, int]], K: int) -> dict
 
 
 def ref_loss_prototypes(memory: dict[int, torch.Tensor], batch: dict[int, torch.Tensor], m: float) -> dict[int, torch.Tensor]:
-    """DESIGN §3: blend (eq. 15, renormalised) if seen before and in the batch, batch estimate on first
+    """The decided rule: blend (eq. 15, renormalised) if seen before and in the batch, batch estimate on first
     sighting, memory if absent, nothing for never-seen classes."""
     out = {}
     for c in set(memory) | set(batch):

@@ -2,7 +2,7 @@
 loading of prepared datasets for training (`dataset.py`, `transforms.py`).
 
 `SOURCES` maps each `hiposeg prepare` sub-command to its converter class; the prepared format
-they all write is described in DESIGN.md §5 and `prepare.py`.
+they all write is described in README "Preparing data" and `prepare.py`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Loading a prepared dataset (DESIGN §5) for training, evaluation and scoring.
+"""Loading a prepared dataset (README "Preparing data") for training, evaluation and scoring.
 
     DATA/hierarchy.json, DATA/manifest.json
     DATA/{split}/images/{stem}.{ext}   DATA/{split}/fine/{stem}.png   DATA/{split}/coarse/{stem}.png

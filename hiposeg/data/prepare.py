@@ -1,4 +1,4 @@
-"""Shared machinery of `hiposeg prepare`: raw release -> prepared dataset (DESIGN §5).
+"""Shared machinery of `hiposeg prepare`: raw release -> prepared dataset (README "Preparing data").
 
 One converter module per release (`cityscapes.py`, `ade20k.py`, ...) only *discovers* the
 (image, label) pairs of its layout and says how its label files are decoded. Everything else is
@@ -1005,7 +1005,7 @@ def build_manifest(source: Source, raw: Path, h: Hierarchy, options: dict[str, A
 
 def manifest_dict(*, source: str, raw_root: str | None, hierarchy: Hierarchy, options: dict[str, Any],
                   splits: dict[str, Any], missing_splits: list[str]) -> dict[str, Any]:
-    """The manifest.json layout (DESIGN §5), shared by the converters and the synthetic set."""
+    """The manifest.json layout (README "Preparing data"), shared by the converters and the synthetic set."""
     return {
         "format": MANIFEST_FORMAT,
         "hiposeg_version": __version__,

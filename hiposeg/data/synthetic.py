@@ -29,7 +29,7 @@ Design (`hierarchies/synthetic.json`: 15 parts -> 5 objects)
 * **Determinism**: image i of split s is rendered from `numpy.random.default_rng([seed, s, i])`
   alone, so the files are byte-identical for a seed whatever the worker count.
 
-`generate()` writes a prepared dataset directly (DESIGN §5; real PNG images, manifest source
+`generate()` writes a prepared dataset directly (README "Preparing data"; real PNG images, manifest source
 "synthetic") into a temp folder renamed into place at the end, so an interrupted run leaves no
 half-made dataset. 500 train / 100 val images of 128x128 take a few seconds on 2 cores.
 """
