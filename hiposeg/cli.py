@@ -298,8 +298,9 @@ def eval_cmd(
 
         h_data, _ = open_prepared(Path(data_root), split)
         if h_data.sha256 != loaded.hierarchy.sha256:
-            raise UserError(f"{model} was trained with hierarchy {loaded.hierarchy.name!r}, but {data_root} uses "
-                            f"{h_data.name!r} (different class tree)",
+            raise UserError(f"{model} was trained with hierarchy {loaded.hierarchy.name!r} (sha256 "
+                            f"{loaded.hierarchy.sha256[:12]}), but {data_root} uses {h_data.name!r} "
+                            f"({h_data.sha256[:12]}): a different class tree",
                             hint="Evaluate on data prepared with the model's hierarchy.")
         rep = evaluate(loaded.module.to(dev), Path(data_root), split, DistEnv(device=dev), mode=mode,
                        crop=loaded.crop, amp=amp, mean=loaded.mean, std=loaded.std, workers=workers, save_predictions=save_predictions, progress=True)

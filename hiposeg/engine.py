@@ -128,8 +128,8 @@ def ensure_prepared(cfg: TrainConfig) -> None:
             print(f"hiposeg: no prepared synthetic set at {root}; generating the built-in one now "
                   f"(same as `hiposeg prepare synthetic --out {root}`)", flush=True)
         generate(root)
-    open_prepared(root, cfg.data.train_split)
-    open_prepared(root, cfg.data.val_split)
+    open_prepared(root, cfg.data.train_split, cfg.data.dataset)
+    open_prepared(root, cfg.data.val_split, cfg.data.dataset)
 
 
 def guard_run_dir(out: Path, resume: Path | None) -> None:

@@ -89,6 +89,9 @@ def test_end_to_end_train_checkpoint_eval_report(tiny_data, tmp_path):
     assert cfg["optim"]["iters"] == 8 and cfg["model"]["backbone"] == "resnet18"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if "loss" in r] == [2, 4, 6, 8]
+    # lr is the poly lr of the row's last step (iteration - 1); the phase is that step's phase
+    assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([0.01 * (1 - i / 8) ** 0.9 for i in (1, 3, 5, 7)])
+    assert [r["phase"] for r in rows if "loss" in r] == ["2-high", "4-align", "4-align", "4-align"]  # 1 in [0.6, 1.8); 3, 5, 7 >= 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     assert rows[-1]["eval"]["fine"] == pytest.approx(rep["levels"]["fine"]["mIoU"])
     # the sequential schedule switched the terms on (T=8: coarse from 0.6, fine from 1.8, align from 3)
@@ -153,6 +156,16 @@ def test_two_process_gloo_run_keeps_ranks_identical(tiny_data, tmp_path):
     assert status["state"] == "finished" and status["iteration"] == 4
     assert len(status["rank_digests"]) == 2 and status["rank_digests"][0] == status["rank_digests"][1]
     assert result.report is not None and result.report["images"] == 4
+    # the ranks scored disjoint halves of the split; their summed confusion matrices must equal a
+    # single-process evaluation of the saved model (dropping the all-reduce would halve the pixels)
+    r = runner.invoke(app, ["eval", str(out / "checkpoints" / "last.pt"), "--device", "cpu", "--workers", "0",
+                            "--mode", "whole", "--report", str(tmp_path / "single.json")])
+    assert r.exit_code == 0, r.output
+    single = json.loads((tmp_path / "single.json").read_text())
+    for level in ("fine", "coarse"):
+        a, b = result.report["levels"][level], single["levels"][level]
+        assert a["pixels"] == b["pixels"] == 4 * 64 * 64, level
+        assert a["IoU"] == pytest.approx(b["IoU"], abs=1e-9) and a["mIoU"] == pytest.approx(b["mIoU"], abs=1e-9)
 
 
 @pytest.mark.slow
@@ -224,15 +237,91 @@ def test_existing_run_needs_resume_and_resume_rejects_changed_settings(tiny_data
     assert r.exit_code == 0, r.output
 
 
+def test_bf16_autocast_and_channels_last_train_on_the_cpu(tiny_data, tmp_path):
+    """`--amp bf16 --channels-last`: the same loop under autocast; every term finite, a report, and
+    a checkpoint that resumes (the GradScaler is disabled for bf16 and round-trips as such)."""
+    out = tmp_path / "amp"
+    result = fit(tiny_cfg(tiny_data, out, amp="bf16", channels_last=True))
+    assert result.iterations == 8 and result.report is not None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert steps and all(torch.isfinite(torch.tensor(v)) for r in steps for k, v in r.items()
+                         if k in ("loss", "ce", "fh", "hh", "fl", "ll", "align"))
+    assert {"fh", "hh", "fl", "ll", "align"} <= set(steps[-1])
+    ck = load_plain(out / "checkpoints" / "last.pt")
+    assert ck["config"]["run"]["amp"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in ck["memory"].values() if v.is_floating_point())
+
+
+def test_periodic_evaluation_keeps_the_best_fine_miou(tiny_data, tmp_path, monkeypatch):
+    """--eval-every 2 over 8 iterations: evaluations at 2, 4, 6 and the final one at 8; best.pt is the
+    evaluation with the highest fine mIoU (forced here to 10, 30, 20, 25), last.pt the end."""
+    import hiposeg.engine as engine
+
+    forced = {2: 10.0, 4: 30.0, 6: 20.0, 8: 25.0}
+    real = engine.evaluate
+
+    def scripted(*args, iteration=None, **kw):
+        report = real(*args, iteration=iteration, **kw)
+        report["levels"]["fine"]["mIoU"] = forced[iteration]
+        return report
+
+    monkeypatch.setattr(engine, "evaluate", scripted)
+    out = tmp_path / "evals"
+    fit(tiny_cfg(tiny_data, out, eval_every=2))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["eval"]["fine"]) for r in rows if "eval" in r] == sorted(forced.items())
+    best, last = load_plain(out / "checkpoints" / "best.pt"), load_plain(out / "checkpoints" / "last.pt")
+    assert best["iteration"] == 4 and last["iteration"] == 8
+    assert last["best"] == {"metric": "fine_mIoU", "value": 30.0, "iteration": 4}
+    assert json.loads((out / "report.json").read_text())["levels"]["fine"]["mIoU"] == 25.0
+    # best.pt holds the weights of iteration 4, not those of the end
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+
+
+@pytest.mark.parametrize("dataset,crop,batch,iters", [
+    ("cityscapes", (512, 1024), 8, 80_000), ("mapillary", (512, 1024), 8, 80_000),
+    ("ade20k", (512, 512), 16, 60_000), ("pascal-part", (512, 512), 16, 60_000),
+])
+def test_dataset_recipes_are_the_papers(dataset, crop, batch, iters):
+    """Paper Sec. 4.1: DeepLabV3+ R-101 at output stride 8, SGD lr 0.01, momentum 0.9, wd 1e-4, poly 0.9."""
+    cfg = build_config({"data": {"dataset": dataset}})
+    assert (cfg.data.crop, cfg.optim.batch_size, cfg.optim.iters) == (crop, batch, iters)
+    assert (cfg.model.backbone, cfg.model.output_stride) == ("resnet101", 8)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.poly_power) == (0.01, 0.9, 1e-4, 0.9)
+    assert cfg.loss.schedule == "sequential" and cfg.loss.terms == ["ce", "fh", "hh", "fl", "ll", "align"]
+    assert cfg.resolved_out() == Path("runs") / f"{dataset}-resnet101"
+
+
+def test_default_train_says_it_uses_the_built_in_set(tmp_path, monkeypatch):
+    """`hiposeg train` with no dataset: says it trains the built-in synthetic set, generates it, trains."""
+    import hiposeg.data.synthetic as synthetic
+
+    real = synthetic.generate
+    monkeypatch.setattr(synthetic, "generate", lambda root, **kw: real(root, train=4, val=2, size=64, seed=0, workers=1))
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["train", "--iters", "2", "--batch-size", "2", "--crop", "64x64", "--workers", "0",
+                            "--device", "cpu", "--set", "model.embed_dim=16"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "dataset synthetic (the built-in default: no dataset given)" in text
+    assert "generating the built-in one" in text
+    assert (tmp_path / "runs" / "synthetic-resnet18" / "report.json").exists()
+
+
 # ------------------------------------------------------------------------------------------
 # Bad input: each message says what is wrong and what to do, exit code 2, no traceback
 # ------------------------------------------------------------------------------------------
 
 
 def test_missing_prepared_data_names_the_prepare_command(tmp_path):
-    r = runner.invoke(app, ["train", "--dataset", "cityscapes", "--data", str(tmp_path / "nope"), "--quiet"])
+    """The recipe name decides the command, whatever the folder is called."""
+    r = runner.invoke(app, ["train", "--dataset", "ade20k", "--data", str(tmp_path / "nope"), "--quiet"])
     assert r.exit_code == 2, r.output
-    assert "hiposeg prepare" in r.output and "Traceback" not in r.output
+    assert f"hiposeg prepare ade20k RAW --out {tmp_path / 'nope'}" in " ".join(r.output.split()), r.output
+    assert "Traceback" not in r.output
+    r = runner.invoke(app, ["train", "--data", str(tmp_path / "cityscapes"), "--quiet"])  # custom: by folder name
+    assert r.exit_code == 2 and "hiposeg prepare cityscapes RAW" in " ".join(r.output.split()), r.output
 
 
 @pytest.mark.parametrize("setting,field", [
@@ -267,11 +356,20 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tiny_data, tmp_path):
     h = json.loads((other / "hierarchy.json").read_text())
     h["levels"][0]["classes"][0]["name"] += "-renamed"
     (other / "hierarchy.json").write_text(json.dumps(h))
+    from hiposeg.hierarchy import Hierarchy
+
+    manifest = json.loads((other / "manifest.json").read_text())  # a consistent dataset of another hierarchy
+    manifest["hierarchy"]["sha256"] = Hierarchy.from_file(other / "hierarchy.json").sha256
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    ours, theirs = (Hierarchy.from_file(d / "hierarchy.json").sha256[:12] for d in (tiny_data, other))
+    assert ours != theirs  # same name 'synthetic': only the digests tell them apart
     r = runner.invoke(app, ["eval", str(out), "--data", str(other), "--device", "cpu", "--workers", "0"])
     assert r.exit_code == 2 and "hierarchy" in r.output, r.output
+    assert ours in r.output and theirs in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["train", "--resume", str(out / "checkpoints" / "last.pt"), "--data", str(other),
                             "--quiet", "--device", "cpu"])
     assert r.exit_code == 2 and "hierarchy" in r.output, r.output
+    assert ours in r.output and theirs in r.output
     # truncated file
     bad = tmp_path / "bad.pt"
     data = (out / "checkpoints" / "last.pt").read_bytes()

@@ -232,6 +232,23 @@ def test_memory_round_trips_through_a_weights_only_checkpoint():
     assert torch.equal(fresh.fine_memory.protos, crit.fine_memory.protos) and fresh.fine_memory.protos.dtype == torch.float32
 
 
+def test_branch_computes_in_fp32_under_autocast():
+    """Under bf16 autocast (what `--amp bf16` does around the model) the criterion must not run its
+    matmuls in bf16: the terms equal an fp32 call on the same (bf16-rounded) inputs exactly. With
+    autocast leaking into the branch, the N x K and K x K matmuls would differ at ~1e-2."""
+    gen = torch.Generator().manual_seed(0)
+    logits, raw, fine = random_batch(gen, B=2, d=16, h=16, w=16)
+    logits_bf, emb_bf = logits.detach().bfloat16(), F.normalize(raw.detach(), dim=1).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_amp, terms_amp = criterion()(logits_bf, emb_bf, fine, 0)
+    loss_ref, terms_ref = criterion()(logits_bf.float(), emb_bf.float(), fine, 0)
+    assert loss_amp.dtype == torch.float32 and terms_amp.keys() == terms_ref.keys()
+    for k in terms_ref:
+        assert terms_amp[k].dtype == torch.float32, k
+        assert torch.equal(terms_amp[k], terms_ref[k]), (k, float(terms_amp[k]), float(terms_ref[k]))
+    assert torch.equal(loss_amp, loss_ref)
+
+
 def test_labels_are_sampled_at_cell_centres():
     t = torch.arange(16).reshape(1, 4, 4)
     assert labels_at(t, (2, 2)).tolist() == [[[5, 7], [13, 15]]]  # rows/cols 1 and 3: the centres of 2x2 cells

@@ -225,3 +225,55 @@ def test_the_toy_hierarchy_itself_is_valid(tmp_path):
     (tmp_path / "toy.json").write_text(json.dumps(toy()))
     r = runner.invoke(app, ["hierarchy", "validate", str(tmp_path / "toy.json")])
     assert r.exit_code == 0, r.output
+
+
+# ---- rules checked when a run starts (devices, run directory, data) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    from hiposeg.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("cfgdata") / "synthetic"
+    generate(root, train=4, val=2, size=64, seed=0, workers=1)
+    return root
+
+
+def run_fails(data: Path, out: Path, *args: str) -> str:
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--iters", "2", "--batch-size", "2",
+                            "--crop", "64x64", "--backbone", "resnet18", "--output-stride", "16", "--workers", "0",
+                            "--quiet", *args])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    return " ".join(r.output.split())
+
+
+def test_fp16_on_the_cpu_names_the_flag_and_the_alternative(small_data, tmp_path):
+    text = run_fails(small_data, tmp_path / "run", "--device", "cpu", "--amp", "fp16")
+    assert "--amp fp16 needs a CUDA GPU" in text and "--amp bf16" in text
+
+
+def test_gpu_requests_without_gpus_name_the_flag_and_the_fix(small_data, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    text = run_fails(small_data, tmp_path / "a", "--device", "cuda")
+    assert "--device cuda was requested but PyTorch sees no CUDA GPU" in text and "--device cpu" in text
+    text = run_fails(small_data, tmp_path / "b", "--gpus", "2")
+    assert "--gpus 2 needs 2 GPUs, but PyTorch sees none" in text and "--device cpu" in text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    text = run_fails(small_data, tmp_path / "c", "--gpus", "4")
+    assert "--gpus 4 needs 4 GPUs, but PyTorch sees 1" in text and "--gpus 1" in text
+
+
+def test_an_empty_training_split_is_named(small_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "emptied"
+    shutil.copytree(small_data, data, symlinks=True)
+    for f in (data / "train" / "fine").iterdir():
+        f.unlink()
+    text = run_fails(data, tmp_path / "run", "--device", "cpu")
+    assert squash(f"{data / 'train' / 'fine'} holds no label maps") in squash(text) and "hiposeg prepare" in text

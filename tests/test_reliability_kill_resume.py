@@ -100,6 +100,8 @@ def test_train_killed_at_random_points_resumes_bit_exact(tiny, reference, tmp_pa
     wait_for(lambda: max(logged_iterations(out, since=mark), default=0) >= k3, proc, log, f"iteration {k3}")
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 130, tail(log)
+    said = "".join(tail(log).split())  # whitespace-free: the console may wrap a long path
+    assert "".join(f"resume with `hiposeg train --resume --out {out}`".split()) in said, tail(log)
     assert not temp_files(ckpt_dir), "a stale temp file survived the resume"
     stopped = json.loads((out / "status.json").read_text())
     assert stopped["state"] == "interrupted" and checkpoint_after_kill(out) == stopped["iteration"] >= k3

@@ -66,8 +66,9 @@ def read_image(path: Path) -> np.ndarray:
 # ---- the prepared folder ---------------------------------------------------------------------
 
 
-def prepare_command(root: Path) -> str:
-    """The command that (re)creates `root`, from its unfinished journal or its folder name."""
+def prepare_command(root: Path, dataset: str | None = None) -> str:
+    """The command that (re)creates `root`, from its unfinished journal, else the recipe's `dataset`
+    name (`train --dataset ade20k --data DIR`), else the folder name."""
     journal = root / JOURNAL_NAME
     if journal.exists():
         try:
@@ -76,7 +77,7 @@ def prepare_command(root: Path) -> str:
             return f"hiposeg prepare {header['source']} {header['raw_root']} --out {root}"
         except (OSError, ValueError, KeyError):
             pass
-    name = BUILTIN_COMMANDS.get(root.name)
+    name = BUILTIN_COMMANDS.get(dataset or "") or BUILTIN_COMMANDS.get(root.name)
     if name == "synthetic":
         return "hiposeg prepare synthetic" + ("" if root == Path("data/synthetic") else f" --out {root}")
     if name is not None:
@@ -84,33 +85,33 @@ def prepare_command(root: Path) -> str:
     return f"hiposeg prepare {{cityscapes,ade20k,mapillary,pascal-part,folder}} RAW --out {root}"
 
 
-def open_prepared(root: Path, split: str | None = None) -> tuple[Hierarchy, dict[str, Any]]:
+def open_prepared(root: Path, split: str | None = None, dataset: str | None = None) -> tuple[Hierarchy, dict[str, Any]]:
     """Load DATA/hierarchy.json and DATA/manifest.json; a UserError naming the `hiposeg prepare`
-    command to run when the folder or the split is missing."""
+    command to run (for `dataset`, the recipe name, when given) when the folder or the split is missing."""
     root = Path(root)
     manifest_path = root / "manifest.json"
     if not manifest_path.exists():
         if (root / JOURNAL_NAME).exists():
             raise UserError(f"preparing {root} did not finish (no manifest.json yet)",
-                            hint=f"Rerun `{prepare_command(root)}` to complete it (finished files are kept).")
-        raise UserError(f"no prepared dataset at {root}: run `{prepare_command(root)}`",
+                            hint=f"Rerun `{prepare_command(root, dataset)}` to complete it (finished files are kept).")
+        raise UserError(f"no prepared dataset at {root}: run `{prepare_command(root, dataset)}`",
                         hint="`hiposeg prepare --help` lists the sources; DATA defaults to data/DATASET.")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{manifest_path} is unreadable ({e})",
-                        hint=f"Prepare the dataset again: `{prepare_command(root)}` with --overwrite.") from None
+                        hint=f"Prepare the dataset again: `{prepare_command(root, dataset)}` with --overwrite.") from None
     hierarchy = Hierarchy.from_file(root / "hierarchy.json")
     if manifest.get("hierarchy", {}).get("sha256") not in (None, hierarchy.sha256):
         raise UserError(f"{root}/hierarchy.json does not match manifest.json (edited after preparing?)",
-                        hint=f"Prepare the dataset again: `{prepare_command(root)}` with --overwrite.")
+                        hint=f"Prepare the dataset again: `{prepare_command(root, dataset)}` with --overwrite.")
     if split is not None and split not in manifest.get("splits", {}):
         have = ", ".join(manifest.get("splits", {})) or "none"
         missing = split in manifest.get("missing_splits", [])
         why = " (the raw release did not contain it)" if missing else ""
         raise UserError(f"{root} has no split {split!r}{why}; it has: {have}",
                         hint=f"Use one of those splits, or prepare a release that has {split!r}: "
-                             f"`{prepare_command(root)}`.")
+                             f"`{prepare_command(root, dataset)}`.")
     return hierarchy, manifest
 
 
