@@ -106,6 +106,26 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_redone(small, tmp_path):
     assert manifest_body(out) == manifest_body(ref)
 
 
+def test_output_changed_to_other_bytes_of_the_same_size_is_redone(small, tmp_path):
+    """The size matches the journal, the sha256 does not: only that file is converted again."""
+    raw, ref = small
+    out = tmp_path / "out"
+    prepare(Cityscapes(), raw, out, workers=1, quiet=True)
+    altered = sorted((out / "train/coarse").iterdir())[2]
+    original = altered.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    altered.write_bytes(bytes(flipped))
+    others = [p for p in out.rglob("*.png") if not (p.parent.parent.name == "train" and p.name == altered.name)]
+    assert len(others) == 10 * 3 - 3  # every file but the altered item's image, fine and coarse
+    before = {p: (p.lstat().st_ino, p.lstat().st_mtime_ns) for p in others}
+    m = prepare(Cityscapes(), raw, out, workers=1, quiet=True)
+    assert m["_run"]["converted"] == 1 and m["_run"]["reused"] == 9
+    assert altered.read_bytes() == original
+    assert {p: (p.lstat().st_ino, p.lstat().st_mtime_ns) for p in others} == before  # the other items were kept
+    assert outputs(out) == outputs(ref)
+
+
 def test_changed_raw_label_is_prepared_again(tmp_path):
     make_raw(tmp_path / "raw", 3, 1)
     prepare(Cityscapes(), tmp_path / "raw", tmp_path / "out", workers=1, quiet=True)
@@ -212,3 +232,16 @@ def test_manifest_schema(small):
         assert len(split["pixels"]["fine"]) == 19 and len(split["pixels"]["coarse"]) == 7
         assert sum(split["pixels"]["fine"].values()) + split["pixels"]["ignore"] == split["images"] * 32 * 64
         assert sum(split["pixels"]["coarse"].values()) == sum(split["pixels"]["fine"].values())
+
+
+def test_default_workers_follows_the_usable_cpus():
+    """All cores this process may run on (its affinity mask, not the machine's core count)."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    cpus = os.sched_getaffinity(0)
+    assert prep.default_workers() == len(cpus)
+    try:
+        os.sched_setaffinity(0, {min(cpus)})  # this thread pinned to one core
+        assert prep.default_workers() == 1
+    finally:
+        os.sched_setaffinity(0, cpus)

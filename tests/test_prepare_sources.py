@@ -18,6 +18,7 @@ from hiposeg.data.folder import Folder
 from hiposeg.data.mapillary import Mapillary
 from hiposeg.data.pascal_part import PascalPart
 from hiposeg.data.prepare import prepare
+from hiposeg.errors import UserError
 from hiposeg.hierarchy import builtin_dir
 
 # Cityscapes labelIds -> trainIds and trainId -> category (cityscapesScripts labels.py, typed by hand).
@@ -259,17 +260,29 @@ def part_labels(seed: int) -> np.ndarray:
     return blocks(40, 48, list(range(108)) + [255], seed=seed)
 
 
-def test_pascal_part_gmnet_release(tmp_path):
-    raw = tmp_path / "data"
+def gmnet_release(raw: Path, image_dir: str = "RGB") -> dict[str, np.ndarray]:
+    """GMNet-style tree: images, 108-part labels, a 58-part decoy variant, split lists 3 train / 1 val."""
     labels = {}
     for i, voc in enumerate(VOC_IDS):
-        write(raw / "RGB" / f"{voc}.jpg", image(40, 48, i))
+        write(raw / image_dir / f"{voc}.jpg", image(40, 48, i))
         labels[voc] = part_labels(i)
         write(raw / "label108/gray/all" / f"{voc}.png", labels[voc])
-        write(raw / "label58/gray/all" / f"{voc}.png", (labels[voc] % 58).astype(np.uint8))  # a decoy variant
+        write(raw / "label58/gray/all" / f"{voc}.png", (labels[voc] % 58).astype(np.uint8))
     (raw / "lists").mkdir()
     (raw / "lists/train.txt").write_text("\n".join(VOC_IDS[:3]) + "\n")
     (raw / "lists/val.txt").write_text(VOC_IDS[3] + "\n")
+    return labels
+
+
+def add_colour_visualisations(folder: Path, labels: dict[str, np.ndarray]) -> None:
+    """Colour PNGs named like the labels (what GMNet's label*/color/ folders hold)."""
+    for voc, lab in labels.items():
+        write(folder / f"{voc}.png", np.stack([lab, 255 - lab, lab // 2], axis=-1))
+
+
+def test_pascal_part_gmnet_release(tmp_path):
+    raw = tmp_path / "data"
+    labels = gmnet_release(raw)
     m = prepare(PascalPart(), raw, tmp_path / "out", workers=1, quiet=True)
     _, coarse_of, ignore = json_tables("pascal_part_108")
     assert ignore == {255}
@@ -278,6 +291,37 @@ def test_pascal_part_gmnet_release(tmp_path):
         check_outputs(tmp_path / "out", split, voc, lab, remap(lab, coarse_of))
     assert m["options"]["layout"] == "gmnet" and m["options"]["labels"] == "label108/gray/all"
     assert m["splits"]["train"]["images"] == 3
+
+
+def test_pascal_part_gmnet_colour_label_folders_are_not_images(tmp_path):
+    """label108/color/ (colour PNGs with the VOC-id names) is a visualisation of the labels: the
+    images come from RGB/ even though "108" is in the decoy's path; RGB/ also wins by its name over
+    a colour folder outside the label folders."""
+    raw = tmp_path / "data"
+    labels = gmnet_release(raw)
+    add_colour_visualisations(raw / "label108/color/all", labels)
+    add_colour_visualisations(raw / "label58/color/all", labels)
+    add_colour_visualisations(raw / "colour", labels)
+    m = prepare(PascalPart(), raw, tmp_path / "out", workers=1, quiet=True)
+    assert m["options"]["images"] == "RGB" and m["options"]["labels"] == "label108/gray/all"
+    for voc in VOC_IDS:
+        split = "val" if voc == VOC_IDS[3] else "train"
+        link = tmp_path / "out" / split / "images" / f"{voc}.jpg"
+        assert os.readlink(link) == str((raw / "RGB" / f"{voc}.jpg").resolve())
+
+
+def test_pascal_part_gmnet_image_folder_by_name_or_flag(tmp_path):
+    raw = tmp_path / "data"
+    labels = gmnet_release(raw, image_dir="Immagini_png")  # the images folder of GMNet's own scripts
+    add_colour_visualisations(raw / "label108/color/all", labels)
+    m = prepare(PascalPart(), raw, tmp_path / "out", workers=1, quiet=True)
+    assert m["options"]["images"] == "Immagini_png"  # the only image folder outside label108/
+    add_colour_visualisations(raw / "colour", labels)  # beside the images, named like neither
+    with pytest.raises(UserError, match="several folders under .* hold images: Immagini_png, colour") as e:
+        prepare(PascalPart(), raw, tmp_path / "out2", workers=1, quiet=True)
+    assert "--images DIR" in str(e.value)
+    m = prepare(PascalPart(images=Path("Immagini_png")), raw, tmp_path / "out2", workers=1, quiet=True)
+    assert m["options"]["images"] == "Immagini_png" and m["splits"]["train"]["images"] == 3
 
 
 def test_pascal_part_reorganised_layout(tmp_path):

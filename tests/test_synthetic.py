@@ -4,6 +4,7 @@ parts of different objects share their appearance (the situation HiPoSeg targets
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -131,3 +132,18 @@ def test_cli_prepare_synthetic(tmp_path):
     r = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "other"), "--overwrite", "-q"])
     assert r.exit_code == 2 and "not a prepared dataset" in r.output
     assert (tmp_path / "other/mine.txt").exists()
+
+
+def test_cli_prepare_synthetic_shows_progress_and_summary(tmp_path):
+    """Without -q: a progress bar on stderr ending at all files done, the summary table on stdout."""
+    out = tmp_path / "syn"
+    r = runner.invoke(app, ["prepare", "synthetic", "--out", str(out), "--train", "3", "--val", "2", "--size", "40"])
+    assert r.exit_code == 0, r.output
+    assert re.search(r"synthetic\b.*\b5/5\b", r.stderr), r.stderr
+    table = "".join(r.stdout.split())  # a long tmp path may still wrap
+    assert "preparedsynthetic->" + "".join(str(out).split()) in table, r.stdout
+    assert re.search(r"train\W+3\W+0\W", table) and re.search(r"val\W+2\W+0\W", table), r.stdout
+    assert "datasetready:" in table and (out / "val/fine/synthetic_val_00001.png").is_file()
+    quiet = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "q"), "--train", "3", "--val", "2",
+                                "--size", "40", "-q"])
+    assert quiet.exit_code == 0 and "5/5" not in quiet.stderr

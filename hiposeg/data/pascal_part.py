@@ -6,8 +6,10 @@
     inside the zip are not documented, so the folders are found by content (up to 4 levels below
     RAW): a folder of VOC-id PNGs with one channel holds labels, one of VOC-id JPEGs or colour
     PNGs holds images, a folder with `train.txt`/`val.txt` of VOC ids holds the lists. When several
-    folders qualify (e.g. the 21/58/108 variants side by side) the one with "108" in its path wins;
-    `--images/--labels/--lists DIR` name them explicitly otherwise.
+    label (or list) folders qualify (e.g. the 21/58/108 variants side by side) the one with "108" in
+    its path wins. Colour PNGs inside a label folder tree (`label108/color/`: label visualisations)
+    are not images; of the remaining image folders one named like RGB / JPEGImages / images / img
+    wins. `--images/--labels/--lists DIR` name them explicitly otherwise.
 (b) **Re-organised layout** (mmsegmentation/LogicSeg style):
     `RAW/img_dir/{train,val}/*.jpg` + `RAW/ann108_dir/{train,val}/*.png`.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +32,8 @@ from hiposeg.data.prepare import (
 from hiposeg.errors import UserError
 
 VOC_ID = re.compile(r"^\d{4}_\d{6}$")
+LABEL_TREE = re.compile(r"^(label|ann|gt|ground_?truth)", re.IGNORECASE)  # label108/, Ground_truth_parts/, ...
+IMAGE_DIR_NAMES = {"rgb", "jpegimages", "images", "image", "imgs", "img"}
 SPLITS = ("train", "val")
 MAX_DEPTH = 4
 EXPECTED = ("either (a) the GMNet release: images named by VOC id (e.g. 2008_000045.jpg), single-channel label PNGs "
@@ -83,9 +88,15 @@ class PascalPart(Source):
 
     def _discover_gmnet(self, raw: Path) -> Discovery:
         image_dirs, label_dirs, list_dirs = scan_release(raw)
-        label_dir = self._choose(raw, self.labels, label_dirs, "label PNGs (one channel)", "--labels")
-        image_dir = self._choose(raw, self.images, image_dirs, "images", "--images")
-        lists_dir = self._choose(raw, self.lists, list_dirs, "split lists train.txt/val.txt", "--lists")
+        label_dir = self._choose(raw, self.labels, label_dirs, "label PNGs (one channel)", "--labels", prefer_108)
+        trees = {label_tree(raw, d) for d in [*label_dirs, label_dir]} - {raw}
+        photos = [d for d in image_dirs if not any(d.is_relative_to(t) for t in trees)]
+        what = "images"
+        if image_dirs and not photos:
+            what += (f" (colour PNGs in {', '.join(os.path.relpath(d, raw) for d in image_dirs[:6])} are taken as "
+                     "label visualisations: they sit in a label folder)")
+        image_dir = self._choose(raw, self.images, photos, what, "--images", has_image_dir_name)
+        lists_dir = self._choose(raw, self.lists, list_dirs, "split lists train.txt/val.txt", "--lists", prefer_108)
         images, labels = list_files(image_dir, IMAGE_EXTS), list_files(label_dir, [".png"])
         rel = {k: os.path.relpath(v, raw) for k, v in (("images", image_dir), ("labels", label_dir), ("lists", lists_dir))}
         self._layout = {"layout": "gmnet", **rel}
@@ -106,7 +117,9 @@ class PascalPart(Source):
                                                  f"{s}.* in {image_dir}", split))
         return found
 
-    def _choose(self, raw: Path, given: Path | None, candidates: list[Path], what: str, flag: str) -> Path:
+    def _choose(self, raw: Path, given: Path | None, candidates: list[Path], what: str, flag: str,
+                prefer: Callable[[Path, Path], bool]) -> Path:
+        """The folder named by `flag`, else the only candidate, else the only one `prefer` picks."""
         if given is not None:
             path = given if given.is_absolute() else raw / given
             if not check_dir(path, flag):
@@ -116,12 +129,29 @@ class PascalPart(Source):
             raise UserError(f"no PASCAL-Part-108 release in {raw}: found no folder of {what}. Expected {EXPECTED}; "
                             f"found: {describe_dir(raw)}",
                             hint=f"If the files are there under other names, point at them with {flag} DIR.")
-        preferred = [c for c in candidates if "108" in os.path.relpath(c, raw)] or candidates
+        preferred = [c for c in candidates if prefer(raw, c)] or candidates
         if len(preferred) > 1:
             shown = ", ".join(os.path.relpath(c, raw) for c in preferred[:6])
             raise UserError(f"several folders under {raw} hold {what}: {shown}",
-                            hint=f"Name the 108-part one with {flag} DIR (relative to RAW).")
+                            hint=f"Pick the folder of PASCAL-Part-108 {what} with {flag} DIR (relative to RAW).")
         return preferred[0]
+
+
+def prefer_108(raw: Path, folder: Path) -> bool:
+    """Label and list folders of the 21/58/108 variants sit side by side: take the 108 one."""
+    return "108" in os.path.relpath(folder, raw)
+
+
+def has_image_dir_name(raw: Path, folder: Path) -> bool:
+    return folder.name.lower() in IMAGE_DIR_NAMES
+
+
+def label_tree(raw: Path, label_dir: Path) -> Path:
+    """The outermost folder named like label*/ann*/gt*/ground_truth* that holds `label_dir` (label108/
+    for label108/gray/all), else `label_dir`: colour PNGs in it are label visualisations, not images."""
+    rel = label_dir.relative_to(raw).parts if label_dir.is_relative_to(raw) else ()
+    top = next((i for i, part in enumerate(rel) if LABEL_TREE.match(part)), None)
+    return label_dir if top is None else raw.joinpath(*rel[:top + 1])
 
 
 def scan_release(raw: Path) -> tuple[list[Path], list[Path], list[Path]]:
