@@ -5,7 +5,8 @@ train flags < plain --set) with the configuration's swept fields and the seed la
 the training path is copied here.
 
 The grid
-    Axes, in this order: `--losses` (each repeat one loss-term set; default: the paper's Table 5 rows),
+    Axes, in this order: `--losses` (each repeat one loss-term set; default: the paper's Table 5 rows;
+    the `ce`-only set, the baseline of the Δ columns, is added first when no repeat gives it),
     `--schedule a,b` (Table 12), then each `--set KEY=V1,V2,...` sweep (Tables 10-11) in the order
     given. Configurations are the cartesian product of the axes' values; each `--seeds N` times.
     Names list every axis the user gave (and always the losses), e.g.
@@ -217,8 +218,13 @@ def split_sets(items: Sequence[str]) -> tuple[list[str], list[Axis]]:
 
 
 def build_grid(losses: Sequence[str] | None, schedule: str | None, sweeps: Sequence[Axis]) -> list[Variant]:
-    """The cartesian product of the loss sets, schedules and --set sweeps (in that axis order)."""
+    """The cartesian product of the loss sets, schedules and --set sweeps (in that axis order).
+
+    The `ce`-only set leads the loss axis even when --losses does not name it: it is the baseline
+    every Δ column is measured against, so each schedule/sweep combination gets its own `ce` row."""
     loss_sets = parse_losses(losses) if losses else [list(r) for r in TABLE5_ROWS]
+    if ["ce"] not in loss_sets:
+        loss_sets.insert(0, ["ce"])
     axes = [Axis("losses", "loss.terms", tuple(loss_sets))]
     if schedule is not None:
         values = [s.strip() for s in schedule.split(",") if s.strip()]

@@ -523,8 +523,9 @@ def prepare_synthetic(
 @app.command("ablate")
 def ablate_cmd(
     losses: Annotated[Optional[list[str]], typer.Option(
-        help="A loss-term set, comma-separated (ce is always on); repeat for each configuration. Default: the "
-             "paper's Table 5 rows ce | ce,fh,hh | ce,fl,ll | ce,fh,hh,fl,ll | all.")] = None,
+        help="A loss-term set, comma-separated (ce is always on); repeat for each configuration. If no set is ce "
+             "alone, the ce-only baseline (the reference of the Δ columns) is added first. Default: the paper's "
+             "Table 5 rows ce | ce,fh,hh | ce,fl,ll | ce,fh,hh,fl,ll | all.")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="Schedules to sweep, e.g. sequential,joint (Table 12).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="KEY=V1,V2 sweeps a field (Tables 10-11: --set loss.sigma1=0.1,0.25); KEY=V sets it for every "

@@ -202,13 +202,18 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
         want = reference(x)
         want = want[0] if isinstance(want, tuple) else want
         got = run(x)
-    diff = float((got.float() - want.float()).abs().max())
+    diff = float((got.float() - want.float()).abs().max()) if got.shape == want.shape else float("inf")
     tolerance = TOLERANCE[fmt] * max(1.0, float(want.abs().max()))
-    if got.shape != want.shape or not diff <= tolerance:
+    if not diff <= tolerance:
         out.unlink(missing_ok=True)
-        raise RuntimeError(f"the exported {fmt} model's logits differ from the training model's by {diff:.3g} "
-                           f"(shape {tuple(got.shape)} vs {tuple(want.shape)}; tolerance {tolerance:.3g}); "
-                           f"the file was removed. Please report this as a bug.")
+        what = (f"its logits differ from the training model's by up to {diff:.3g} (tolerance {tolerance:.3g})"
+                if got.shape == want.shape else
+                f"its output shape {tuple(got.shape)} is not the training model's {tuple(want.shape)}")
+        fix = ("Check the disk holding --out and export again" if fmt == "hiposeg" else
+               "Export in the hiposeg format instead (it reloads the training module itself)")
+        versions = "torch and onnxruntime versions" if fmt == "onnx" else "torch version"
+        raise UserError(f"{out} failed the export check and was removed: reloaded, {what}",
+                        hint=f"{fix}; if it persists, please report it with your {versions}.")
     return ExportSummary(out, fmt, diff, tolerance, tuple(check_shape), count_parameters(segmenter),
                          count_parameters(plain), training_parameters, memory_values, out.stat().st_size, checked_with)
 
@@ -268,11 +273,14 @@ def write_onnx(segmenter: nn.Module, meta: dict[str, Any], out: Path) -> None:
 def detect_format(path: Path) -> str:
     """By content: "torch-export" (a zip archive with `archive_format`), "torch" (a torch.save zip, or
     anything else for checkpoint.load to diagnose), or "onnx" (a protobuf ModelProto, whose first
-    byte is the tag of field 1, ir_version: 0x08)."""
+    byte is the tag of field 1, ir_version: 0x08). A damaged file goes by its suffix to the loader
+    whose message fits it."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
         return "torch-export" if any(n.endswith("/archive_format") for n in names) else "torch"
+    if path.suffix.lower() == ".pt2":
+        return "torch-export"
     with open(path, "rb") as f:
         first = f.read(1)
     return "onnx" if first == b"\x08" or path.suffix.lower() == ".onnx" else "torch"
@@ -452,13 +460,16 @@ def _read_onnx_metadata(path: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def _load_onnx(path: Path, device: torch.device) -> tuple[dict[str, Any], nn.Module]:
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UserError(f"running the ONNX model {path} needs the optional package(s) {', '.join(missing)}",
-                        hint=ONNX_HINT + " Or export the run in the hiposeg / torch-export format.")
+    def require(package: str) -> None:
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"running the ONNX model {path} needs the optional package {package}",
+                            hint=ONNX_HINT + " Or export the run in the hiposeg / torch-export format.")
+
+    require("onnx")
+    proto, meta = _read_onnx_metadata(path)  # a damaged file is reported as such, with or without a runtime
+    require("onnxruntime")
     import onnxruntime as ort
 
-    proto, meta = _read_onnx_metadata(path)
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():

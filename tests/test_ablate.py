@@ -47,7 +47,7 @@ def test_default_grid_is_table5_and_axes_combine_as_a_cartesian_product():
     assert rows == [["ce"], ["ce", "fh", "hh"], ["ce", "fl", "ll"], ["ce", "fh", "hh", "fl", "ll"],
                     ["ce", "fh", "hh", "fl", "ll", "align"]]
     _, sweeps = split_sets(["loss.sigma1=0.1,0.25"])
-    grid = build_grid(["fh,hh", "ll,fl"], "sequential,joint", sweeps)
+    grid = build_grid(["ce", "fh,hh", "ll,fl"], "sequential,joint", sweeps)[4:]  # past the 2 x 2 `ce` rows
     assert len(grid) == 2 * 2 * 2
     assert [v.name for v in grid[:3]] == [
         "losses=ce+fh+hh, schedule=sequential, loss.sigma1=0.1",
@@ -56,6 +56,19 @@ def test_default_grid_is_table5_and_axes_combine_as_a_cartesian_product():
     assert grid[-1].values == {"loss.terms": ["ce", "fl", "ll"], "loss.schedule": "joint", "loss.sigma1": 0.25}
     assert grid[-1].overrides() == {"loss": {"terms": ["ce", "fl", "ll"], "schedule": "joint", "sigma1": 0.25}}
     assert grid[-1].slug == "losses=ce+fl+ll__schedule=joint__loss.sigma1=0.25"
+
+
+def test_losses_without_ce_get_the_ce_baseline_for_every_other_setting():
+    _, sweeps = split_sets(["loss.sigma1=0.1,0.25"])
+    grid = build_grid(["fh,hh"], "joint", sweeps)
+    assert [v.name for v in grid] == [
+        "losses=ce, schedule=joint, loss.sigma1=0.1", "losses=ce, schedule=joint, loss.sigma1=0.25",
+        "losses=ce+fh+hh, schedule=joint, loss.sigma1=0.1", "losses=ce+fh+hh, schedule=joint, loss.sigma1=0.25"]
+    assert grid[0].values == {"loss.terms": ["ce"], "loss.schedule": "joint", "loss.sigma1": 0.1}
+    # a `ce` set given anywhere (also as `ce,ce`) is the baseline: not added again, its place kept
+    for given, rows in [(["ce", "fh,hh"], [["ce"], ["ce", "fh", "hh"]]),
+                        (["fh,hh", "ce,ce"], [["ce", "fh", "hh"], ["ce"]])]:
+        assert [v.values["loss.terms"] for v in build_grid(given, None, [])] == rows
 
 
 def test_set_values_sweep_on_commas_except_inside_list_valued_fields():
@@ -117,6 +130,8 @@ def record(terms: list[str], schedule: str = "sequential") -> Record:
                     "ce+fh+hh+fl+ll+align": 84.04}),
     ("ade20k", {"ce": 44.48, "ce+fh+hh": 46.87, "ce+fl+ll": 46.92, "ce+fh+hh+fl+ll": None,
                 "ce+fh+hh+fl+ll+align": 48.99}),
+    ("mapillary_v2", {"ce": 31.65, "ce+fh+hh": 38.85, "ce+fl+ll": 37.21, "ce+fh+hh+fl+ll": None,
+                      "ce+fh+hh+fl+ll+align": 41.42}),
     ("pascal_part_108", {"ce": 46.90, "ce+fh+hh": 47.59, "ce+fl+ll": 47.02, "ce+fh+hh+fl+ll": None,
                          "ce+fh+hh+fl+ll+align": 49.33}),
     ("synthetic", {"ce": None, "ce+fh+hh": None, "ce+fl+ll": None, "ce+fh+hh+fl+ll": None,
@@ -161,34 +176,70 @@ def test_unfinished_runs_are_counted_but_not_averaged(tmp_path):
     assert "| 1/3 (1 diverged) |" in ablate.results_markdown(res)
 
 
-def test_a_diverged_run_is_reported_and_skipped_and_the_grid_goes_on(tiny_data, tmp_path, monkeypatch):
-    """Stand-in for engine.fit that writes what the engine writes: no training needed."""
+def fake_fit_writing(calls: list[str], scores: dict[str, tuple[float, float] | None]):
+    """Stand-in for engine.fit that writes what the engine writes (no training): the (fine, coarse)
+    mIoU of `scores` keyed by the joined loss terms, or a divergence where the score is None."""
     import hiposeg.engine as engine
-
-    calls = []
 
     def fake_fit(cfg, resume=None):
         out = cfg.run.out
         out.mkdir(parents=True, exist_ok=True)
         calls.append(out.parent.name)
-        if cfg.loss.terms == ["ce", "fh", "hh"]:
+        score = scores["+".join(cfg.loss.terms)]
+        if score is None:
             (out / "status.json").write_text(json.dumps({"state": "diverged", "error": "loss became non-finite"}))
             raise engine.TrainingDiverged("the loss became non-finite at iteration 2 (fh=nan)")
-        (out / "report.json").write_text(json.dumps({"levels": {"fine": {"mIoU": 40.0}, "coarse": {"mIoU": 60.0}},
-                                                     "hierarchy": {"name": "synthetic"}}))
+        levels = {"fine": {"mIoU": score[0]}, "coarse": {"mIoU": score[1]}}
+        (out / "report.json").write_text(json.dumps({"levels": levels, "hierarchy": {"name": "synthetic"}}))
         (out / "status.json").write_text(json.dumps({"state": "finished", "iteration": 3}))
         return engine.FitResult(out, None, 3, False)
 
-    monkeypatch.setattr(engine, "fit", fake_fit)
+    return fake_fit
+
+
+def test_a_diverged_run_is_reported_and_skipped_and_the_grid_goes_on(tiny_data, tmp_path, monkeypatch):
+    import hiposeg.engine as engine
+
+    calls: list[str] = []
+    scores = {"ce": (40.0, 60.0), "ce+fh+hh": None, "ce+fl+ll": (40.0, 60.0)}
+    monkeypatch.setattr(engine, "fit", fake_fit_writing(calls, scores))
     args = ablate_args(tiny_data, tmp_path / "abl", "--losses", "fh,hh", "--losses", "fl,ll")
     args.remove("--quiet")
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "diverged" in r.output and calls == ["losses=ce+fh+hh__schedule=joint", "losses=ce+fl+ll__schedule=joint"]
+    assert "diverged" in r.output and calls == ["losses=ce__schedule=joint", "losses=ce+fh+hh__schedule=joint",
+                                                "losses=ce+fl+ll__schedule=joint"]
     rows = json.loads((tmp_path / "abl" / "results.json").read_text())["configs"]
-    assert [(x["finished"], x["diverged"]) for x in rows] == [(0, 1), (1, 0)]
+    assert [(x["finished"], x["diverged"]) for x in rows] == [(1, 0), (0, 1), (1, 0)]
     r = runner.invoke(app, args)  # a rerun does not repeat the diverged run
-    assert r.exit_code == 0 and len(calls) == 2 and "diverged earlier, skipped" in " ".join(r.output.split())
+    assert r.exit_code == 0 and len(calls) == 3 and "diverged earlier, skipped" in " ".join(r.output.split())
+
+
+def test_losses_without_ce_plan_and_train_the_ce_baseline_so_delta_is_filled(tiny_data, tmp_path, monkeypatch):
+    import hiposeg.engine as engine
+
+    out = tmp_path / "abl"
+    r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "fh,hh", "--dry-run"))
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())  # Rich wraps long cells, so the names are checked on the plan below
+    assert "2 configuration(s) x 1 seed(s)" in text and "(2 new)" in text and text.count("train") == 2
+    assert not out.exists()  # a dry run writes nothing
+    plan = ablate.make_plan(None, {"data": {"root": str(tiny_data)}}, [], ["fh,hh"], "joint", 1, None, out)
+    assert [v.name for v in plan.variants] == ["losses=ce, schedule=joint", "losses=ce+fh+hh, schedule=joint"]
+    ce, fh = (ablate.experiment_of(c) for c in plan.configs)
+    assert ce["loss"].pop("terms") == ["ce"] and fh["loss"].pop("terms") == ["ce", "fh", "hh"]
+    assert ce == fh  # otherwise equal settings: the Δ compares the loss terms alone
+
+    calls: list[str] = []
+    monkeypatch.setattr(engine, "fit", fake_fit_writing(calls, {"ce": (40.0, 60.0), "ce+fh+hh": (45.5, 63.0)}))
+    r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "fh,hh"))
+    assert r.exit_code == 0, r.output
+    assert calls == ["losses=ce__schedule=joint", "losses=ce+fh+hh__schedule=joint"]
+    rows = json.loads((out / "results.json").read_text())["configs"]
+    assert [x["config"] for x in rows] == ["losses=ce, schedule=joint", "losses=ce+fh+hh, schedule=joint"]
+    assert rows[1]["ce_reference"] == "losses=ce, schedule=joint"
+    assert rows[1]["delta_vs_ce"] == pytest.approx({"fine": 5.5, "coarse": 3.0})
+    assert "| losses=ce+fh+hh, schedule=joint | 45.50 | 63.00 | +5.50 | +3.00 |" in (out / "results.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,28 @@ def test_export_strips_head_memory_and_training_state(tiny_run, exported):
     assert model["crop"] == [64, 64] and model["arch"]["num_classes"] == 15
 
 
+@pytest.mark.skipif(not HAS_ONNX, reason="the optional onnx extra (onnx, onnxscript) is not installed")
+def test_onnx_export_holds_the_plain_segmenter_weights_only(exported):
+    """The graph's float initializers are a plain DeepLabV3+'s weights. The exporter either folds each
+    eval-mode BatchNorm into the conv before it (its weight, bias, mean and variance become one conv bias
+    per channel) or keeps it (4 values per channel); the projection head and the prototype memory, both
+    32 wide here (embed_dim), add nothing."""
+    import onnx
+
+    proto = onnx.load(str(exported["onnx"]))
+    floats = {t.name: tuple(t.dims) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    plain = DeepLabV3Plus(15, "resnet18", 16)
+    params = sum(p.numel() for p in plain.parameters())
+    bn_channels = sum(m.num_features for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    values = sum(math.prod(dims) for dims in floats.values())
+    assert values in (params - bn_channels, params + 2 * bn_channels), (values, params, bn_channels)
+    for name, p in plain.named_parameters():
+        if p.ndim == 4:  # every conv kernel, under its own name
+            assert floats.get(name) == tuple(p.shape), name
+    assert not any(w in name for name in floats for w in ("projection", "mlp", "proto", "memory"))
+    assert not any(32 in dims for dims in floats.values())
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_round_trips_to_the_trained_logits(tiny_run, exported, fmt):
     """Tolerances relative to max(1, max |logit|) (here the logits are ~1): hiposeg exact (same module,
@@ -208,15 +231,45 @@ def test_export_of_a_corrupt_or_missing_checkpoint_is_a_clear_error(tiny_run, tm
     assert r.exit_code == 2 and "hiposeg, torch-export, onnx" in " ".join(r.output.split())
 
 
-@pytest.mark.parametrize("fmt", ["hiposeg", "torch-export", pytest.param("onnx", marks=pytest.mark.skipif(
-    not HAS_ONNX, reason="the optional onnx extra is not installed"))])
-def test_truncated_exported_models_are_refused_clearly(exported, tmp_path, fmt):
+@pytest.mark.parametrize("fmt,words", [
+    ("hiposeg", "is corrupt or truncated"), ("torch-export", "is not a valid torch.export archive"),
+    pytest.param("onnx", "cannot read ONNX model", marks=pytest.mark.skipif(
+        not HAS_ONNX, reason="the optional onnx extra is not installed"))])
+def test_truncated_exported_models_are_refused_clearly(exported, tmp_path, monkeypatch, fmt, words):
+    """Each format's own damaged-file message; for ONNX with onnxruntime hidden, as telling a damaged file
+    needs only onnx (the file is read before the runtime is looked for)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     data = exported[fmt].read_bytes()
     bad = tmp_path / f"bad{SUFFIX[fmt]}"
     bad.write_bytes(data[: len(data) // 2])
     r = runner.invoke(app, ["predict", str(bad), str(tmp_path), "--out", str(tmp_path / "p"), "--device", "cpu"])
     assert r.exit_code == 2, r.output
-    assert bad.name in " ".join(r.output.split()) and "Traceback" not in r.output
+    text = " ".join(r.output.split())
+    assert bad.name in text and words in text and "onnxruntime" not in text and "Traceback" not in r.output
+
+
+def test_an_export_that_fails_its_check_is_removed_with_a_clear_error(tiny_run, tmp_path, monkeypatch):
+    """The reload that export checks is made to differ (0.5 added to the classifier bias): the exit is 2
+    with the file, the difference and the tolerance (0 for the hiposeg format) named, and no file is left."""
+    import hiposeg.export as export
+
+    _, run = tiny_run
+    real_load = export.load_inference_model
+
+    def perturbed_load(path, *args, **kwargs):
+        loaded = real_load(path, *args, **kwargs)
+        with torch.no_grad():
+            loaded.module.classifier.bias.add_(0.5)
+        return loaded
+
+    monkeypatch.setattr(export, "load_inference_model", perturbed_load)
+    out = tmp_path / "model.pt"
+    r = runner.invoke(app, ["export", str(run), "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert out.name in text and "by up to 0.5 (tolerance 0)" in text and "removed" in text, r.output
+    assert "Traceback" not in r.output and not out.exists()
 
 
 def test_onnx_without_the_extra_names_it(tiny_run, tmp_path, monkeypatch):

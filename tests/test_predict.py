@@ -40,16 +40,22 @@ def model_file(tmp_path_factory) -> tuple[Path, Path]:
     return base / "model.pt", base / "run"
 
 
+INPUT_FILES = {"a": "a.png", "b": "sub/b.png", "c": "c.jpg", "d": "d.png"}
+
+
 @pytest.fixture
 def images(tmp_path) -> dict[str, np.ndarray]:
-    """RGB images of three sizes (one larger than the 64x64 training crop), as PNG and JPEG, one in a subfolder."""
+    """RGB images of three sizes (one larger than the 64x64 training crop), as PNG and JPEG (c.jpg), one in
+    a subfolder (INPUT_FILES). JPEG is lossy, so each image is returned as read back from its file."""
     rng = np.random.default_rng(0)
     sizes = {"a": (64, 64), "b": (64, 64), "c": (40, 72), "d": (96, 130)}
-    imgs = {stem: rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for stem, hw in sizes.items()}
     root = tmp_path / "in"
     (root / "sub").mkdir(parents=True)
-    for stem, img in imgs.items():
-        cv2.imwrite(str(root / ("sub" if stem == "b" else "") / f"{stem}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    imgs = {}
+    for stem, hw in sizes.items():
+        path = root / INPUT_FILES[stem]
+        cv2.imwrite(str(path), cv2.cvtColor(rng.integers(0, 256, (*hw, 3), dtype=np.uint8), cv2.COLOR_RGB2BGR))
+        imgs[stem] = read(path)
     return imgs
 
 
@@ -84,6 +90,7 @@ def test_predict_writes_fine_coarse_and_overlays_with_the_models_values(model_fi
     assert r.exit_code == 0, r.output
     assert "4 image(s)" in r.output
     pi, palette = pi_and_palette(run)
+    assert images["c"].shape == (40, 72, 3)  # c.jpg: its outputs are c.png, at its size, with its values
     for stem, rgb in images.items():
         fine, coarse = read(out / "fine" / f"{stem}.png"), read(out / "coarse" / f"{stem}.png")
         assert fine.shape == coarse.shape == rgb.shape[:2] and fine.dtype == np.uint8
@@ -130,7 +137,7 @@ def test_predict_from_a_torch_export_program_matches_the_hiposeg_file(model_file
         assert runner.invoke(app, ["export", str(run), "--out", str(onnx), "--format", "onnx"]).exit_code == 0
         formats.append((onnx, "c"))
     for path, name in formats:
-        r = runner.invoke(app, ["predict", str(path), str(tmp_path / "in" / "*.png"), "--out", str(tmp_path / name),
+        r = runner.invoke(app, ["predict", str(path), str(tmp_path / "in" / "*.*"), "--out", str(tmp_path / name),
                                 "--device", "cpu", "--workers", "0", "--overlay", "none", "-q"])
         assert r.exit_code == 0, r.output
         assert not (tmp_path / name / "overlay").exists()
