@@ -158,9 +158,14 @@ def test_bad_inputs_are_clear_errors_before_any_output(model_file, tmp_path):
     (tmp_path / "bad" / "cut.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "dup").mkdir()
     cv2.imwrite(str(tmp_path / "dup" / "ok.jpg"), good)
+    (tmp_path / "damaged").mkdir()  # a JPEG with damaged compressed data that OpenCV would decode silently
+    jpg = bytearray(cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))[1])
+    jpg[len(jpg) // 3: 2 * len(jpg) // 3] = bytes(len(jpg) // 3)
+    (tmp_path / "damaged" / "photo.jpg").write_bytes(bytes(jpg))
     cases = [([str(tmp_path / "empty")], "holds no image files"), ([str(tmp_path / "missing.png")], "does not exist"),
              ([str(tmp_path / "none" / "*.jpg")], "matches no image files"), ([str(tmp_path / "bad")], "cut.png"),
-             ([str(tmp_path / "bad" / "ok.png"), str(tmp_path / "dup")], "share the name")]
+             ([str(tmp_path / "bad" / "ok.png"), str(tmp_path / "dup")], "share the name"),
+             ([str(tmp_path / "damaged")], "corrupt JPEG image (Corrupt JPEG data")]
     for inputs, words in cases:
         out = tmp_path / "out"
         r = runner.invoke(app, ["predict", str(model), *inputs, "--out", str(out), "--device", "cpu", "--workers", "0"])

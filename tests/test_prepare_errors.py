@@ -119,9 +119,32 @@ def test_unreadable_images(tmp_path):
     jpgs[0].write_bytes(b"")
     data = jpgs[1].read_bytes()
     jpgs[1].write_bytes(data[: len(data) - 40])
-    out = fails_with(("ade20k", raw, "--out", tmp_path / "o"), "2 input files cannot be prepared", jpgs[0],
-                     "empty file (0 bytes)", jpgs[1], "truncated or corrupt JPEG")
+    # damaged compressed data, structure intact (markers, size, end marker): OpenCV decodes it to
+    # grey blocks without an error; it must still be refused
+    noisy = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", noisy)
+    body = bytearray(buf.tobytes())
+    body[len(body) // 3: 2 * len(body) // 3] = bytes(len(body) // 3)
+    jpgs[2].write_bytes(bytes(body))
+    assert cv2.imread(str(jpgs[2])) is not None  # what a header check + cv2 alone would accept
+    out = fails_with(("ade20k", raw, "--out", tmp_path / "o"), "3 input files cannot be prepared", jpgs[0],
+                     "empty file (0 bytes)", jpgs[1], "truncated or corrupt JPEG", jpgs[2],
+                     "corrupt JPEG image (Corrupt JPEG data")
     assert "--skip-bad" in out
+
+
+def test_unusual_but_valid_jpegs_are_accepted(tmp_path):
+    """Strict decoding refuses damaged data only: CMYK, grayscale and progressive JPEGs pass the probe."""
+    from PIL import Image
+
+    from hiposeg.data.prepare import probe_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]]), mode="CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.jpg")
+    Image.fromarray(rgb).save(tmp_path / "progressive.jpg", progressive=True)
+    for name in ("cmyk", "gray", "progressive"):
+        assert probe_image(tmp_path / f"{name}.jpg") == (30, 50), name
 
 
 def test_missing_partner(city, tmp_path):

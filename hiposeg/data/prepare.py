@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 
 import cv2
 import numpy as np
+import simplejpeg
 
 from hiposeg import __version__
 from hiposeg.errors import UserError
@@ -223,8 +224,8 @@ def _jpeg_size(f: Any) -> tuple[int, int] | None:
 
 
 def probe_image(path: Path) -> tuple[int, int]:
-    """(height, width) of an image without decoding its pixels (PNG, JPEG); checks the file is
-    complete (PNG IEND / JPEG EOI). Other formats are decoded by cv2."""
+    """(height, width) of an image from its header (PNG, JPEG); checks the file is complete (PNG
+    IEND / JPEG EOI) and that a JPEG's compressed data is undamaged. Other formats are decoded by cv2."""
     try:
         size = path.stat().st_size
         if size == 0:
@@ -243,6 +244,8 @@ def probe_image(path: Path) -> tuple[int, int]:
                 f.seek(max(0, size - 4096))
                 if hw is None or b"\xff\xd9" not in f.read():
                     raise BadFile(path, "truncated or corrupt JPEG image (no end-of-image marker)")
+                f.seek(0)
+                check_jpeg_data(path, f.read())
                 return hw
     except OSError as e:
         raise unreadable(path, e) from None
@@ -250,6 +253,22 @@ def probe_image(path: Path) -> tuple[int, int]:
     if img is None:
         raise BadFile(path, "unreadable image: OpenCV cannot decode it")
     return img.shape[0], img.shape[1]
+
+
+# libjpeg's warnings for damaged compressed data (jerror.h JWRN_JPEG_EOF, JWRN_*_CORRUPT...). Other
+# warnings (odd but valid files) and unsupported colour conversions (CMYK) are left to OpenCV.
+JPEG_DAMAGE = ("Corrupt JPEG data", "Premature end of JPEG file")
+
+
+def check_jpeg_data(path: Path, data: bytes) -> None:
+    """Entropy-decode the whole JPEG (at 1/8 scale: the Huffman pass is complete, the IDCT mostly
+    skipped). libjpeg repairs damaged data with grey blocks and only *warns*, which OpenCV, Pillow and
+    torchvision pass on as a stderr line at best; simplejpeg's strict mode turns it into an error."""
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, min_factor=8, strict=True)
+    except ValueError as e:
+        if str(e).startswith(JPEG_DAMAGE):
+            raise BadFile(path, f"corrupt JPEG image ({e}): re-extract or re-download it") from None
 
 
 def file_signature(path: Path) -> list[int]:
