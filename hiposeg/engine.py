@@ -325,7 +325,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # tensorboard is an optional extra
+        except ImportError:  # the optional `tensorboard` extra is not installed
             self.tb = None
         self.progress = None
         if self.console.is_terminal and not cfg.run.quiet:

@@ -253,6 +253,27 @@ def test_bf16_autocast_and_channels_last_train_on_the_cpu(tiny_data, tmp_path):
     assert all(v.dtype == torch.float32 for v in ck["memory"].values() if v.is_floating_point())
 
 
+def test_tensorboard_scalars_mirror_metrics_jsonl(tiny_data, tmp_path):
+    """With the `tensorboard` extra (part of `dev`), train/* and val/* scalars are written beside
+    metrics.jsonl, with the same values at the same iterations."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    fit(tiny_cfg(tiny_data, out))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["iter"] for r in steps]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in steps])
+    assert [e.step for e in events.Scalars("train/lr")] == [r["iter"] for r in steps]
+    final = [r for r in rows if "eval" in r][-1]
+    (val,) = events.Scalars("val/mIoU_fine")
+    assert val.step == 8 and val.value == pytest.approx(final["eval"]["fine"])
+
+
 def test_periodic_evaluation_keeps_the_best_fine_miou(tiny_data, tmp_path, monkeypatch):
     """--eval-every 2 over 8 iterations: evaluations at 2, 4, 6 and the final one at 8; best.pt is the
     evaluation with the highest fine mIoU (forced here to 10, 30, 20, 25), last.pt the end."""
