@@ -1,7 +1,8 @@
 """Reliability: real processes killed at random points resume to the same result.
 
-* `hiposeg train` is SIGKILLed at a random iteration, then in the middle of a checkpoint write (a
-  random byte offset), then stopped by SIGTERM at a random iteration; `--resume` finishes with
+* `hiposeg train` is SIGKILLed at three random iterations (each run resuming the previous one), then
+  in the middle of a checkpoint write (a random byte offset), then stopped by SIGTERM at a random
+  iteration; `--resume` finishes with
   weights and prototype memory bit-identical to an uninterrupted run, and after every kill
   `checkpoints/last.pt` is absent or a complete plain-data checkpoint.
 * `hiposeg prepare` is SIGKILLed while a label PNG is half-written: no partial PNG is visible, the
@@ -29,7 +30,7 @@ from faults import (assert_same_state, file_size, kill, load_checkpoint, logged_
 
 pytestmark = pytest.mark.slow
 
-ITERS, CKPT_EVERY = 10, 2
+ITERS, CKPT_EVERY, KILLS = 20, 2, 3
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +68,20 @@ def test_train_killed_at_random_points_resumes_bit_exact(tiny, reference, tmp_pa
     last = ckpt_dir / "last.pt"
     args = train_args(tiny, out, iters=ITERS, ckpt_every=CKPT_EVERY)
 
-    # 1. SIGKILL right after a random iteration (3..5) is logged: the kill lands in the next
-    #    forward/backward or in the checkpoint write that follows an even iteration.
-    k1 = rng.randint(3, 5)
-    proc = start(args, log)
-    wait_for(lambda: max(logged_iterations(out), default=0) >= k1, proc, log, f"iteration {k1}")
-    kill(proc)
-    it1 = checkpoint_after_kill(out)
-    # the checkpoint of iteration 2 was complete before iteration 3 started; a later one may be too
-    assert it1 is not None and it1 % CKPT_EVERY == 0 and 2 <= it1 <= max(logged_iterations(out)), it1
+    # 1. SIGKILL right after a random iteration is logged, KILLS times, each run resuming the last: a
+    #    kill lands in a forward/backward or in the checkpoint write that follows an even iteration.
+    it1, mark = 0, 0
+    for round_ in range(KILLS):
+        k = rng.randint(it1 + 3, it1 + 5)  # past the next checkpoint boundary, so every round progresses
+        proc = start([*args, "--resume"] if round_ else args, log)
+        wait_for(lambda: max(logged_iterations(out, since=mark), default=0) >= k, proc, log, f"iteration {k}")
+        kill(proc)
+        logged = logged_iterations(out, since=mark)
+        assert logged[0] == it1 + 1  # it resumed where the previous checkpoint left off
+        got = checkpoint_after_kill(out)
+        # the checkpoint before iteration it1 + 3 was complete when that iteration started; a later one may be too
+        assert got is not None and got % CKPT_EVERY == 0 and it1 + 2 <= got <= max(logged), (round_, it1, got)
+        it1, mark = got, file_size(out / "metrics.jsonl")
 
     # 2. Resume; SIGKILL while the next last.pt is being written, at a random byte offset.
     ready = tmp_path / "stalled"
