@@ -12,6 +12,7 @@ without a GPU.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,10 +105,29 @@ def _spawn_entry(local_rank: int, world_size: int, port: int, fn: Callable[..., 
 
 
 def spawn(world_size: int, fn: Callable[..., Any], args: tuple = ()) -> None:
-    """Run `fn(*args)` in `world_size` local processes that see torchrun-style variables."""
+    """Run `fn(*args)` in `world_size` local processes that see torchrun-style variables.
+
+    SIGINT/SIGTERM sent to this (parent) process are forwarded to the workers, which checkpoint and
+    exit at the next iteration boundary; the parent waits for them instead of dying first. A
+    scheduler that signals only the main PID (e.g. a container runtime) thus stops a run cleanly;
+    a signal to the whole process group (Ctrl-C, Slurm) reaches the workers twice, which is harmless.
+    """
     port = int(os.environ.get("MASTER_PORT", 0)) or free_port()
-    mp.start_processes(_spawn_entry, args=(world_size, port, fn, args), nprocs=world_size,
-                       join=True, start_method="spawn")
+    context = mp.start_processes(_spawn_entry, args=(world_size, port, fn, args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+
+    def forward(signum: int, frame: Any) -> None:
+        for p in context.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not context.join():
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

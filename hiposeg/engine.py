@@ -23,7 +23,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,14 +76,13 @@ def fit(cfg: TrainConfig, *, resume: Path | None = None) -> FitResult:
         out.mkdir(parents=True, exist_ok=True)
         err_file = out / ".worker-error.json"
         err_file.unlink(missing_ok=True)
-        with _ignore_sigint_in_parent():
-            try:
-                spawn(world, _spawned_worker, (cfg, resume))
-            except Exception as e:  # a worker failed: surface its UserError if it left one
-                if err_file.exists():
-                    info = json.loads(err_file.read_text())
-                    raise UserError(info["message"], hint=info.get("hint")) from None
-                raise RuntimeError(f"a training process failed: {e}") from e
+        try:
+            spawn(world, _spawned_worker, (cfg, resume))  # forwards SIGINT/SIGTERM to the workers
+        except Exception as e:  # a worker failed: surface its UserError if it left one
+            if err_file.exists():
+                info = json.loads(err_file.read_text())
+                raise UserError(info["message"], hint=info.get("hint")) from None
+            raise RuntimeError(f"a training process failed: {e}") from e
         return _result_from_files(out)
     if launched_by_torchrun():
         check_world(int(os.environ["WORLD_SIZE"]), cfg.run.device)
@@ -97,16 +96,6 @@ def _spawned_worker(cfg: TrainConfig, resume: Path | None) -> None:
         if int(os.environ.get("RANK", 0)) == 0:
             atomic_write_json(cfg.resolved_out() / ".worker-error.json", {"message": e.message, "hint": e.hint})
         raise
-
-
-@contextmanager
-def _ignore_sigint_in_parent() -> Iterator[None]:
-    """Ctrl-C reaches every worker (same process group); they checkpoint and exit themselves."""
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 def _result_from_files(out: Path) -> FitResult:

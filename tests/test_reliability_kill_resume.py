@@ -125,6 +125,28 @@ def test_train_killed_at_random_points_resumes_bit_exact(tiny, reference, tmp_pa
     assert not temp_files(ckpt_dir)
 
 
+def test_sigterm_to_the_parent_of_a_multi_process_run_stops_every_worker_cleanly(tiny, tmp_path):
+    """`--gpus 2 --device cpu`: SIGTERM to the launching process only (what a container runtime sends
+    to PID 1) is forwarded to both workers; they agree on the iteration, checkpoint once and the
+    command exits 130 with the resume line; `--resume` then finishes with identical ranks."""
+    out, log = tmp_path / "ddp", tmp_path / "log.txt"
+    args = train_args(tiny, out, "--batch-size", "4", "--gpus", "2", iters=12, ckpt_every=100)  # 2 per rank
+    k = random.Random(11).randint(3, 6)
+    proc = start(args, log)
+    wait_for(lambda: max(logged_iterations(out), default=0) >= k, proc, log, f"iteration {k}")
+    os.kill(proc.pid, signal.SIGTERM)  # the parent alone, not the process group
+    assert proc.wait(timeout=120) == 130, tail(log)
+    said = "".join(tail(log).split())
+    assert "".join(f"resume with `hiposeg train --resume --out {out}`".split()) in said, tail(log)
+    stopped = json.loads((out / "status.json").read_text())
+    assert stopped["state"] == "interrupted" and k <= stopped["iteration"] < 12
+    assert checkpoint_after_kill(out) == stopped["iteration"]  # written at the stop, not by --ckpt-every
+    assert run([*args, "--resume"], log) == 0, tail(log)
+    done = json.loads((out / "status.json").read_text())
+    assert done["state"] == "finished" and done["iteration"] == 12
+    assert len(done["rank_digests"]) == 2 and done["rank_digests"][0] == done["rank_digests"][1]
+
+
 def test_prepare_killed_mid_png_write_redoes_only_unrecorded_files(tmp_path):
     from test_prepare_resume import make_raw, manifest_body, outputs
 
