@@ -150,8 +150,9 @@ def train_overrides(**flags: object) -> dict:
 def resolve_train_config(config_file: Optional[Path], flags: dict, sets: list[str],
                          resume: Optional[str]) -> tuple["TrainConfig", Optional[Path]]:  # noqa: F821
     """Build the run's config. On --resume the checkpoint's config is the base: only run.* fields
-    (devices, logging, checkpoint cadence) and where the data lives may change, so a resumed run is
-    the same experiment; the engine then checks the data's hierarchy against the checkpoint's."""
+    (devices, precision, logging, checkpoint cadence; not the seed, which fixes the data stream) and
+    where the data lives may change, so a resumed run is the same experiment; the engine then checks
+    the data's hierarchy against the checkpoint's."""
     from hiposeg import checkpoint
     from hiposeg.config import build_config, deep_update, load_config_file, parse_set, validate_config
 
@@ -181,6 +182,8 @@ def resolve_train_config(config_file: Optional[Path], flags: dict, sets: list[st
     changed = [f"{sec}.{k}" for sec in ("data", "model", "loss", "optim")
                for k, v in getattr(resumed, sec).model_dump(mode="json").items()
                if getattr(saved, sec).model_dump(mode="json")[k] != v and f"{sec}.{k}" not in movable]
+    if resumed.run.seed != saved.run.seed:  # the data order and augmentations are a function of it
+        changed.append("run.seed")
     if changed:
         raise UserError(f"--resume continues the same experiment, but these settings differ from the checkpoint "
                         f"{path}: {', '.join(changed)}",

@@ -230,6 +230,8 @@ def test_existing_run_needs_resume_and_resume_rejects_changed_settings(tiny_data
     assert r.exit_code == 2 and "--resume" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["train", "--resume", "last", "--out", str(out), "--lr", "0.5", "--quiet"])
     assert r.exit_code == 2 and "optim.lr" in r.output
+    r = runner.invoke(app, ["train", "--resume", "last", "--out", str(out), "--seed", "7", "--quiet"])
+    assert r.exit_code == 2 and "run.seed" in r.output  # another seed is another data stream
     r = runner.invoke(app, ["train", "--resume", "last", "--out", str(tmp_path / "nothing"), "--quiet"])
     assert r.exit_code == 2 and "nothing to resume" in r.output
     # a finished run resumed: nothing left to do, finishes immediately with its report
