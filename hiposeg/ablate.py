@@ -221,7 +221,8 @@ def build_grid(losses: Sequence[str] | None, schedule: str | None, sweeps: Seque
     """The cartesian product of the loss sets, schedules and --set sweeps (in that axis order).
 
     The `ce`-only set leads the loss axis even when --losses does not name it: it is the baseline
-    every Δ column is measured against, so each schedule/sweep combination gets its own `ce` row."""
+    every Δ column is measured against. A CE-only run ignores every loss.* field but lambda_ce (no
+    prototypes, no schedule), so its rows drop those axes and are trained once per remaining combination."""
     loss_sets = parse_losses(losses) if losses else [list(r) for r in TABLE5_ROWS]
     if ["ce"] not in loss_sets:
         loss_sets.insert(0, ["ce"])
@@ -234,11 +235,21 @@ def build_grid(losses: Sequence[str] | None, schedule: str | None, sweeps: Seque
                             hint="Example: --schedule sequential,joint (paper Table 12)")
         axes.append(Axis("schedule", "loss.schedule", tuple(values)))
     axes += sweeps
-    variants = []
+    variants, names = [], set()
     for combo in itertools.product(*(a.values for a in axes)):
-        labels = [f"{a.label}={'+'.join(v) if a.field == 'loss.terms' else show(v)}" for a, v in zip(axes, combo)]
-        variants.append(Variant(", ".join(labels), {a.field: v for a, v in zip(axes, combo)}))
+        kept = list(zip(axes, combo))
+        if combo[0] == ["ce"]:
+            kept = [(a, v) for a, v in kept if not ignored_by_ce(a.field)]
+        name = ", ".join(f"{a.label}={'+'.join(v) if a.field == 'loss.terms' else show(v)}" for a, v in kept)
+        if name not in names:
+            names.add(name)
+            variants.append(Variant(name, {a.field: v for a, v in kept}))
     return variants
+
+
+def ignored_by_ce(field: str) -> bool:
+    """Loss fields that cannot change a CE-only run: all of loss.* except the terms and lambda_ce."""
+    return field.startswith("loss.") and field not in ("loss.terms", "loss.lambda_ce")
 
 
 # ==========================================================================================
@@ -530,13 +541,15 @@ NOTES = ("mIoU in %, mean over finished seeds ± sample standard deviation (n �
 
 
 def ce_reference(rec: Record, records: Sequence[Record]) -> Record | None:
-    """The CE-only configuration that differs from `rec` in the loss terms alone."""
-    def without_terms(exp: dict[str, Any]) -> dict[str, Any]:
-        return {**exp, "loss": {k: v for k, v in exp.get("loss", {}).items() if k != "terms"}}
+    """The CE-only configuration with otherwise equal settings, up to the loss fields a CE-only run
+    ignores (`ignored_by_ce`)."""
+    def ce_view(exp: dict[str, Any]) -> dict[str, Any]:
+        loss = exp.get("loss", {})
+        return {**exp, "loss": {k: v for k, v in loss.items() if k != "terms" and not ignored_by_ce(f"loss.{k}")}}
 
-    mine = without_terms(rec.experiment)
+    mine = ce_view(rec.experiment)
     return next((r for r in records if r.experiment.get("loss", {}).get("terms") == ["ce"]
-                 and without_terms(r.experiment) == mine), None)
+                 and ce_view(r.experiment) == mine), None)
 
 
 def _pm(stat: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from hiposeg import __version__, checkpoint
 from hiposeg.config import TrainConfig
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.io import atomic_save, atomic_write_bytes
+from hiposeg.io import TMP_PREFIX, atomic_save, atomic_write_bytes
 
 FORMATS: dict[str, str] = {"hiposeg": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
 METADATA_NAME = "hiposeg.json"  # torch-export extra file / ONNX metadata_props key
@@ -183,19 +184,36 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
     segmenter = build_segmenter_from({**meta, "state_dict": state_dict}, src)
     plain = segmenter_from_arch(meta["arch"])
 
+    # Written and verified under a temporary name beside --out (same suffix, for the loaders), then
+    # renamed: --out only ever holds a verified model, and a previous one survives a failed export.
+    staged = out.with_name(f"{TMP_PREFIX}{out.stem}.{os.getpid()}{out.suffix}")
+    try:
+        summary = _write_and_check(staged, out, fmt, meta, state_dict, segmenter, reference, check_shape)
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
+    return ExportSummary(out, fmt, summary[0], summary[1], tuple(summary[2]), count_parameters(segmenter),
+                         count_parameters(plain), training_parameters, memory_values, out.stat().st_size, summary[3])
+
+
+def _write_and_check(staged: Path, out: Path, fmt: str, meta: dict[str, Any], state_dict: dict[str, Any],
+                     segmenter: nn.Module, reference: nn.Module,
+                     check_shape: tuple[int, int, int, int]) -> tuple[float, float, tuple[int, ...], str]:
+    """Write `staged` in `fmt`, reload it as eval/predict would, compare logits with `reference`.
+    Returns (max difference, tolerance, check shape, what ran the check)."""
     if fmt == "hiposeg":
-        checkpoint.save({**meta, "state_dict": state_dict}, out)
+        checkpoint.save({**meta, "state_dict": state_dict}, staged)
     elif fmt == "torch-export":
-        write_torch_export(segmenter, meta, out)
+        write_torch_export(segmenter, meta, staged)
     else:
-        write_onnx(segmenter, meta, out)
+        write_onnx(segmenter, meta, staged)
 
     checked_with = fmt
     if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
-        run, checked_with = onnx_reference_runner(out), "onnx.reference (onnxruntime is not installed)"
+        run, checked_with = onnx_reference_runner(staged), "onnx.reference (onnxruntime is not installed)"
         check_shape = (1, 3, 65, 81)  # the pure-numpy reference evaluator is slow
     else:
-        run = load_inference_model(out).module
+        run = load_inference_model(staged).module
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*check_shape, generator=g)
     with torch.no_grad():
@@ -205,17 +223,15 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
     diff = float((got.float() - want.float()).abs().max()) if got.shape == want.shape else float("inf")
     tolerance = TOLERANCE[fmt] * max(1.0, float(want.abs().max()))
     if not diff <= tolerance:
-        out.unlink(missing_ok=True)
         what = (f"its logits differ from the training model's by up to {diff:.3g} (tolerance {tolerance:.3g})"
                 if got.shape == want.shape else
                 f"its output shape {tuple(got.shape)} is not the training model's {tuple(want.shape)}")
         fix = ("Check the disk holding --out and export again" if fmt == "hiposeg" else
                "Export in the hiposeg format instead (it reloads the training module itself)")
         versions = "torch and onnxruntime versions" if fmt == "onnx" else "torch version"
-        raise UserError(f"{out} failed the export check and was removed: reloaded, {what}",
+        raise UserError(f"{out} was not written: the exported model failed its check (reloaded, {what})",
                         hint=f"{fix}; if it persists, please report it with your {versions}.")
-    return ExportSummary(out, fmt, diff, tolerance, tuple(check_shape), count_parameters(segmenter),
-                         count_parameters(plain), training_parameters, memory_values, out.stat().st_size, checked_with)
+    return diff, tolerance, tuple(check_shape), checked_with
 
 
 def build_segmenter_from(payload: dict[str, Any], path: Path) -> nn.Module:

@@ -354,10 +354,6 @@ def main(argv: list[str]) -> None:
     hiposeg_main(cli_args)
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
-
-
 class StopAfter:
     """Stands in for `engine.StopSignal`: reports SIGINT once `n` iterations have started, so a test
     interrupts a run at an exact iteration (`monkeypatch.setattr(engine, "StopSignal", lambda: StopAfter(5))`)."""
@@ -375,3 +371,7 @@ class StopAfter:
     def signum(self) -> int | None:
         self.checks += 1
         return signal.SIGINT if self.checks > self.n else None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -47,7 +47,9 @@ def test_default_grid_is_table5_and_axes_combine_as_a_cartesian_product():
     assert rows == [["ce"], ["ce", "fh", "hh"], ["ce", "fl", "ll"], ["ce", "fh", "hh", "fl", "ll"],
                     ["ce", "fh", "hh", "fl", "ll", "align"]]
     _, sweeps = split_sets(["loss.sigma1=0.1,0.25"])
-    grid = build_grid(["ce", "fh,hh", "ll,fl"], "sequential,joint", sweeps)[4:]  # past the 2 x 2 `ce` rows
+    grid = build_grid(["ce", "fh,hh", "ll,fl"], "sequential,joint", sweeps)
+    assert grid[0].name == "losses=ce" and grid[0].values == {"loss.terms": ["ce"]}  # schedule and sigma1 cannot change it
+    grid = grid[1:]
     assert len(grid) == 2 * 2 * 2
     assert [v.name for v in grid[:3]] == [
         "losses=ce+fh+hh, schedule=sequential, loss.sigma1=0.1",
@@ -61,10 +63,14 @@ def test_default_grid_is_table5_and_axes_combine_as_a_cartesian_product():
 def test_losses_without_ce_get_the_ce_baseline_for_every_other_setting():
     _, sweeps = split_sets(["loss.sigma1=0.1,0.25"])
     grid = build_grid(["fh,hh"], "joint", sweeps)
-    assert [v.name for v in grid] == [
-        "losses=ce, schedule=joint, loss.sigma1=0.1", "losses=ce, schedule=joint, loss.sigma1=0.25",
-        "losses=ce+fh+hh, schedule=joint, loss.sigma1=0.1", "losses=ce+fh+hh, schedule=joint, loss.sigma1=0.25"]
-    assert grid[0].values == {"loss.terms": ["ce"], "loss.schedule": "joint", "loss.sigma1": 0.1}
+    assert [v.name for v in grid] == [  # one CE run: the schedule and sigma1 cannot change it
+        "losses=ce", "losses=ce+fh+hh, schedule=joint, loss.sigma1=0.1", "losses=ce+fh+hh, schedule=joint, loss.sigma1=0.25"]
+    assert grid[0].values == {"loss.terms": ["ce"]}
+    # axes that do change a CE run stay on its rows
+    _, sweeps = split_sets(["loss.lambda_ce=0.5,1", "optim.lr=0.01,0.02"])
+    assert [v.name for v in build_grid(["fh,hh"], None, sweeps)][:4] == [
+        "losses=ce, loss.lambda_ce=0.5, optim.lr=0.01", "losses=ce, loss.lambda_ce=0.5, optim.lr=0.02",
+        "losses=ce, loss.lambda_ce=1, optim.lr=0.01", "losses=ce, loss.lambda_ce=1, optim.lr=0.02"]
     # a `ce` set given anywhere (also as `ce,ce`) is the baseline: not added again, its place kept
     for given, rows in [(["ce", "fh,hh"], [["ce"], ["ce", "fh", "hh"]]),
                         (["fh,hh", "ce,ce"], [["ce", "fh", "hh"], ["ce"]])]:
@@ -207,7 +213,7 @@ def test_a_diverged_run_is_reported_and_skipped_and_the_grid_goes_on(tiny_data, 
     args.remove("--quiet")
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "diverged" in r.output and calls == ["losses=ce__schedule=joint", "losses=ce+fh+hh__schedule=joint",
+    assert "diverged" in r.output and calls == ["losses=ce", "losses=ce+fh+hh__schedule=joint",
                                                 "losses=ce+fl+ll__schedule=joint"]
     rows = json.loads((tmp_path / "abl" / "results.json").read_text())["configs"]
     assert [(x["finished"], x["diverged"]) for x in rows] == [(1, 0), (0, 1), (1, 0)]
@@ -225,19 +231,21 @@ def test_losses_without_ce_plan_and_train_the_ce_baseline_so_delta_is_filled(tin
     assert "2 configuration(s) x 1 seed(s)" in text and "(2 new)" in text and text.count("train") == 2
     assert not out.exists()  # a dry run writes nothing
     plan = ablate.make_plan(None, {"data": {"root": str(tiny_data)}}, [], ["fh,hh"], "joint", 1, None, out)
-    assert [v.name for v in plan.variants] == ["losses=ce, schedule=joint", "losses=ce+fh+hh, schedule=joint"]
+    assert [v.name for v in plan.variants] == ["losses=ce", "losses=ce+fh+hh, schedule=joint"]
     ce, fh = (ablate.experiment_of(c) for c in plan.configs)
     assert ce["loss"].pop("terms") == ["ce"] and fh["loss"].pop("terms") == ["ce", "fh", "hh"]
-    assert ce == fh  # otherwise equal settings: the Δ compares the loss terms alone
+    for exp in (ce, fh):  # otherwise equal settings, up to the loss fields a CE run ignores (schedule, ...)
+        exp["loss"] = {k: v for k, v in exp["loss"].items() if not ablate.ignored_by_ce(f"loss.{k}")}
+    assert ce == fh and ce["loss"] == {"lambda_ce": 1.0}
 
     calls: list[str] = []
     monkeypatch.setattr(engine, "fit", fake_fit_writing(calls, {"ce": (40.0, 60.0), "ce+fh+hh": (45.5, 63.0)}))
     r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "fh,hh"))
     assert r.exit_code == 0, r.output
-    assert calls == ["losses=ce__schedule=joint", "losses=ce+fh+hh__schedule=joint"]
+    assert calls == ["losses=ce", "losses=ce+fh+hh__schedule=joint"]
     rows = json.loads((out / "results.json").read_text())["configs"]
-    assert [x["config"] for x in rows] == ["losses=ce, schedule=joint", "losses=ce+fh+hh, schedule=joint"]
-    assert rows[1]["ce_reference"] == "losses=ce, schedule=joint"
+    assert [x["config"] for x in rows] == ["losses=ce", "losses=ce+fh+hh, schedule=joint"]
+    assert rows[1]["ce_reference"] == "losses=ce"
     assert rows[1]["delta_vs_ce"] == pytest.approx({"fine": 5.5, "coarse": 3.0})
     assert "| losses=ce+fh+hh, schedule=joint | 45.50 | 63.00 | +5.50 | +3.00 |" in (out / "results.md").read_text()
 
@@ -245,8 +253,6 @@ def test_losses_without_ce_plan_and_train_the_ce_baseline_so_delta_is_filled(tin
 # ------------------------------------------------------------------------------------------
 # End to end on the synthetic set
 # ------------------------------------------------------------------------------------------
-
-
 
 
 @pytest.mark.slow
@@ -269,7 +275,7 @@ def test_ablate_writes_tables_resumes_interrupted_and_skips_finished(tiny_data, 
     monkeypatch.setattr(engine, "StopSignal", lambda: StopAfter(1))
     r = runner.invoke(app, args)
     assert r.exit_code == 130, r.output
-    first = out / "runs" / "losses=ce__schedule=joint" / "seed-0"
+    first = out / "runs" / "losses=ce" / "seed-0"
     status = json.loads((first / "status.json").read_text())
     assert (status["state"], status["iteration"]) == ("interrupted", 1)
     assert (first / "checkpoints" / "last.pt").exists() and not (first / "report.json").exists()
@@ -279,20 +285,20 @@ def test_ablate_writes_tables_resumes_interrupted_and_skips_finished(tiny_data, 
     # 2. rerun: the interrupted run resumes from its last.pt, the other one starts
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert calls[1] == ("seed-0", "losses=ce__schedule=joint", first / "checkpoints" / "last.pt")
+    assert calls[1] == ("seed-0", "losses=ce", first / "checkpoints" / "last.pt")
     assert calls[2] == ("seed-0", "losses=ce+fh+hh__schedule=joint", None)
     assert json.loads((first / "status.json").read_text())["iteration"] == 3
 
     # the tables hold what the runs' own reports say
     reports = {name: json.loads((out / "runs" / name / "seed-0" / "report.json").read_text())
-               for name in ("losses=ce__schedule=joint", "losses=ce+fh+hh__schedule=joint")}
+               for name in ("losses=ce", "losses=ce+fh+hh__schedule=joint")}
     res = json.loads((out / "results.json").read_text())
-    assert [c["config"] for c in res["configs"]] == ["losses=ce, schedule=joint", "losses=ce+fh+hh, schedule=joint"]
+    assert [c["config"] for c in res["configs"]] == ["losses=ce", "losses=ce+fh+hh, schedule=joint"]
     for c, rep in zip(res["configs"], reports.values()):
         assert c["fine"]["mean"] == pytest.approx(rep["levels"]["fine"]["mIoU"])
         assert c["coarse"]["mean"] == pytest.approx(rep["levels"]["coarse"]["mIoU"])
         assert (c["finished"], c["total"]) == (1, 1)
-    ce_fine = reports["losses=ce__schedule=joint"]["levels"]["fine"]["mIoU"]
+    ce_fine = reports["losses=ce"]["levels"]["fine"]["mIoU"]
     hh_fine = reports["losses=ce+fh+hh__schedule=joint"]["levels"]["fine"]["mIoU"]
     assert res["configs"][1]["delta_vs_ce"]["fine"] == pytest.approx(hh_fine - ce_fine)
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
@@ -327,7 +333,7 @@ def test_seeds_repeat_a_configuration_and_report_mean_and_std(tiny_data, tmp_pat
     out = tmp_path / "seeds"
     r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "ce", "--seeds", "2", "--seed", "5"))
     assert r.exit_code == 0, r.output
-    runs = out / "runs" / "losses=ce__schedule=joint"
+    runs = out / "runs" / "losses=ce"
     assert sorted(p.name for p in runs.iterdir()) == ["seed-5", "seed-6"]
     fine = [json.loads((runs / s / "report.json").read_text())["levels"]["fine"]["mIoU"] for s in ("seed-5", "seed-6")]
     mean = (fine[0] + fine[1]) / 2

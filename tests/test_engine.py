@@ -121,8 +121,6 @@ def test_ce_only_config_builds_no_projection_head(tiny_data, tmp_path):
     assert set(rows[-1]) & {"fh", "hh", "fl", "ll", "align"} == set()
 
 
-
-
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     import hiposeg.engine as engine
 
@@ -240,8 +238,8 @@ def test_existing_run_needs_resume_and_resume_rejects_changed_settings(tiny_data
 
 
 def test_bf16_autocast_and_channels_last_train_on_the_cpu(tiny_data, tmp_path):
-    """`--amp bf16 --channels-last`: the same loop under autocast; every term finite, a report, and
-    a checkpoint that resumes (the GradScaler is disabled for bf16 and round-trips as such)."""
+    """`--amp bf16 --channels-last`: the same loop under autocast; every term finite, all terms
+    switched on, a report, and the prototype memory still float32 in the checkpoint."""
     out = tmp_path / "amp"
     result = fit(tiny_cfg(tiny_data, out, amp="bf16", channels_last=True))
     assert result.iterations == 8 and result.report is not None

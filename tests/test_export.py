@@ -249,12 +249,16 @@ def test_truncated_exported_models_are_refused_clearly(exported, tmp_path, monke
     assert bad.name in text and words in text and "onnxruntime" not in text and "Traceback" not in r.output
 
 
-def test_an_export_that_fails_its_check_is_removed_with_a_clear_error(tiny_run, tmp_path, monkeypatch):
+def test_an_export_that_fails_its_check_is_never_published(tiny_run, tmp_path, monkeypatch):
     """The reload that export checks is made to differ (0.5 added to the classifier bias): the exit is 2
-    with the file, the difference and the tolerance (0 for the hiposeg format) named, and no file is left."""
+    with the file, the difference and the tolerance (0 for the hiposeg format) named; --out is not
+    written (a previous model there is kept byte for byte) and no temporary file is left."""
     import hiposeg.export as export
 
     _, run = tiny_run
+    out = tmp_path / "model.pt"
+    assert runner.invoke(app, ["export", str(run), "--out", str(out)]).exit_code == 0
+    previous = out.read_bytes()
     real_load = export.load_inference_model
 
     def perturbed_load(path, *args, **kwargs):
@@ -264,12 +268,14 @@ def test_an_export_that_fails_its_check_is_removed_with_a_clear_error(tiny_run, 
         return loaded
 
     monkeypatch.setattr(export, "load_inference_model", perturbed_load)
-    out = tmp_path / "model.pt"
     r = runner.invoke(app, ["export", str(run), "--out", str(out)])
     assert r.exit_code == 2, r.output
     text = " ".join(r.output.split())
-    assert out.name in text and "by up to 0.5 (tolerance 0)" in text and "removed" in text, r.output
-    assert "Traceback" not in r.output and not out.exists()
+    assert out.name in text and "by up to 0.5 (tolerance 0)" in text and "was not written" in text, r.output
+    assert "Traceback" not in r.output and out.read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "new.pt")])
+    assert r.exit_code == 2 and not (tmp_path / "new.pt").exists()
 
 
 def test_onnx_without_the_extra_names_it(tiny_run, tmp_path, monkeypatch):

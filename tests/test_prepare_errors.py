@@ -143,8 +143,23 @@ def test_unusual_but_valid_jpegs_are_accepted(tmp_path):
     Image.fromarray(np.dstack([rgb, rgb[..., :1]]), mode="CMYK").save(tmp_path / "cmyk.jpg")
     Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.jpg")
     Image.fromarray(rgb).save(tmp_path / "progressive.jpg", progressive=True)
-    for name in ("cmyk", "gray", "progressive"):
+    data = (tmp_path / "gray.jpg").read_bytes()  # a few padding bytes before the end marker: harmless
+    (tmp_path / "padded.jpg").write_bytes(data[:-2] + bytes(10) + data[-2:])
+    for name in ("cmyk", "gray", "progressive", "padded"):
         assert probe_image(tmp_path / f"{name}.jpg") == (30, 50), name
+
+
+def test_jpeg_with_a_broken_huffman_table_is_refused(tmp_path):
+    """simplejpeg cannot open it (no strict verdict) and OpenCV cannot decode it: refused, not
+    left to crash a data loader worker in the middle of training."""
+    from hiposeg.data.prepare import BadFile, probe_image
+
+    data = bytearray(cv2.imencode(".jpg", np.full((32, 32, 3), 90, np.uint8))[1])
+    dht = data.index(b"\xff\xc4")
+    data[dht + 5: dht + 25] = b"\xff" * 20
+    (tmp_path / "dht.jpg").write_bytes(bytes(data))
+    with pytest.raises(BadFile, match="corrupt JPEG image .*OpenCV cannot decode it either"):
+        probe_image(tmp_path / "dht.jpg")
 
 
 def test_missing_partner(city, tmp_path):

@@ -260,11 +260,11 @@ def part_labels(seed: int) -> np.ndarray:
     return blocks(40, 48, list(range(108)) + [255], seed=seed)
 
 
-def gmnet_release(raw: Path, image_dir: str = "RGB") -> dict[str, np.ndarray]:
+def gmnet_release(raw: Path, image_dir: str = "RGB", image_ext: str = ".jpg") -> dict[str, np.ndarray]:
     """GMNet-style tree: images, 108-part labels, a 58-part decoy variant, split lists 3 train / 1 val."""
     labels = {}
     for i, voc in enumerate(VOC_IDS):
-        write(raw / image_dir / f"{voc}.jpg", image(40, 48, i))
+        write(raw / image_dir / f"{voc}{image_ext}", image(40, 48, i))
         labels[voc] = part_labels(i)
         write(raw / "label108/gray/all" / f"{voc}.png", labels[voc])
         write(raw / "label58/gray/all" / f"{voc}.png", (labels[voc] % 58).astype(np.uint8))
@@ -322,6 +322,17 @@ def test_pascal_part_gmnet_image_folder_by_name_or_flag(tmp_path):
     assert "--images DIR" in str(e.value)
     m = prepare(PascalPart(images=Path("Immagini_png")), raw, tmp_path / "out2", workers=1, quiet=True)
     assert m["options"]["images"] == "Immagini_png" and m["splits"]["train"]["images"] == 3
+
+
+def test_pascal_part_gmnet_inside_a_label_named_wrapper(tmp_path):
+    """A wrapper folder whose name starts like a label folder (Labeled_PascalPart/) does not hide the
+    PNG images inside it: only the innermost label-named folder (label108/) holds visualisations."""
+    raw = tmp_path / "data"
+    labels = gmnet_release(raw / "Labeled_PascalPart", image_ext=".png")
+    add_colour_visualisations(raw / "Labeled_PascalPart/label108/color/all", labels)
+    m = prepare(PascalPart(), raw, tmp_path / "out", workers=1, quiet=True)
+    assert m["options"]["images"] == "Labeled_PascalPart/RGB"
+    assert m["options"]["labels"] == "Labeled_PascalPart/label108/gray/all"
 
 
 def test_pascal_part_reorganised_layout(tmp_path):

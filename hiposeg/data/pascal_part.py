@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from hiposeg.data.prepare import (
     IMAGE_EXTS, BadFile, Discovery, Item, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in,
-    png_header,
+    png_header, split_folders,
 )
 from hiposeg.errors import UserError
 
@@ -70,12 +70,8 @@ class PascalPart(Source):
         found = Discovery(items={}, notes=["layout: img_dir/{train,val} + ann108_dir/{train,val}"])
         for split in SPLITS:
             img_dir, ann_dir = raw / "img_dir" / split, raw / "ann108_dir" / split
-            has_i, has_a = check_dir(img_dir, f"img_dir/{split}"), check_dir(ann_dir, f"ann108_dir/{split}")
-            if not has_i and not has_a:
-                found.missing_splits.append(split)
+            if not split_folders(found, split, img_dir, ann_dir, raw, EXPECTED):
                 continue
-            if not has_i or not has_a:
-                raise UserError(f"{img_dir if not has_i else ann_dir} is missing", hint=f"Expected {EXPECTED}.")
             items, orphans = pair_by_stem(split, list_files(img_dir, IMAGE_EXTS), list_files(ann_dir, [".png"]),
                                           partner_in(ann_dir, ".png"), partner_in(img_dir, ".jpg"))
             found.items[split] = items
@@ -90,7 +86,7 @@ class PascalPart(Source):
         image_dirs, label_dirs, list_dirs = scan_release(raw)
         label_dir = self._choose(raw, self.labels, label_dirs, "label PNGs (one channel)", "--labels", prefer_108)
         trees = {label_tree(raw, d) for d in [*label_dirs, label_dir]} - {raw}
-        photos = [d for d in image_dirs if not any(d.is_relative_to(t) for t in trees)]
+        photos = [d for d in image_dirs if not (_holds_png(d) and any(d.is_relative_to(t) for t in trees))]
         what = "images"
         if image_dirs and not photos:
             what += (f" (colour PNGs in {', '.join(os.path.relpath(d, raw) for d in image_dirs[:6])} are taken as "
@@ -147,11 +143,17 @@ def has_image_dir_name(raw: Path, folder: Path) -> bool:
 
 
 def label_tree(raw: Path, label_dir: Path) -> Path:
-    """The outermost folder named like label*/ann*/gt*/ground_truth* that holds `label_dir` (label108/
-    for label108/gray/all), else `label_dir`: colour PNGs in it are label visualisations, not images."""
+    """The innermost folder named like label*/ann*/gt*/ground_truth* that holds `label_dir` (label108/
+    for label108/gray/all, also inside a wrapper such as Labeled_PascalPart/), else `label_dir`:
+    colour PNGs in it are label visualisations, not images."""
     rel = label_dir.relative_to(raw).parts if label_dir.is_relative_to(raw) else ()
-    top = next((i for i, part in enumerate(rel) if LABEL_TREE.match(part)), None)
-    return label_dir if top is None else raw.joinpath(*rel[:top + 1])
+    matches = [i for i, part in enumerate(rel) if LABEL_TREE.match(part)]
+    return raw.joinpath(*rel[:matches[-1] + 1]) if matches else label_dir
+
+
+def _holds_png(folder: Path) -> bool:
+    """Whether a folder's VOC-id images are PNGs (a JPEG folder is never a label visualisation)."""
+    return any(f.endswith(".png") and VOC_ID.match(f[:-4]) for f in os.listdir(folder))
 
 
 def scan_release(raw: Path) -> tuple[list[Path], list[Path], list[Path]]:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import struct
 import threading
@@ -256,19 +257,31 @@ def probe_image(path: Path) -> tuple[int, int]:
 
 
 # libjpeg's warnings for damaged compressed data (jerror.h JWRN_JPEG_EOF, JWRN_*_CORRUPT...). Other
-# warnings (odd but valid files) and unsupported colour conversions (CMYK) are left to OpenCV.
+# warnings (odd but valid files) and unsupported colour conversions (CMYK) go to OpenCV instead.
 JPEG_DAMAGE = ("Corrupt JPEG data", "Premature end of JPEG file")
+# A few padding bytes before the end marker are a harmless encoder quirk (COCO has such files); a
+# decoder that stops hundreds of bytes early has read damaged data as codes.
+JPEG_TRAILING_PADDING = re.compile(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9")
+MAX_PADDING_BYTES = 64
 
 
 def check_jpeg_data(path: Path, data: bytes) -> None:
     """Entropy-decode the whole JPEG (at 1/8 scale: the Huffman pass is complete, the IDCT mostly
     skipped). libjpeg repairs damaged data with grey blocks and only *warns*, which OpenCV, Pillow and
-    torchvision pass on as a stderr line at best; simplejpeg's strict mode turns it into an error."""
+    torchvision pass on as a stderr line at best; simplejpeg's strict mode turns it into an error.
+    Files simplejpeg cannot open (CMYK, unusual subsampling, a broken header) must decode in OpenCV."""
     try:
         simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, min_factor=8, strict=True)
     except ValueError as e:
-        if str(e).startswith(JPEG_DAMAGE):
-            raise BadFile(path, f"corrupt JPEG image ({e}): re-extract or re-download it") from None
+        message = str(e)
+        padding = JPEG_TRAILING_PADDING.match(message)
+        if padding and int(padding.group(1)) <= MAX_PADDING_BYTES:
+            return
+        if message.startswith(JPEG_DAMAGE):
+            raise BadFile(path, f"corrupt JPEG image ({message}): re-extract or re-download it") from None
+        if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
+            raise BadFile(path, f"corrupt JPEG image ({message}; OpenCV cannot decode it either): "
+                                "re-extract or re-download it") from None
 
 
 def file_signature(path: Path) -> list[int]:
