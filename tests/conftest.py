@@ -52,6 +52,16 @@ def palette_png_bytes(indices: np.ndarray, palette: np.ndarray, bit_depth: int =
 
 
 @pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared synthetic set of 12 + 4 images at 64x64 for engine and ablate runs (seconds each)."""
+    from hiposeg.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    generate(root, train=12, val=4, size=64, seed=0, workers=1)
+    return root
+
+
+@pytest.fixture(scope="session")
 def write_palette_png():
     """`write(path, indices, palette, bit_depth=8)` writes a real palette PNG."""
 

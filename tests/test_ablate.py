@@ -20,15 +20,6 @@ from hiposeg.errors import UserError
 runner = CliRunner()
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    from hiposeg.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("ablate-data") / "synthetic"
-    generate(root, train=8, val=2, size=64, seed=0, workers=1)
-    return root
-
-
 def ablate_args(data: Path, out: Path, *extra: str) -> list[str]:
     """Tiny runs as in tests/test_engine.py: resnet18 at 64x64, a few iterations, every term on."""
     return ["ablate", "--data", str(data), "--out", str(out), "--iters", "3", "--batch-size", "2", "--crop", "64x64",

@@ -20,15 +20,6 @@ from hiposeg.engine import IterationSampler, fit, poly_lr
 runner = CliRunner()
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    from hiposeg.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("data") / "synthetic"
-    generate(root, train=12, val=4, size=64, seed=0, workers=1)
-    return root
-
-
 def tiny_cfg(data: Path, out: Path, **run):
     layers = {
         "data": {"dataset": "custom", "root": str(data), "crop": (64, 64), "workers": 0, "scale_range": (0.75, 1.25)},
