@@ -62,6 +62,27 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, run): 2 iterations with every term active from step 0, so the checkpoint holds a
+    projection head and a filled prototype memory that export must leave out (export and predict tests)."""
+    from hiposeg.config import build_config
+    from hiposeg.data.synthetic import generate
+    from hiposeg.engine import fit
+
+    base = tmp_path_factory.mktemp("export")
+    data = base / "synthetic"
+    generate(data, train=8, val=2, size=64, seed=0, workers=1)
+    cfg = build_config({
+        "data": {"dataset": "custom", "root": str(data), "crop": (64, 64), "workers": 0},
+        "model": {"backbone": "resnet18", "output_stride": 16, "embed_dim": 32},
+        "loss": {"schedule": "joint"},
+        "optim": {"iters": 2, "batch_size": 2},
+        "run": {"out": str(base / "run"), "device": "cpu", "quiet": True, "eval_mode": "whole"}})
+    fit(cfg)
+    return data, base / "run"
+
+
+@pytest.fixture(scope="session")
 def write_palette_png():
     """`write(path, indices, palette, bit_depth=8)` writes a real palette PNG."""
 

@@ -16,8 +16,6 @@ import torch
 from typer.testing import CliRunner
 
 from hiposeg.cli import app
-from hiposeg.config import build_config
-from hiposeg.engine import fit
 from hiposeg.export import TOLERANCE, load_inference_model, onnx_reference_runner
 from hiposeg.model import DeepLabV3Plus
 
@@ -27,25 +25,6 @@ HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 FORMATS = ["hiposeg", "torch-export", pytest.param("onnx", marks=pytest.mark.skipif(
     not HAS_ONNX, reason="the optional onnx extra (onnx, onnxscript) is not installed"))]
 SUFFIX = {"hiposeg": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(data, run): 2 iterations with every term active from step 0, so the checkpoint holds a
-    projection head and a filled prototype memory that export must leave out."""
-    from hiposeg.data.synthetic import generate
-
-    base = tmp_path_factory.mktemp("export")
-    data = base / "synthetic"
-    generate(data, train=8, val=2, size=64, seed=0, workers=1)
-    cfg = build_config({
-        "data": {"dataset": "custom", "root": str(data), "crop": (64, 64), "workers": 0},
-        "model": {"backbone": "resnet18", "output_stride": 16, "embed_dim": 32},
-        "loss": {"schedule": "joint"},
-        "optim": {"iters": 2, "batch_size": 2},
-        "run": {"out": str(base / "run"), "device": "cpu", "quiet": True, "eval_mode": "whole"}})
-    fit(cfg)
-    return data, base / "run"
 
 
 @pytest.fixture(scope="session")

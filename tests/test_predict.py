@@ -13,8 +13,6 @@ import torch
 from typer.testing import CliRunner
 
 from hiposeg.cli import app
-from hiposeg.config import build_config
-from hiposeg.engine import fit
 from hiposeg.model import DeepLabV3Plus
 
 runner = CliRunner()
@@ -22,22 +20,13 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
 @pytest.fixture(scope="session")
-def model_file(tmp_path_factory) -> tuple[Path, Path]:
-    """(exported hiposeg-format model, its run directory) of a tiny 2-iteration run."""
-    from hiposeg.data.synthetic import generate
-
-    base = tmp_path_factory.mktemp("predict")
-    data = base / "synthetic"
-    generate(data, train=8, val=2, size=64, seed=0, workers=1)
-    cfg = build_config({
-        "data": {"dataset": "custom", "root": str(data), "crop": (64, 64), "workers": 0},
-        "model": {"backbone": "resnet18", "output_stride": 16, "embed_dim": 32},
-        "optim": {"iters": 2, "batch_size": 2},
-        "run": {"out": str(base / "run"), "device": "cpu", "quiet": True, "eval_mode": "whole"}})
-    fit(cfg)
-    r = runner.invoke(app, ["export", str(base / "run"), "--out", str(base / "model.pt")])
+def model_file(tiny_run, tmp_path_factory) -> tuple[Path, Path]:
+    """(exported hiposeg-format model, its run directory) of the tiny 2-iteration run."""
+    _, run = tiny_run
+    model = tmp_path_factory.mktemp("predict") / "model.pt"
+    r = runner.invoke(app, ["export", str(run), "--out", str(model)])
     assert r.exit_code == 0, r.output
-    return base / "model.pt", base / "run"
+    return model, run
 
 
 INPUT_FILES = {"a": "a.png", "b": "sub/b.png", "c": "c.jpg", "d": "d.png"}
