@@ -86,6 +86,8 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
 
 def resolve(path: str | os.PathLike, prefer: str = "best") -> Path:
     """A checkpoint file, or a run directory (-> its `checkpoints/{prefer}.pt`, else the other one)."""
+    if prefer not in ("best", "last"):
+        raise UserError(f"--checkpoint {prefer!r} is not best or last")
     p = Path(path)
     if p.is_dir():
         order = [prefer, "last" if prefer == "best" else "best"]

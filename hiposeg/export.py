@@ -41,7 +41,7 @@ from hiposeg import __version__, checkpoint
 from hiposeg.config import TrainConfig
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.io import TMP_PREFIX, atomic_save, atomic_write_bytes
+from hiposeg.io import TMP_PREFIX, atomic_write_bytes
 
 FORMATS: dict[str, str] = {"hiposeg": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
 METADATA_NAME = "hiposeg.json"  # torch-export extra file / ONNX metadata_props key
@@ -176,13 +176,12 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
         reference, criterion = training_model(obj)
         training_parameters = count_parameters(reference)
         memory_values = sum(t.numel() for t in criterion.state_dict().values())
-        state_dict = obj["model"]
+        state_dict, segmenter = obj["model"], reference.segmenter  # what export keeps of the training model
     else:
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
-        reference = build_segmenter_from(obj, src)
+        reference = segmenter = build_segmenter_from(obj, src)
         training_parameters, memory_values, state_dict = count_parameters(reference), 0, obj["state_dict"]
-    segmenter = build_segmenter_from({**meta, "state_dict": state_dict}, src)
-    plain = segmenter_from_arch(meta["arch"])
+    plain = segmenter_from_arch(meta["arch"])  # a freshly built DeepLabV3+, for the parameter comparison
 
     # Written and verified under a temporary name beside --out (same suffix, for the loaders), then
     # renamed: --out only ever holds a verified model, and a previous one survives a failed export.
@@ -190,6 +189,12 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
     try:
         summary = _write_and_check(staged, out, fmt, meta, state_dict, segmenter, reference, check_shape)
         os.replace(staged, out)
+    except (OSError, RuntimeError) as e:
+        cause = checkpoint.write_error(e)  # e.g. ENOSPC, also when torch's zip writer wraps it
+        if cause is None:
+            raise
+        raise UserError(f"could not write {out}: {cause.strerror or cause}",
+                        hint="Free disk space or choose another --out; nothing was written there.") from None
     finally:
         staged.unlink(missing_ok=True)
     return ExportSummary(out, fmt, summary[0], summary[1], tuple(summary[2]), count_parameters(segmenter),
@@ -258,7 +263,11 @@ def write_torch_export(segmenter: nn.Module, meta: dict[str, Any], out: Path) ->
     program = torch.export.export(segmenter.eval(), (example,), dynamic_shapes=dynamic)
     meta = {**meta, "container": "torch-export", "input": {**meta["input"], "max_side": MAX_SIDE,
                                                             "max_batch": MAX_BATCH}}
-    atomic_save(out, lambda f: torch.export.save(program, f, extra_files={METADATA_NAME: json.dumps(meta)}))
+    # Serialised in memory, then written: torch.export.save's zip writer, handed a file whose write
+    # fails (a full disk), leaves a writer whose destructor aborts the interpreter at exit.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={METADATA_NAME: json.dumps(meta)})
+    atomic_write_bytes(out, buffer.getvalue())
 
 
 def require_onnx_export() -> None:
@@ -404,8 +413,6 @@ def check_program_archive(path: Path) -> None:
 @contextlib.contextmanager
 def _weights_only_loads():
     """Force every `torch.load` inside (including torch.export's own fallbacks) to weights_only=True."""
-    import os
-
     old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hiposeg.data.prepare import IMAGE_EXTS, encode_png
 from hiposeg.errors import UserError
 from hiposeg.export import InferenceModel
 from hiposeg.inference import Mode, predict_logits
 from hiposeg.io import atomic_write_bytes
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (*IMAGE_EXTS, ".ppm", ".pgm")
 OVERLAYS = ("fine", "coarse", "both", "none")
 _GLOB_CHARS = set("*?[")
 
@@ -152,12 +153,7 @@ def blend(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float
 
 def write_png(path: Path, array: np.ndarray) -> None:
     """Atomic PNG write; `array` is a 2-D label map or (H, W, 3) RGB."""
-    if array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", array)
-    if not ok:  # pragma: no cover - cv2 encodes any uint8/uint16 array
-        raise RuntimeError(f"cv2 could not encode {array.dtype} {array.shape} as PNG")
-    atomic_write_bytes(path, buf.tobytes())
+    atomic_write_bytes(path, encode_png(cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array))
 
 
 @dataclass
@@ -185,7 +181,7 @@ def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, m
     batches = size_batches(sizes, batch_size)
     device = device or torch.device("cpu")
     h = model.hierarchy
-    pi = torch.as_tensor(h.fine_to_coarse, dtype=torch.int64, device=device)
+    pi = np.asarray(h.fine_to_coarse).astype(h.label_dtype)
     palettes = {"fine": h.colors(h.fine_level), "coarse": h.colors(h.coarse_level)}
     overlays = {"fine": ["fine"], "coarse": ["coarse"], "both": ["fine", "coarse"], "none": []}[overlay]
     dirs = {"fine": out / "fine", "coarse": out / "coarse", "overlay-fine": out / "overlay",
@@ -198,11 +194,11 @@ def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, m
         for batch in loader:
             images = batch["image"].to(device)
             logits = predict_logits(module, images, h.num_fine, mode=mode, crop=model.crop)
-            fine = logits.argmax(1)
+            fine = logits.argmax(1).cpu().numpy().astype(h.label_dtype)  # one device->host copy per batch
             levels = {"fine": fine, "coarse": pi[fine]}
             for j, i in enumerate(batch["index"]):
                 stem = paths[i].stem
-                maps = {k: v[j].cpu().numpy().astype(h.label_dtype) for k, v in levels.items()}
+                maps = {k: v[j] for k, v in levels.items()}
                 write_png(dirs["fine"] / f"{stem}.png", maps["fine"])
                 write_png(dirs["coarse"] / f"{stem}.png", maps["coarse"])
                 for level in overlays:

@@ -155,6 +155,9 @@ def test_bad_inputs_are_clear_errors_before_any_output(model_file, tmp_path):
              ([str(tmp_path / "none" / "*.jpg")], "matches no image files"), ([str(tmp_path / "bad")], "cut.png"),
              ([str(tmp_path / "bad" / "ok.png"), str(tmp_path / "dup")], "share the name"),
              ([str(tmp_path / "damaged")], "corrupt JPEG image (Corrupt JPEG data")]
+    r = runner.invoke(app, ["predict", str(model_file[1]), str(tmp_path / "bad" / "ok.png"), "--checkpoint", "bset",
+                            "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert r.exit_code == 2 and "--checkpoint 'bset' is not best or last" in r.output  # not a silent last.pt
     for inputs, words in cases:
         out = tmp_path / "out"
         r = runner.invoke(app, ["predict", str(model), *inputs, "--out", str(out), "--device", "cpu", "--workers", "0"])

@@ -125,3 +125,18 @@ def test_full_disk_while_logging_metrics_is_one_clear_error(tiny, tmp_path, monk
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert "no space left on the device while writing" in r.output and str(out) in squash(r.output)
     assert squash(f"hiposeg train --resume --out {out}") in squash(r.output)
+
+
+def test_full_disk_during_an_export_is_one_clear_error_and_publishes_nothing(tiny_run, tmp_path, monkeypatch):
+    """torch.export's zip writer meets ENOSPC: exit 2 naming --out and the cause, no traceback, no file
+    at --out and no temporary file beside it."""
+    _, run = tiny_run
+    out = tmp_path / "model.pt2"
+    seen = install_full_disk(monkeypatch, "*model*.pt2", budget=1 << 20)
+    r = runner.invoke(app, ["export", str(run), "--out", str(out), "--format", "torch-export"])
+    monkeypatch.undo()
+    assert seen["failed"] >= 1, "the full-disk fault was never reached"
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    assert squash(f"could not write {out}: No space left on device") in squash(r.output), r.output
+    assert list(tmp_path.iterdir()) == []

@@ -53,9 +53,11 @@ def write_label(path: Path, labels: np.ndarray) -> None:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3)."""
+    """RGB uint8 (H, W, 3) in stored pixel order: EXIF orientation is not applied, because label maps
+    (and the sizes `prepare` read from the headers) are in that order too."""
     # a missing file (e.g. a link whose raw file moved) is reported here, without OpenCV's warning
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB) if os.path.exists(path) else None
+    flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imread(str(path), flags) if os.path.exists(path) else None
     if img is None:
         target = f" (a link to {os.readlink(path)}: was the raw release moved?)" if os.path.islink(path) else ""
         raise UserError(f"cannot read image {path}{target}",
