@@ -1,0 +1,104 @@
+"""One owner per output directory: a run directory or a prepared dataset is written by one hiposeg
+process (group) at a time.
+
+The lock is an exclusive `flock` on `DIR/.hiposeg.lock`, held by an open file for as long as the
+owner lives. The kernel drops it when the owner exits or is killed, so a lock left by a killed run is
+recognised as stale by construction: the next process simply gets it. The file itself stays (removing
+it would let a third process lock a fresh file while a second still holds the old one); it records who
+holds the lock (pid, host, command, start time) for the message the second process shows.
+
+Locks are advisory and local to one machine's kernel (on some network filesystems `flock` is not
+shared between hosts): they stop the accidents of one user on one machine, not a hostile one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hiposeg.errors import UserError
+
+LOCK_NAME = ".hiposeg.lock"
+
+
+class DirectoryLock:
+    """`with DirectoryLock(path, "run directory"):` — or `acquire()` / `release()` by hand."""
+
+    def __init__(self, directory: str | os.PathLike, what: str = "directory") -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self.what = what
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> DirectoryLock:
+        """Take the lock (creating the directory if needed); UserError naming the holder if taken."""
+        if self._fd is not None:
+            return self
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot use {self.what} {self.directory}: {e.strerror or e}",
+                            hint="Choose a folder you can write to.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise UserError(f"cannot lock {self.what} {self.directory}: {e.strerror or e}") from None
+            raise UserError(f"{self.what} {self.directory} is in use by another hiposeg process{describe(holder)}",
+                            hint="Wait for it to finish (or stop it), or choose another output folder.") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]}
+        with contextlib.suppress(OSError):  # the record is for messages only; a full disk must not block
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def describe(holder: dict[str, Any]) -> str:
+    """' (pid 123 on host, started ..., `hiposeg train ...`)' from a lock record, or ''."""
+    parts = []
+    if holder.get("pid"):
+        parts.append(f"pid {holder['pid']}" + (f" on {holder['host']}" if holder.get("host") else ""))
+    if holder.get("started"):
+        parts.append(f"started {holder['started']}")
+    if holder.get("command"):
+        parts.append(f"`{holder['command']}`")
+    return f" ({', '.join(parts)})" if parts else ""
