@@ -282,6 +282,46 @@ def open_target_fd(fd: int) -> str:
 
 
 # ==========================================================================================
+# A read-only (or forbidden) folder: every attempt to create or write a file under it fails
+# ==========================================================================================
+
+
+def install_read_only(monkeypatch, root: Path, err: int = errno.EROFS) -> None:
+    """Files and folders under `root` cannot be created or opened for writing (OSError `err`), like a
+    read-only mount (EROFS) or a folder of another user (EACCES): the tests run as root, for which
+    permission bits stop nothing. Covers `os.open` (temp files, locks), `os.mkdir` (Path.mkdir) and
+    `open` in a writing mode; reading stays possible."""
+    real_os_open, real_mkdir, real_open = os.open, os.mkdir, builtins.open
+    top = os.path.abspath(root)
+
+    def under(path: Any) -> bool:
+        p = os.path.abspath(os.fspath(path))
+        return p == top or p.startswith(top + os.sep)
+
+    def refuse(path: Any) -> OSError:
+        return OSError(err, os.strerror(err), os.fspath(path))
+
+    def os_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if under(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if under(path) and not os.path.isdir(path):
+            raise refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and under(file):
+            raise refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+# ==========================================================================================
 # The wrapper: install a fault in this (child) process, then run the CLI
 # ==========================================================================================
 
