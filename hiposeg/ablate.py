@@ -55,7 +55,7 @@ from rich.text import Text
 from hiposeg import __version__
 from hiposeg.config import LOSS_TERMS, TrainConfig, build_config, load_config_file, normalize_terms, parse_set
 from hiposeg.errors import UserError
-from hiposeg.io import TMP_PREFIX, atomic_write_json, atomic_write_text
+from hiposeg.io import TMP_PREFIX, atomic_write_json, atomic_write_text, file_in_the_way
 from hiposeg.lock import LOCK_NAME, DirectoryLock
 from hiposeg.safeload import load_json
 
@@ -372,7 +372,14 @@ ABLATION_ENTRIES = {"ablation.json", "runs", "results.md", "results.csv", "resul
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """One `hiposeg ablate` per directory at a time (`DirectoryLock`, released by the OS if we die),
-    and only in a new, empty or ablation directory."""
+    and only in a new, empty or ablation directory outside every prepared dataset."""
+    from hiposeg.data.dataset import refuse_prepared_dataset
+
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise UserError(f"ablation directory {out} cannot be created: {blocker} is a file, not a folder",
+                        hint="Choose another --out (a folder, or a new name to create).")
+    refuse_prepared_dataset(out, "ablation directory")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ABLATION_ENTRIES
                      and not p.name.startswith(TMP_PREFIX)) if out.is_dir() else []
     if foreign and not (out / "ablation.json").exists():

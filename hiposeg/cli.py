@@ -322,6 +322,9 @@ def eval_cmd(
         data_root = data or loaded.data_root
         if data_root is None:
             raise UserError(f"{model} does not record its dataset; pass --data DATA")
+        if data is None and not (Path(data_root) / "manifest.json").exists():
+            raise UserError(f"no prepared dataset at {os.path.abspath(data_root)}, the data recorded in {model}",
+                            hint="Pass --data DIR with the folder the prepared dataset is in now.")
         from hiposeg.data.dataset import open_prepared
 
         h_data, _ = open_prepared(Path(data_root), split)

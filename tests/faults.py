@@ -233,17 +233,21 @@ def logical_name(path: str) -> str:
 
 
 def install_full_disk(monkeypatch, pattern: str, budget: int, nth: int = 1,
-                      on_fault: Callable[[], None] | None = None) -> dict[str, int]:
+                      on_fault: Callable[[], None] | None = None, root: Path | None = None) -> dict[str, int]:
     """The disk fills up during the `nth` file opened for writing (by `open` or `os.fdopen`) whose
-    logical name matches `pattern`: its writes fail with ENOSPC after `budget` bytes, and every
-    later matching file fails at once (the disk stays full). `on_fault` runs just before the
-    faulty file is handed out. Returns counters of matching files opened / made to fail."""
+    logical name matches `pattern` (and, with `root`, that lies under `root`: the full disk): its writes
+    fail with ENOSPC after `budget` bytes, and every later matching file fails at once (the disk stays
+    full). `on_fault` runs just before the faulty file is handed out. Returns counters of matching
+    files opened / made to fail."""
     real_open, real_fdopen = builtins.open, os.fdopen
     seen = {"opened": 0, "failed": 0}
+    top = os.path.abspath(root) + os.sep if root is not None else ""
 
     def faulty(path: str, mode: str) -> int | None:
         """The byte budget if this file is one the full disk hits, else None."""
         if not (any(c in mode for c in "wax+") and fnmatch.fnmatch(logical_name(path), pattern)):
+            return None
+        if top and not os.path.abspath(path).startswith(top):
             return None
         seen["opened"] += 1
         if seen["opened"] < nth:

@@ -149,7 +149,8 @@ def test_eval_report_never_replaces_a_file_that_is_not_a_report(tiny_run, data, 
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("err, words", [(errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied")])
+@pytest.mark.parametrize("err, words", [(errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied"),
+                                       (errno.ENOSPC, "No space left on device")])
 def test_unwritable_outputs_are_refused_before_the_work(tiny_run, data, photos, tmp_path, monkeypatch, err, words):
     import hiposeg.engine as engine
     import hiposeg.predict as predict
@@ -162,7 +163,10 @@ def test_unwritable_outputs_are_refused_before_the_work(tiny_run, data, photos, 
     monkeypatch.setattr(engine, "evaluate_predictions", lambda *a, **k: started.append("eval"))
     monkeypatch.setattr(engine, "_train", lambda *a, **k: started.append("train"))
     monkeypatch.setattr(predict, "predict_logits", lambda *a, **k: started.append("predict"))
-    install_read_only(monkeypatch, ro, err)
+    if err == errno.ENOSPC:  # a full disk: new files can be created, but no byte can be written
+        install_full_disk(monkeypatch, "*", budget=0, root=ro)
+    else:
+        install_read_only(monkeypatch, ro, err)
     cases = [
         (eval_args(run, data, "--report", ro / "r.json"), f"cannot write to the folder of --report {ro}: {words}"),
         (eval_args(run, data, "--save-predictions", ro / "p"), f"cannot write to --save-predictions {ro / 'p'}: {words}"),
@@ -174,7 +178,7 @@ def test_unwritable_outputs_are_refused_before_the_work(tiny_run, data, photos, 
     for args, needle in cases:
         fails_with(args, needle)
     monkeypatch.undo()
-    assert started == [] and list(ro.iterdir()) == []
+    assert started == [] and not [p for p in ro.rglob("*") if p.is_file() and p.name != ".hiposeg.lock"]
 
 
 def test_a_report_that_cannot_be_written_after_the_evaluation_still_shows_it(tiny_run, data, tmp_path, monkeypatch):

@@ -144,7 +144,7 @@ def test_train_out_that_is_a_file_a_folder_of_other_files_or_inside_a_dataset_is
     assert not (data / "run").exists()
 
 
-def test_ablate_locks_its_directory_and_refuses_a_folder_of_other_files(tiny, tmp_path):
+def test_ablate_locks_its_directory_and_refuses_a_folder_of_other_files_a_file_or_a_dataset(tiny, tmp_path):
     args = ["ablate", "--losses", "ce", "--data", str(tiny), "--iters", "1", "--batch-size", "2", "--crop", "64x64",
             "--backbone", "resnet18", "--workers", "0", "--device", "cpu", "--quiet"]
     out = tmp_path / "abl"
@@ -161,9 +161,15 @@ def test_ablate_locks_its_directory_and_refuses_a_folder_of_other_files(tiny, tm
     assert r.exit_code == 2 and squash(f"{other} is not an ablation directory: it holds results.txt") \
         in squash(r.output), r.output
     assert sorted(p.name for p in other.iterdir()) == ["results.txt"]
+    r = runner.invoke(app, [*args, "--out", str(other / "results.txt")])
+    assert r.exit_code == 2 and squash(f"{other / 'results.txt'} is a file, not a folder") in squash(r.output)
+    r = runner.invoke(app, [*args, "--out", str(tiny / "ablations")])
+    assert r.exit_code == 2 and squash(f"ablation directory {tiny / 'ablations'} is inside the prepared dataset "
+                                       f"{tiny}") in squash(r.output), r.output
+    assert not (tiny / "ablations").exists()
 
 
-def test_resume_from_another_working_directory_finds_the_data_or_asks_for_data(tiny, tmp_path, monkeypatch):
+def test_resume_and_eval_from_another_working_directory_find_the_data_or_ask_for_data(tiny, tmp_path, monkeypatch):
     import hiposeg.engine as engine
 
     home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
@@ -185,6 +191,9 @@ def test_resume_from_another_working_directory_finds_the_data_or_asks_for_data(t
     assert squash(f"no prepared dataset at {home / 'data'}, the data of the run resumed from {ckpt}") in text
     assert squash("Pass --data DIR with the folder the prepared dataset is in now") in text
     assert not (elsewhere / "data").exists()  # the built-in set was not generated in its place
+    r = runner.invoke(app, ["eval", str(ckpt), "--device", "cpu", "--workers", "0"])
+    assert r.exit_code == 2 and squash(f"no prepared dataset at {home / 'data'}, the data recorded in {ckpt}") \
+        in squash(r.output) and "Pass --data DIR" in r.output, r.output
     (home / "moved").rename(home / "data")
     r = runner.invoke(app, ["train", "--resume", str(ckpt), "--quiet"])  # from elsewhere, into its own run
     assert r.exit_code == 0, r.output
