@@ -34,7 +34,6 @@ a name that now means different settings (e.g. another --iters) is refused with 
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import itertools
 import json
@@ -51,11 +50,14 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from hiposeg import __version__
 from hiposeg.config import LOSS_TERMS, TrainConfig, build_config, load_config_file, normalize_terms, parse_set
 from hiposeg.errors import UserError
-from hiposeg.io import atomic_write_json, atomic_write_text
+from hiposeg.io import TMP_PREFIX, atomic_write_json, atomic_write_text, file_in_the_way
+from hiposeg.lock import LOCK_NAME, DirectoryLock
+from hiposeg.safeload import load_json
 
 ABLATION_FORMAT = "hiposeg-ablation/1"
 TABLE5_ROWS: tuple[tuple[str, ...], ...] = (
@@ -301,11 +303,11 @@ def load_records(out: Path) -> list[Record]:
     if not path.exists():
         return []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = load_json(path.read_bytes(), str(path))
         if data.get("format") != ABLATION_FORMAT:
             raise ValueError(f"format {data.get('format')!r}")
         return [Record(c["name"], c["slug"], c["values"], c["experiment"], list(c["seeds"])) for c in data["configs"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as e:
         raise UserError(f"{path} is unreadable ({e})",
                         hint="Choose a new --out, or delete that file to start the ablation's bookkeeping over "
                              "(its run directories are kept and finished runs are reused).") from None
@@ -346,9 +348,10 @@ def merge_grid(records: list[Record], planned: Sequence[tuple[Variant, TrainConf
 
 def read_status(run_dir: Path) -> dict[str, Any]:
     try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
+        status = load_json((run_dir / "status.json").read_bytes(), str(run_dir / "status.json"))
+    except (OSError, UserError):
         return {}
+    return status if isinstance(status, dict) else {}
 
 
 def run_state(run_dir: Path) -> str:
@@ -362,17 +365,28 @@ def run_state(run_dir: Path) -> str:
     return "resume" if (run_dir / "checkpoints" / "last.pt").exists() else "new"
 
 
+# What an ablation directory holds; a folder holding other files is not written into.
+ABLATION_ENTRIES = {"ablation.json", "runs", "results.md", "results.csv", "results.json", LOCK_NAME}
+
+
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """One `hiposeg ablate` per directory at a time (an advisory lock the OS drops if we die)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".ablate.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another `hiposeg ablate` is running on {out}",
-                            hint="Wait for it to finish (a rerun then skips its finished runs), or use another "
-                                 "--out.") from None
+    """One `hiposeg ablate` per directory at a time (`DirectoryLock`, released by the OS if we die),
+    and only in a new, empty or ablation directory outside every prepared dataset."""
+    from hiposeg.data.dataset import refuse_prepared_dataset
+
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise UserError(f"ablation directory {out} cannot be created: {blocker} is a file, not a folder",
+                        hint="Choose another --out (a folder, or a new name to create).")
+    refuse_prepared_dataset(out, "ablation directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ABLATION_ENTRIES
+                     and not p.name.startswith(TMP_PREFIX)) if out.is_dir() else []
+    if foreign and not (out / "ablation.json").exists():
+        raise UserError(f"{out} is not an ablation directory: it holds {', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}",
+                        hint="Choose a new or empty --out; hiposeg does not write into a folder of other files.")
+    with DirectoryLock(out, "ablation directory"):
         yield
 
 
@@ -427,8 +441,8 @@ def run_ablation(plan: Plan, console: Console, quiet: bool = False) -> dict[str,
         records, mine, added = merge_grid(load_records(plan.out), list(zip(plan.variants, plan.configs)), plan.seeds)
         known = len(records) - len(added)
         if known and added and not quiet:
-            console.print(f"{plan.out} already holds {known} configuration(s); this grid adds {len(added)}: "
-                          f"{', '.join(r.name for r in added)}. The results cover all {len(records)}.")
+            console.print(Text(f"{plan.out} already holds {known} configuration(s); this grid adds {len(added)}: "
+                               f"{', '.join(r.name for r in added)}. The results cover all {len(records)}."))
         save_records(plan.out, records)
         jobs = list(dict.fromkeys((rec.slug, s) for rec in mine for s in plan.seeds))  # grid order, once each
         by_slug = {rec.slug: (rec, variant) for rec, variant in zip(mine, plan.variants)}
@@ -455,16 +469,16 @@ def run_jobs(plan: Plan, jobs: Sequence[tuple[str, int]], by_slug: dict[str, tup
         where = f"[{k}/{len(jobs)}] {rec.name}, seed {s}"
         if state in ("finished", "diverged"):
             if not quiet:
-                console.print(f"{where}: {state} earlier, skipped ({run_dir}"
-                              + ("; delete it to try again)" if state == "diverged" else ")"))
+                console.print(Text(f"{where}: {state} earlier, skipped ({run_dir}"
+                                   + ("; delete it to try again)" if state == "diverged" else ")")))
             continue
         if not quiet:
-            console.rule(f"{where}" + (" (resuming)" if state == "resume" else ""))
+            console.rule(Text(f"{where}" + (" (resuming)" if state == "resume" else "")))
         cfg = run_config(plan, rec, variant, s)
         try:
             result = engine.fit(cfg, resume=run_dir / "checkpoints" / "last.pt" if state == "resume" else None)
         except engine.TrainingDiverged as e:
-            console.print(f"[red]{where}: diverged[/red]: {e.message}; going on with the next run")
+            console.print(Text.assemble((f"{where}: diverged", "red"), f": {e.message}; going on with the next run"))
             continue
         if result.interrupted:
             return True
@@ -508,7 +522,7 @@ def collect_results(out: Path, records: Sequence[Record]) -> dict[str, Any]:
             if state == "diverged":
                 entry["error"] = read_status(d).get("error")
             if state == "finished":
-                rep = json.loads((d / "report.json").read_text())
+                rep = load_json((d / "report.json").read_bytes(), str(d / "report.json"))
                 hierarchy = hierarchy or rep.get("hierarchy", {}).get("name")
                 entry.update({k: rep["levels"].get(k, {}).get("mIoU") for k in ("fine", "coarse")})
             runs.append(entry)
@@ -583,12 +597,12 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def results_table(results: dict[str, Any]) -> Table:
     header, cells = table_rows(results)
     title = "Ablation" + (f" on {results['hierarchy']}" if results["hierarchy"] else "")
-    t = Table(title=title, title_justify="left", caption=NOTES, caption_justify="left")
+    t = Table(title=Text(title), title_justify="left", caption=Text(NOTES), caption_justify="left")
     for i, h in enumerate(header):
         t.add_column(h, justify="left" if i == 0 else "right", style="bold" if h == "fine mIoU" else None,
                      overflow="fold")
     for row in cells:
-        t.add_row(*row)
+        t.add_row(*(Text(c) for c in row))  # configuration names hold user values: never Rich markup
     return t
 
 
@@ -630,13 +644,13 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
 def plan_table(plan: Plan) -> Table:
     """`--dry-run`: what would run, where, and what a rerun would do with each run directory."""
     records, mine, added = merge_grid(load_records(plan.out), list(zip(plan.variants, plan.configs)), plan.seeds)
-    t = Table(title=f"Ablation plan: {len(plan.variants)} configuration(s) x {len(plan.seeds)} seed(s) in {plan.out}"
-                    f" ({len(added)} new)", title_justify="left")
+    t = Table(title=Text(f"Ablation plan: {len(plan.variants)} configuration(s) x {len(plan.seeds)} seed(s) in "
+                         f"{plan.out} ({len(added)} new)"), title_justify="left")
     for name in ("config", "directory", "iters", *(f"seed {s}" for s in plan.seeds)):
         t.add_column(name, justify="left" if name in ("config", "directory") else "right", overflow="fold")
     for rec, cfg in zip(mine, plan.configs):
         states = [run_state(rec.run_dir(plan.out, s)) for s in plan.seeds]
-        t.add_row(rec.name, f"runs/{rec.slug}", str(cfg.optim.iters),
+        t.add_row(Text(rec.name), Text(f"runs/{rec.slug}"), str(cfg.optim.iters),
                   *({"finished": "skip", "diverged": "skip (diverged)", "resume": "resume", "new": "train"}[st]
                     for st in states))
     return t

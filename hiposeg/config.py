@@ -8,7 +8,7 @@ flags, and `--set key=value`.
 
 from __future__ import annotations
 
-import json
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hiposeg.errors import UserError
+from hiposeg.safeload import load_json, load_yaml
 
 LOSS_TERMS: tuple[str, ...] = ("ce", "fh", "hh", "fl", "ll", "align")
 COARSE_TERMS = frozenset({"fh", "hh"})
@@ -217,10 +218,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise UserError(f"--set {item!r} has an empty key", hint="Example: --set optim.lr=0.02")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_value(raw, f"--set {key.strip()}")
         d = out
         for p in parts[:-1]:
             d = d.setdefault(p, {})
@@ -230,15 +228,27 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_value(raw: str, source: str) -> Any:
+    """A --set value: a YAML scalar or list (bounded like every file, see `safeload`), or the text
+    itself when it is not YAML (e.g. a path with a colon)."""
+    if not raw.strip():
+        return ""
+    try:
+        yaml.compose(raw, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return raw
+    except RecursionError:
+        pass  # load_yaml names it
+    return load_yaml(raw, source)
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
-    try:
-        data = json.loads(text) if Path(path).suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"config file {path} is not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
+    source = f"config file {path}"
+    data = load_json(text, source) if Path(path).suffix.lower() == ".json" else load_yaml(text, source)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -273,9 +283,20 @@ def format_validation_error(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `hiposeg train --help` lists the sections)"
         got = err.get("input")
-        got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        got_s = "" if isinstance(got, dict) or got is None else f" (got {_short_repr(got)})"
         lines.append(f"  - {field or '(top level)'}: {msg}{got_s}")
     return "\n".join(lines)
+
+
+def _short_repr(value: Any) -> str:
+    """A bounded repr (at most 100 characters): a value expanded from YAML aliases can hold a million
+    items, and reprlib alone bounds each level, not the whole."""
+    r = reprlib.Repr()
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 6
+    r.maxstring = r.maxother = 80
+    r.maxlevel = 2
+    text = r.repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -98,7 +98,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_entry(local_rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+def _spawn_entry(local_rank: int, world_size: int, port: int, parent: int, fn: Callable[..., Any],
+                 args: tuple) -> None:
+    die_with_parent(parent)
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     fn(*args)
@@ -111,9 +113,11 @@ def spawn(world_size: int, fn: Callable[..., Any], args: tuple = ()) -> None:
     exit at the next iteration boundary; the parent waits for them instead of dying first. A
     scheduler that signals only the main PID (e.g. a container runtime) thus stops a run cleanly;
     a signal to the whole process group (Ctrl-C, Slurm) reaches the workers twice, which is harmless.
+    If the parent is killed outright (SIGKILL), the workers die with it (`die_with_parent`): the parent
+    holds the run directory's lock, so no worker may write there once it is gone.
     """
     port = int(os.environ.get("MASTER_PORT", 0)) or free_port()
-    context = mp.start_processes(_spawn_entry, args=(world_size, port, fn, args), nprocs=world_size,
+    context = mp.start_processes(_spawn_entry, args=(world_size, port, os.getpid(), fn, args), nprocs=world_size,
                                  join=False, start_method="spawn")
 
     def forward(signum: int, frame: Any) -> None:
@@ -128,6 +132,20 @@ def spawn(world_size: int, fn: Callable[..., Any], args: tuple = ()) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux `PR_SET_PDEATHSIG`; a no-op
+    elsewhere), and die now if the parent is already gone."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,12 @@ Read top to bottom:
                         -> log -> checkpoint / evaluate; SIGINT/SIGTERM save and stop cleanly
     evaluate            confusion matrix over the whole split at full label resolution
 
+The run directory belongs to one run and one process (group) at a time: the launching process
+(for `--gpus N` the parent of the workers, under torchrun global rank 0) holds its lock
+(`hiposeg.lock.DirectoryLock`) from before the first write to the end, and every run carries a run
+id (status.json, checkpoints) so `--resume` never continues one run in another's directory
+(`open_run`, `check_run_dir`).
+
 Exact resume: data order and augmentation are pure functions of (seed, global sample position)
 (`IterationSampler`), the lr is a function of the iteration, and checkpoints carry the model,
 prototype memory, optimiser, scaler and RNG states, so an interrupted run resumed with `--resume`
@@ -22,6 +28,7 @@ import os
 import random
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,15 +42,20 @@ from torch.utils.data import DataLoader, Sampler
 
 from hiposeg import __version__, checkpoint
 from hiposeg.config import TrainConfig, save_config
-from hiposeg.distributed import (DistEnv, any_rank, barrier, broadcast_buffers_, check_world, init_from_env,
+from hiposeg.distributed import (DistEnv, any_rank, broadcast_buffers_, broadcast_object, check_world, init_from_env,
                                  launched_by_torchrun, shutdown, spawn)
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.inference import predict_logits
-from hiposeg.io import atomic_write_json, remove_stale_temps
+from hiposeg.io import TMP_PREFIX, atomic_write_json, check_writable, file_in_the_way, remove_stale_temps
+from hiposeg.lock import LOCK_NAME, DirectoryLock
 from hiposeg.metrics import ConfusionMatrix, build_report, summary_line
+from hiposeg.safeload import load_json
 
 STATUS_FILE = "status.json"
+WORKER_ERROR_FILE = ".worker-error.json"
+# A run writes config.yaml first, so a folder without one of these is not (yet) a run directory.
+RUN_MARKERS = ("config.yaml", STATUS_FILE, "checkpoints")
 
 
 @dataclass
@@ -66,50 +78,108 @@ class TrainingDiverged(UserError):
 
 def fit(cfg: TrainConfig, *, resume: Path | None = None) -> FitResult:
     """Train (and finally evaluate) per `cfg`; `resume` is a checkpoint file to continue from."""
-    out = cfg.resolved_out()
-    if not launched_by_torchrun():  # under torchrun, rank 0 prepares inside the process group
-        ensure_prepared(cfg)
-    guard_run_dir(out, resume)
-    world = cfg.run.gpus
-    if world > 1 and not launched_by_torchrun():
-        check_world(world, cfg.run.device)
-        out.mkdir(parents=True, exist_ok=True)
-        err_file = out / ".worker-error.json"
-        err_file.unlink(missing_ok=True)
-        try:
-            spawn(world, _spawned_worker, (cfg, resume))  # forwards SIGINT/SIGTERM to the workers
-        except Exception as e:  # a worker failed: surface its UserError if it left one
-            if err_file.exists():
-                info = json.loads(err_file.read_text())
-                raise UserError(info["message"], hint=info.get("hint")) from None
-            raise RuntimeError(f"a training process failed: {e}") from e
-        return _result_from_files(out)
+    cfg = with_absolute_paths(cfg)
     if launched_by_torchrun():
         check_world(int(os.environ["WORLD_SIZE"]), cfg.run.device)
-    return train_worker(cfg, resume)
-
-
-def _spawned_worker(cfg: TrainConfig, resume: Path | None) -> None:
+        return _fit_under_torchrun(cfg, resume)
+    lock, run_id = open_run(cfg, resume)
     try:
-        train_worker(cfg, resume)
+        world = cfg.run.gpus
+        if world > 1:
+            check_world(world, cfg.run.device)
+            return _fit_spawned(cfg, resume, run_id, world)
+        return train_worker(cfg, resume, run_id)
+    finally:
+        lock.release()
+
+
+def _fit_spawned(cfg: TrainConfig, resume: Path | None, run_id: str, world: int) -> FitResult:
+    """`--gpus N`: this process holds the run directory; the N workers it starts write into it."""
+    out = cfg.resolved_out()
+    err_file = out / WORKER_ERROR_FILE
+    err_file.unlink(missing_ok=True)
+    try:
+        spawn(world, _spawned_worker, (cfg, resume, run_id))  # forwards SIGINT/SIGTERM to the workers
+    except Exception as e:  # a worker failed: surface its UserError if it left one
+        if err_file.exists():
+            info = load_json(err_file.read_bytes(), str(err_file))
+            raise UserError(info["message"], hint=info.get("hint")) from None
+        raise RuntimeError(f"a training process failed: {e}") from e
+    return _result_from_files(out)
+
+
+def _fit_under_torchrun(cfg: TrainConfig, resume: Path | None) -> FitResult:
+    """Every rank joins the group; global rank 0 opens the run (data, lock, run-directory rules) and
+    tells the others the outcome, so a refusal ends every rank at once instead of leaving them waiting."""
+    env = init_from_env(cfg.run.device)
+    lock: DirectoryLock | None = None
+    outcome: tuple[str, str, str | None] = ("ok", "", None)
+    if env.is_main:
+        try:
+            lock, run_id = open_run(cfg, resume)
+            outcome = ("ok", run_id, None)
+        except UserError as e:
+            outcome = ("error", e.message, e.hint)
+        except BaseException as e:
+            broadcast_object(("bug", f"rank 0 failed to start the run: {type(e).__name__}: {e}", None))
+            shutdown()
+            raise
+    outcome = broadcast_object(outcome)
+    if outcome[0] != "ok":
+        shutdown()
+        if outcome[0] == "bug":
+            raise RuntimeError(outcome[1])
+        raise UserError(outcome[1], hint=outcome[2])
+    try:
+        return train_worker(cfg, resume, outcome[1])
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _spawned_worker(cfg: TrainConfig, resume: Path | None, run_id: str) -> None:
+    try:
+        train_worker(cfg, resume, run_id)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            atomic_write_json(cfg.resolved_out() / ".worker-error.json", {"message": e.message, "hint": e.hint})
+            atomic_write_json(cfg.resolved_out() / WORKER_ERROR_FILE, {"message": e.message, "hint": e.hint})
         raise
 
 
 def _result_from_files(out: Path) -> FitResult:
-    status = json.loads((out / STATUS_FILE).read_text()) if (out / STATUS_FILE).exists() else {}
-    report_path = out / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else None
+    status = read_json_file(out / STATUS_FILE) or {}
+    report = read_json_file(out / "report.json")
     return FitResult(out, report, status.get("iteration", 0), status.get("state") == "interrupted")
 
 
-def ensure_prepared(cfg: TrainConfig) -> None:
-    """The built-in synthetic set is generated on the fly; anything else must be prepared."""
-    from hiposeg.data.dataset import open_prepared
+def read_json_file(path: Path) -> Any:
+    """A JSON file hiposeg wrote (status, report), or None when it does not exist."""
+    if not path.exists():
+        return None
+    try:
+        return load_json(path.read_bytes(), str(path))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The data and run folders as absolute paths, so the config and checkpoints saved in the run
+    name them wherever a later `--resume` or `eval` is started from."""
+    data = cfg.data.model_copy(update={"root": Path(os.path.abspath(cfg.data.resolved_root()))})
+    run = cfg.run.model_copy(update={"out": Path(os.path.abspath(cfg.resolved_out()))})
+    return cfg.model_copy(update={"data": data, "run": run})
+
+
+def ensure_prepared(cfg: TrainConfig, resume: Path | None = None) -> None:
+    """The built-in synthetic set is generated on the fly; anything else must be prepared. A resumed
+    run never regenerates its data: it must find the data it was trained on."""
+    from hiposeg.data.dataset import open_prepared, prepare_command
 
     root = cfg.data.resolved_root()
+    if resume is not None and not (root / "manifest.json").exists():
+        raise UserError(f"no prepared dataset at {os.path.abspath(root)}, the data of the run resumed from {resume}",
+                        hint="Pass --data DIR with the folder the prepared dataset is in now; or prepare it again "
+                             f"there: `{prepare_command(root, cfg.data.dataset)}`.")
     if cfg.data.dataset == "synthetic" and not (root / "manifest.json").exists():
         from hiposeg.data.synthetic import generate
 
@@ -121,11 +191,114 @@ def ensure_prepared(cfg: TrainConfig) -> None:
     open_prepared(root, cfg.data.val_split, cfg.data.dataset)
 
 
-def guard_run_dir(out: Path, resume: Path | None) -> None:
-    """Never overwrite a run by accident: an existing checkpoint needs --resume or a new --out."""
-    if resume is None and (out / "checkpoints" / "last.pt").exists():
-        raise UserError(f"run directory {out} already holds a checkpoint (checkpoints/last.pt)",
-                        hint=f"Continue it with `--resume --out {out}`, or choose a new --out.")
+# ==========================================================================================
+# The run directory: one owner, one run
+# ==========================================================================================
+
+
+def open_run(cfg: TrainConfig, resume: Path | None) -> tuple[DirectoryLock, str]:
+    """Everything the launching process checks before the first write: the output path, the data,
+    the lock on the run directory, that it can be written, and which run it holds. Returns the held
+    lock and the run id this run writes under."""
+    from hiposeg.data.dataset import refuse_prepared_dataset
+
+    out = cfg.resolved_out()
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise UserError(f"run directory {out} cannot be created: {blocker} is a file, not a folder",
+                        hint="Choose another --out (a folder, or a new name to create).")
+    refuse_prepared_dataset(out, "run directory")
+    refuse_foreign_folder(out)
+    ensure_prepared(cfg, resume)
+    lock = DirectoryLock(out, "run directory").acquire()
+    try:
+        check_writable(out, "run directory")
+        run_id = check_run_dir(out, resume)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, run_id
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def check_run_dir(out: Path, resume: Path | None) -> str:
+    """The run id to write under, after the rules (README "Checkpoints and resume"):
+
+    * (a folder holding files that are not a hiposeg run was refused before: `refuse_foreign_folder`);
+    * without --resume: a folder holding a checkpoint is refused; a run killed before its first
+      checkpoint is started over (new id);
+    * with --resume X: a new or empty folder continues X's run there; a folder holding a run
+      continues it only if it is X's own run, and never from an older checkpoint than its last.pt."""
+    last = out / "checkpoints" / "last.pt"
+    if resume is None:
+        if last.exists():
+            raise UserError(f"run directory {out} already holds a checkpoint (checkpoints/last.pt)",
+                            hint=f"Continue it with `--resume --out {out}`, or choose a new --out.")
+        return new_run_id()
+    mine = checkpoint_summary(resume)
+    if not any((out / m).exists() for m in RUN_MARKERS):
+        return mine["run_id"] or new_run_id()  # continue the run in a new place
+    same_file = last.exists() and Path(resume).resolve() == last.resolve()
+    theirs = run_id_of(out)
+    if theirs is not None and mine["run_id"] is not None:
+        same_run = theirs == mine["run_id"]
+    else:  # a run from before run ids: its checkpoint must come from this directory
+        same_run = Path(resume).resolve().parent == (out / "checkpoints").resolve()
+    if not (same_file or same_run):
+        raise UserError(f"{out} holds another run (run id {theirs or 'unrecorded'}) than the checkpoint {resume} "
+                        f"(run id {mine['run_id'] or 'unrecorded'}): resuming would replace its checkpoints and "
+                        "mix its logs",
+                        hint="Resume into the checkpoint's own run directory, or into a new --out.")
+    if not same_file and last.exists():
+        at = checkpoint_summary(last)["iteration"]
+        if at is not None and mine["iteration"] is not None and at > mine["iteration"]:
+            raise UserError(f"resuming {resume} (iteration {mine['iteration']}) into {out} would replace its "
+                            f"checkpoints/last.pt (iteration {at})",
+                            hint=f"Resume from {last}, or continue from {resume} in a new --out.")
+    return mine["run_id"] or theirs or new_run_id()
+
+
+def refuse_foreign_folder(out: Path) -> None:
+    """A folder holding files that are not a hiposeg run is not written into (not even a lock file)."""
+    foreign = foreign_entries(out)
+    if foreign:
+        raise UserError(f"{out} is not a hiposeg run directory: it holds {', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}",
+                        hint="Choose a new or empty --out; hiposeg does not write into a folder of other files.")
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What makes `out` a folder of other files: its entries, unless it is a run directory (it holds a
+    run's marker files, whatever else the user put there) or holds only a lock or temp files."""
+    if not out.is_dir():
+        return []
+    names = sorted(p.name for p in out.iterdir())
+    if any(m in names for m in RUN_MARKERS):
+        return []
+    return [n for n in names if n not in (LOCK_NAME, WORKER_ERROR_FILE) and not n.startswith(TMP_PREFIX)]
+
+
+def run_id_of(out: Path) -> str | None:
+    """The id of the run in `out`: from status.json, else from its last checkpoint (older runs: None)."""
+    status = read_json_file(out / STATUS_FILE)
+    if isinstance(status, dict) and status.get("run_id"):
+        return str(status["run_id"])
+    last = out / "checkpoints" / "last.pt"
+    return checkpoint_summary(last)["run_id"] if last.exists() else None
+
+
+def checkpoint_summary(path: Path) -> dict[str, Any]:
+    """A checkpoint's run id and iteration, read memory-mapped (its tensors stay on disk)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # any failure: the full loader explains it (corrupt, unsafe, not hiposeg)
+        ck = checkpoint.load(path)
+    if not isinstance(ck, dict):
+        ck = checkpoint.load(path)
+    return {"run_id": ck.get("run_id"), "iteration": ck.get("iteration")}
 
 
 # ==========================================================================================
@@ -171,7 +344,7 @@ def build_train_loader(cfg: TrainConfig, env: DistEnv, start_iter: int) -> tuple
     d = cfg.data
     probe = PreparedDataset(d.resolved_root(), d.train_split, transforms=None, levels=("fine",))
     tf = train_transforms(d.crop, d.scale_range, d.hflip, d.color_jitter, d.mean, d.std, probe.hierarchy.ignore_index)
-    ds = PreparedDataset(d.resolved_root(), d.train_split, transforms=tf, levels=("fine",))
+    ds = PreparedDataset(d.resolved_root(), d.train_split, transforms=tf, levels=("fine",), check_values=True)
     local_batch = cfg.optim.batch_size // env.world_size
     sampler = IterationSampler(len(ds), local_batch, env.rank, env.world_size, cfg.run.seed, start_iter)
     loader = DataLoader(ds, batch_size=local_batch, sampler=sampler, num_workers=d.workers,
@@ -258,11 +431,12 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 def make_checkpoint(cfg: TrainConfig, hierarchy: Hierarchy, net: nn.Module, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, iteration: int,
-                    best: dict[str, Any], last_eval: dict[str, Any] | None) -> dict[str, Any]:
+                    best: dict[str, Any], last_eval: dict[str, Any] | None, run_id: str) -> dict[str, Any]:
     return {
         "format": checkpoint.CHECKPOINT_FORMAT,
         "hiposeg_version": __version__,
         "torch_version": str(torch.__version__),
+        "run_id": run_id,
         "iteration": iteration,
         "config": cfg.to_plain(),
         "hierarchy": hierarchy.to_dict(),
@@ -302,13 +476,14 @@ def check_compatible(ckpt: dict[str, Any], path: Path, hierarchy: Hierarchy, cfg
 class RunLogger:
     """Rank 0 only. Writes `metrics.jsonl` (one JSON object per log step / evaluation)."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, start_iter: int) -> None:
+    def __init__(self, out: Path, cfg: TrainConfig, start_iter: int, fresh: bool) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.cfg, self.total = cfg, cfg.optim.iters
         self.console = Console(stderr=True, quiet=cfg.run.quiet)
-        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        # a new run starts its log afresh (a run killed before its first checkpoint is started over)
+        self.metrics = open(out / "metrics.jsonl", "w" if fresh else "a", encoding="utf-8")  # noqa: SIM115
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -320,7 +495,7 @@ class RunLogger:
         if self.console.is_terminal and not cfg.run.quiet:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                      TextColumn("{task.fields[speed]}"), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[info]}"), console=self.console)
+                                     TextColumn("{task.fields[info]}", markup=False), console=self.console)
             self.task = self.progress.add_task("train", total=self.total, completed=start_iter, speed="", info="")
             self.progress.start()
         self._t0, self._i0 = time.perf_counter(), start_iter
@@ -341,8 +516,7 @@ class RunLogger:
             self.progress.update(self.task, completed=iteration, speed=f"{speed:.2f} it/s", info=info)
         elif not self.cfg.run.quiet:
             eta = (self.total - iteration) / max(speed, 1e-9)
-            self.console.print(f"iter {iteration}/{self.total}  {speed:.2f} it/s  eta {eta / 60:.1f} min  {info}",
-                               highlight=False)
+            self.print(f"iter {iteration}/{self.total}  {speed:.2f} it/s  eta {eta / 60:.1f} min  {info}")
 
     def evaluation(self, iteration: int, report: dict[str, Any]) -> None:
         row = {"iter": iteration, "eval": {k: lv["mIoU"] for k, lv in report["levels"].items()}}
@@ -354,11 +528,14 @@ class RunLogger:
                     self.tb.add_scalar(f"val/mIoU_{k}", lv["mIoU"], iteration)
         self.print(f"eval @ {iteration}: {summary_line(report)}")
 
-    def print(self, msg: str) -> None:
+    def print(self, msg: str, style: str | None = None) -> None:
+        """Plain text (paths and class names may hold `[...]`: never parsed as Rich markup)."""
+        from rich.text import Text
+
         if self.progress is not None:
-            self.progress.console.print(msg, highlight=False)
+            self.progress.console.print(Text(msg, style=style or ""), highlight=False)
         elif not self.cfg.run.quiet:
-            self.console.print(msg, highlight=False)
+            self.console.print(Text(msg, style=style or ""), highlight=False)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -396,32 +573,46 @@ class StopSignal:
 # ==========================================================================================
 
 
-def train_worker(cfg: TrainConfig, resume: Path | None) -> FitResult:
+def train_worker(cfg: TrainConfig, resume: Path | None, run_id: str) -> FitResult:
+    """One training process. The run directory is already claimed by the launching process (`fit`)."""
     env = init_from_env(cfg.run.device)
     if env.distributed and env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # N CPU processes share the cores instead of each starting one thread per core
         local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    out = cfg.resolved_out()
     try:
-        return _train(cfg, resume, env)
+        return _train(cfg, resume, env, run_id)
     except TrainingDiverged as e:
         if env.is_main:  # say so in the run directory too: ablate and schedulers read status.json
-            status = cfg.resolved_out() / STATUS_FILE
-            old = json.loads(status.read_text()) if status.exists() else {}
-            atomic_write_json(status, {**old, "state": "diverged", "error": e.message})
+            old = read_json_file(out / STATUS_FILE) or {}
+            atomic_write_json(out / STATUS_FILE, {**old, "state": "diverged", "error": e.message})
         raise
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_write_failure(e, out):
             raise
-        # a full disk while writing the run's logs or status (checkpoint writes report it themselves)
-        raise UserError(f"no space left on the device while writing {e.filename or 'to ' + str(cfg.resolved_out())}",
-                        hint="The last checkpoint written is intact. Free disk space (or choose another --out), then "
-                             f"continue with `hiposeg train --resume --out {cfg.resolved_out()}`.") from None
+        # the run's logs, status, config or report (checkpoint writes report it themselves)
+        what = e.filename or f"to {out}"
+        lead = (f"no space left on the device while writing {what}" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else f"cannot write {what}: {e.strerror or e}")
+        raise UserError(lead, hint="The last checkpoint written is intact. Free disk space or make the folder "
+                                   f"writable (or choose another --out), then continue with "
+                                   f"`hiposeg train --resume --out {out}`.") from None
     finally:
         shutdown()
 
 
-def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
+def is_write_failure(e: OSError, out: Path) -> bool:
+    """A failed write into the run directory (full, read-only, forbidden), not a bug or a read error."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    if e.filename is None:
+        return False
+    path = os.path.abspath(e.filename)
+    return path == os.path.abspath(out) or path.startswith(os.path.abspath(out) + os.sep)
+
+
+def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv, run_id: str) -> FitResult:
     if cfg.optim.batch_size % env.world_size:
         raise UserError(f"batch size {cfg.optim.batch_size} does not split evenly over {env.world_size} processes",
                         hint=f"Use a multiple of {env.world_size} for --batch-size (it is the total over all processes).")
@@ -436,9 +627,6 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
 
     from hiposeg.data.dataset import open_prepared
 
-    if env.is_main:
-        ensure_prepared(cfg)  # generates the built-in set if needed; a no-op when it exists
-    barrier()
     hierarchy, _ = open_prepared(cfg.data.resolved_root(), cfg.data.train_split)
     net, criterion = build_model(cfg, hierarchy)
     ckpt = checkpoint.load(resume) if resume is not None else None
@@ -483,17 +671,17 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
     logger = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(ckpt_dir)
+        remove_stale_temps(ckpt_dir)  # this process owns the directory (fit's lock): no temp file is live
         save_config(cfg, out / "config.yaml")
-        logger = RunLogger(out, cfg, start_iter)
-        atomic_write_json(out / STATUS_FILE, {"state": "running", "iteration": start_iter})
+        logger = RunLogger(out, cfg, start_iter, fresh=resume is None)
+        atomic_write_json(out / STATUS_FILE, {"state": "running", "iteration": start_iter, "run_id": run_id})
         if start_iter:
             logger.print(f"resumed from {resume} at iteration {start_iter}")
 
     def save(name: str, iteration: int) -> None:
         if env.is_main:
             checkpoint.save(make_checkpoint(cfg, hierarchy, net, criterion, optimizer, scaler, iteration,
-                                            best, last_eval), ckpt_dir / f"{name}.pt")
+                                            best, last_eval, run_id), ckpt_dir / f"{name}.pt")
 
     def run_eval(iteration: int) -> dict[str, Any]:
         nonlocal best, last_eval
@@ -585,18 +773,19 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv) -> FitResult:
                 logger.print(f"{sig}: stopped at iteration {iteration}; checkpoint written to {ckpt_dir / 'last.pt'}. "
                              f"Continue with `hiposeg train --resume --out {out}`.")
         else:
+            save("last", iteration)  # the trained weights are safe before the final evaluation can fail
             report = run_eval(iteration)
-            save("last", iteration)
+            save("last", iteration)  # again, with the final evaluation's best / last_eval
             if env.is_main:
                 atomic_write_json(out / "report.json", report)
 
     digests = rank_digests(net, criterion)
     if logger:
         atomic_write_json(out / STATUS_FILE, {"state": "interrupted" if interrupted else "finished",
-                                              "iteration": iteration, "rank_digests": digests})
+                                              "iteration": iteration, "run_id": run_id, "rank_digests": digests})
         if len(set(digests)) > 1:
-            logger.print(f"[red]warning: the {len(digests)} processes ended with different weights or prototype "
-                         f"memory ({digests}); please report this as a bug[/red]")
+            logger.print(f"warning: the {len(digests)} processes ended with different weights or prototype "
+                         f"memory ({digests}); please report this as a bug", style="red")
         logger.close()
     return FitResult(out, report, iteration, interrupted, is_main=env.is_main)
 
@@ -647,12 +836,15 @@ def rank_digests(net: nn.Module, criterion: nn.Module) -> list[str]:
 def evaluate(segmenter: nn.Module, data_root: Path, split: str, env: DistEnv | None = None, *,
              mode: str = "auto", crop: tuple[int, int] = (512, 1024), batch_size: int = 1, amp: str = "off",
              mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-             std: tuple[float, float, float] = (0.229, 0.224, 0.225), workers: int = 2, iteration: int | None = None, save_predictions: Path | None = None,
-             progress: bool = False) -> dict[str, Any]:
+             std: tuple[float, float, float] = (0.229, 0.224, 0.225), workers: int = 2, iteration: int | None = None,
+             save_predictions: Path | None = None, progress: bool = False, invalid_gt: str = "error") -> dict[str, Any]:
     """IoU at every level over a whole prepared split, at the labels' full resolution.
 
     Under DDP each rank takes every world_size-th image (no padding duplicates), and the confusion
-    matrices are summed across ranks before any IoU is computed.
+    matrices are summed across ranks before any IoU is computed. Ground-truth values that are
+    neither a class nor ignore stop the evaluation (`invalid_gt="error"`: at the first such batch in
+    one process, after the split under DDP so every rank stops together) or are counted and
+    reported (`"ignore"`).
     """
     from hiposeg.data.dataset import PreparedDataset
     from hiposeg.data.transforms import eval_transforms
@@ -664,37 +856,58 @@ def evaluate(segmenter: nn.Module, data_root: Path, split: str, env: DistEnv | N
     h = probe.hierarchy
     ds = PreparedDataset(data_root, split, transforms=eval_transforms(mean, std),
                          levels=("fine",))
+    gt_dir = Path(data_root) / split / "fine"
     shard = torch.utils.data.Subset(ds, list(range(env.rank, len(ds), env.world_size)))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=env.device.type == "cuda")
     cm = ConfusionMatrix(h.num_fine, env.device)
     amp_ctx = (torch.autocast(env.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                if amp != "off" and not (amp == "fp16" and env.device.type == "cpu") else nullcontext())
-    if save_predictions is not None:
-        save_predictions.mkdir(parents=True, exist_ok=True)
     bar = _eval_progress(progress and env.is_main, len(shard))
-    for batch in loader:
-        images = batch["image"].to(env.device, non_blocking=True)
-        target = batch["fine"].to(env.device, non_blocking=True)
-        with amp_ctx:
-            logits = predict_logits(segmenter, images, h.num_fine, mode=mode, crop=crop)  # type: ignore[arg-type]
-        pred = logits.argmax(1)
-        cm.update(pred, target, h.ignore_index)
-        if save_predictions is not None:
-            from hiposeg.data.dataset import write_label
-
-            for stem, p in zip(batch["stem"], pred.cpu().numpy()):
-                write_label(save_predictions / f"{stem}.png", p.astype(h.label_dtype))
+    try:
+        for batch in loader:
+            images = batch["image"].to(env.device, non_blocking=True)
+            target = batch["fine"].to(env.device, non_blocking=True)
+            with amp_ctx:
+                logits = predict_logits(segmenter, images, h.num_fine, mode=mode, crop=crop)  # type: ignore[arg-type]
+            pred = logits.argmax(1)
+            cm.update(pred, target, h.ignore_index, files=[str(gt_dir / f"{s}.png") for s in batch["stem"]])
+            if not env.distributed and cm.invalid:
+                cm.check_ground_truth(invalid_gt, h.ignore_index)  # "error": stop at the first such file
+            if save_predictions is not None:
+                _save_predictions(save_predictions, batch["stem"], pred, h.label_dtype)
+            if bar:
+                bar[0].advance(bar[1], len(images))
+    finally:
         if bar:
-            bar[0].advance(bar[1], len(images))
-    if bar:
-        bar[0].stop()
+            bar[0].stop()
     cm.all_reduce()
     if was_training:
         segmenter.train()
-    meta = {"split": split, "data": str(data_root), "images": len(ds), "mode": mode}
+    meta: dict[str, Any] = {"split": split, "data": str(data_root), "images": len(ds), "mode": mode}
     if iteration is not None:
         meta["iteration"] = iteration
-    return build_report(cm.numpy(), h, **meta)
+    return build_report(cm.numpy(), h, **meta, **ground_truth_note(cm, invalid_gt, h.ignore_index))
+
+
+def ground_truth_note(cm: ConfusionMatrix, invalid_gt: str, ignore_index: int) -> dict[str, Any]:
+    """report.json's "invalid_ground_truth" entry (policy "ignore"), {} when the ground truth is valid;
+    raises `InvalidGroundTruth` under policy "error"."""
+    invalid = cm.check_ground_truth(invalid_gt, ignore_index)
+    return {} if invalid is None else {"invalid_ground_truth": invalid}
+
+
+def _save_predictions(folder: Path, stems: list[str], pred: torch.Tensor, dtype: Any) -> None:
+    """Write a batch's fine-id maps as `{stem}.png`; a failed write is one clear error."""
+    from hiposeg.data.dataset import write_label
+    from hiposeg.io import write_failure
+
+    for stem, p in zip(stems, pred.cpu().numpy()):
+        path = folder / f"{stem}.png"
+        try:
+            write_label(path, p.astype(dtype))
+        except OSError as e:
+            raise UserError(f"could not write prediction {write_failure(e, path)}",
+                            hint="Free disk space or choose another --save-predictions folder.") from None
 
 
 def _eval_progress(enabled: bool, total: int):  # type: ignore[no-untyped-def]
@@ -709,7 +922,7 @@ def _eval_progress(enabled: bool, total: int):  # type: ignore[no-untyped-def]
     return p, task
 
 
-def evaluate_predictions(pred_dir: Path, data_root: Path, split: str) -> dict[str, Any]:
+def evaluate_predictions(pred_dir: Path, data_root: Path, split: str, *, invalid_gt: str = "error") -> dict[str, Any]:
     """Score label PNGs from any tool (`{stem}.png`, fine ids) against a prepared split."""
     from hiposeg.data.dataset import PreparedDataset, read_label
 
@@ -732,6 +945,9 @@ def evaluate_predictions(pred_dir: Path, data_root: Path, split: str) -> dict[st
             raise UserError(f"prediction {pred_dir / (stem + '.png')} is {pred.shape[1]}x{pred.shape[0]} but the "
                             f"label is {gt.shape[1]}x{gt.shape[0]}",
                             hint="Predictions must be at the label's full resolution.")
-        cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt.astype(np.int64)), h.ignore_index)
+        cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt.astype(np.int64)), h.ignore_index,
+                  files=[str(gt_dir / f"{stem}.png")])
+        if cm.invalid:
+            cm.check_ground_truth(invalid_gt, h.ignore_index)  # "error": stop at the first such file
     return build_report(cm.numpy(), h, split=split, data=str(data_root), images=len(ds.stems),
-                        predictions=str(pred_dir))
+                        predictions=str(pred_dir), **ground_truth_note(cm, invalid_gt, h.ignore_index))

@@ -14,7 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from hiposeg.errors import UserError
+
 TMP_PREFIX = ".tmp-"
+WRITE_PROBE = "write-test"  # the logical name of check_writable's probe file (`.tmp-write-test.XXXX`)
 
 
 @contextlib.contextmanager
@@ -75,3 +78,68 @@ def remove_stale_temps(directory: str | os.PathLike) -> int:
                 p.unlink()
                 n += 1
     return n
+
+
+# ---- output paths, checked before the long work ------------------------------------------------
+
+
+def check_writable(directory: str | os.PathLike, what: str) -> None:
+    """Create `directory` if needed, then write, fsync and delete a small temp file in it.
+
+    A read-only, full or forbidden output then fails in a second with a message naming it, before
+    hours of training or evaluation whose results it would lose (permission bits alone would not
+    tell: root ignores them, and a full disk accepts new empty files)."""
+    d = Path(directory)
+    blocker = file_in_the_way(d)
+    if blocker is not None:
+        raise UserError(f"{what} {d} cannot be created: {blocker} is a file, not a folder",
+                        hint="Choose another path (a folder, or a new name to create).")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{WRITE_PROBE}.", dir=d)
+    except OSError as e:
+        raise UserError(f"cannot write to {what} {d}: {e.strerror or e}",
+                        hint="Choose a folder you can write to (and with free space).") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"hiposeg write test\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write to {what} {d}: {e.strerror or e}",
+                        hint="Free disk space, or choose a folder you can write to.") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """`path` itself, or its nearest existing ancestor, when that is not a folder (so the folder
+    `path` can neither be used nor created)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def check_empty_folder(directory: Path, what: str, *, overwrite: bool) -> None:
+    """An output folder must be new or empty unless the user asked (`--overwrite`) to write over
+    files of the same names in it: a folder of someone else's files is never written into by accident."""
+    blocker = file_in_the_way(directory)
+    if blocker is not None:
+        raise UserError(f"{what} {directory} cannot be created: {blocker} is a file, not a folder",
+                        hint="Choose another path (a folder, or a new name to create).")
+    if overwrite or not directory.is_dir():
+        return
+    entries = sorted(p.name for p in directory.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UserError(f"{what} {directory} is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}: "
+                        f"{shown})",
+                        hint="Choose a new or empty folder, or add --overwrite to replace files of the same names "
+                             "in it (other files are left alone).")
+
+
+def write_failure(e: OSError, path: str | os.PathLike | None = None) -> str:
+    """`FILE: reason` for a failed write (the file from the error, else `path`)."""
+    return f"{e.filename or path}: {e.strerror or e}"

@@ -9,6 +9,10 @@ Semantics follow the official Cityscapes evaluation (cityscapesScripts
   column: it is a false negative of the true class and a false positive of no class;
 * IoU_c = TP / (TP + FP + FN); it is null when the class occurs in neither ground truth nor
   prediction, and mIoU averages the non-null classes;
+* a ground-truth value that is neither a class nor ignore is never dropped in silence: it is an
+  error naming the file, the values and their pixel counts (`InvalidGroundTruth`), or, with the
+  "ignore" policy (`hiposeg eval --invalid-gt ignore`), left out of every score and reported in
+  report.json under "invalid_ground_truth";
 * the IoU of a coarser level is the IoU after mapping both maps through pi. Because pi maps
   ignore to ignore, that equals summing blocks of the fine matrix, so only the fine matrix is
   accumulated and every other level is derived from it exactly (this is the category IoU of the
@@ -17,39 +21,112 @@ Semantics follow the official Cityscapes evaluation (cityscapesScripts
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
+
+INVALID_GT_POLICIES = ("error", "ignore")
+
+
+class InvalidGroundTruth(UserError):
+    """Ground truth holds values that are neither a class nor the ignore value."""
+
+
+def describe_values(counts: dict[int, int], limit: int = 6) -> str:
+    """`200 (2,048 px), 17 (10 px)`: label values with their pixel counts, most frequent first."""
+    top = sorted(counts.items(), key=lambda vc: (-vc[1], vc[0]))
+    text = ", ".join(f"{v} ({c:,} px)" for v, c in top[:limit])
+    return text + (f" and {len(top) - limit} more value(s)" if len(top) > limit else "")
 
 
 class ConfusionMatrix:
-    """(K, K+1) int64 counts: rows = ground-truth class, columns = predicted class + "other"."""
+    """(K, K+1) int64 counts: rows = ground-truth class, columns = predicted class + "other".
+
+    Ground-truth values outside the classes (other than ignore) are left out of the counts and
+    recorded per file in `invalid` ({file: {value: pixels}}) for `check_ground_truth`."""
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
         self.num_classes = num_classes
         self.mat = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64, device=device)
+        self.invalid: dict[str, dict[int, int]] = {}
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
-        """Add one batch. `pred` and `target` are integer maps of the same shape."""
+    def update(self, pred: torch.Tensor, target: torch.Tensor, ignore_index: int,
+               files: Sequence[str] | None = None) -> None:
+        """Add one batch. `pred` and `target` are integer maps of the same shape; `files` names the
+        ground truth of each image of the batch (for the invalid-value record)."""
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != label shape {tuple(target.shape)}")
         k = self.num_classes
-        target = target.reshape(-1).to(self.mat.device, torch.int64)
+        target = target.to(self.mat.device, torch.int64)
+        invalid = (target != ignore_index) & ((target < 0) | (target >= k))
+        if bool(invalid.any()):  # one device sync per batch; the masked selection below syncs anyway
+            self._record_invalid(target, invalid, files)
+        target = target.reshape(-1)
         pred = pred.reshape(-1).to(self.mat.device, torch.int64)
-        valid = (target != ignore_index) & (target >= 0) & (target < k)
+        valid = (target != ignore_index) & ~invalid.reshape(-1)
         target, pred = target[valid], pred[valid]
         pred = torch.where((pred >= 0) & (pred < k), pred, torch.full_like(pred, k))
         self.mat += torch.bincount(target * (k + 1) + pred, minlength=k * (k + 1)).reshape(k, k + 1)
+
+    def _record_invalid(self, target: torch.Tensor, invalid: torch.Tensor, files: Sequence[str] | None) -> None:
+        if files is not None and target.dim() == 3 and len(files) == target.shape[0]:
+            images = zip(files, target, invalid)
+        else:  # a single map, or no names given
+            images = zip([files[0] if files and len(files) == 1 else "(unnamed ground truth)"], [target], [invalid])
+        for name, t, bad in images:
+            if not bool(bad.any()):
+                continue
+            values, counts = torch.unique(t[bad], return_counts=True)
+            record = self.invalid.setdefault(str(name), {})
+            for v, c in zip(values.tolist(), counts.tolist()):
+                record[v] = record.get(v, 0) + c
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.mat)
+            flag = torch.tensor([len(self.invalid)], device=self.mat.device)
+            dist.all_reduce(flag)
+            if int(flag.item()):  # rare: gather every rank's record (all ranks agree to take this branch)
+                records: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(records, self.invalid)
+                self.invalid = {f: r for rec in records for f, r in rec.items()}
+
+    def invalid_summary(self) -> dict[str, Any] | None:
+        """report.json's "invalid_ground_truth": pixels in all, per value, per file; None if none."""
+        if not self.invalid:
+            return None
+        values: dict[int, int] = {}
+        for record in self.invalid.values():
+            for v, c in record.items():
+                values[v] = values.get(v, 0) + c
+        return {"pixels": sum(values.values()),
+                "values": {str(v): c for v, c in sorted(values.items())},
+                "files": {f: {str(v): c for v, c in sorted(r.items())} for f, r in sorted(self.invalid.items())}}
+
+    def check_ground_truth(self, policy: str, ignore_index: int) -> dict[str, Any] | None:
+        """Raise `InvalidGroundTruth` naming the files, values and counts ("error"), or return the
+        summary for the report ("ignore"). No invalid value: None."""
+        if policy not in INVALID_GT_POLICIES:
+            raise UserError(f"--invalid-gt {policy!r} is not one of {', '.join(INVALID_GT_POLICIES)}")
+        summary = self.invalid_summary()
+        if summary is None or policy == "ignore":
+            return summary
+        files = sorted(self.invalid.items())
+        shown = "; ".join(f"{f}: {describe_values(r)}" for f, r in files[:5])
+        more = f"; and {len(files) - 5} more file(s)" if len(files) > 5 else ""
+        raise InvalidGroundTruth(
+            f"ground truth holds values that are neither a class (0..{self.num_classes - 1}) nor the ignore value "
+            f"{ignore_index} ({summary['pixels']:,} pixels in {len(files)} file(s)): {shown}{more}",
+            hint="Restore the label maps (prepare the dataset again with --overwrite), or evaluate with "
+                 "`hiposeg eval --invalid-gt ignore` to leave those pixels out and count them in the report.")
 
     def numpy(self) -> np.ndarray:
         return self.mat.cpu().numpy()

@@ -5,6 +5,9 @@
     DIR/overlay/{stem}.png         the fine palette blended over the image (--overlay fine|coarse|both|none;
     DIR/overlay-coarse/{stem}.png  the coarse one with coarse/both)
 
+Nothing else is written, and never over data: --out must lie outside every prepared dataset (whose
+label maps are ground truth) and contain none of the input images, and it must be new or empty
+unless `overwrite` (`--overwrite`) is given; each folder is checked writable before any inference.
 Images are probed first (headers only), so a missing, empty or truncated file stops the command before
 any inference. They are then sorted by size and batched in groups of equal size (no padding, so a
 batch's logits are exactly the single-image logits), decoded in loader workers, and predicted in
@@ -30,7 +33,7 @@ from hiposeg.data.prepare import IMAGE_EXTS, encode_png
 from hiposeg.errors import UserError
 from hiposeg.export import InferenceModel
 from hiposeg.inference import Mode, predict_logits
-from hiposeg.io import atomic_write_bytes
+from hiposeg.io import atomic_write_bytes, check_empty_folder, check_writable, write_failure
 
 IMAGE_SUFFIXES = (*IMAGE_EXTS, ".ppm", ".pgm")
 OVERLAYS = ("fine", "coarse", "both", "none")
@@ -45,8 +48,8 @@ _GLOB_CHARS = set("*?[")
 def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Files, folders (searched recursively for image files) and glob patterns -> sorted unique paths.
 
-    An input that names nothing is an error, as is an empty result, and two images with one stem
-    (their outputs would overwrite each other)."""
+    An input that names nothing is an error, as is an empty result (two images with one stem:
+    `check_stems`)."""
     found: list[Path] = []
     for item in inputs:
         text = str(item)
@@ -72,14 +75,18 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     unique = list(dict.fromkeys(Path(os.path.abspath(p)) for p in found))
     if not unique:
         raise UserError("no input images given", hint="Example: hiposeg predict model.pt photos/ --out preds")
+    return unique
+
+
+def check_stems(paths: Sequence[Path]) -> None:
+    """Two images with one stem would write the same output files: an error naming both."""
     by_stem: dict[str, Path] = {}
-    for p in unique:
+    for p in paths:
         if p.stem in by_stem:
             raise UserError(f"two inputs share the name {p.stem!r}: {by_stem[p.stem]} and {p}; their outputs "
                             f"({p.stem}.png) would overwrite each other",
                             hint="Predict the two folders into different --out directories.")
         by_stem[p.stem] = p
-    return unique
 
 
 def probe_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
@@ -143,6 +150,41 @@ class ImageFiles(Dataset):
 # ==========================================================================================
 
 
+def output_dirs(out: Path, overlay: str) -> dict[str, Path]:
+    """The folders predict writes for an --overlay choice, by level key."""
+    dirs = {"fine": out / "fine", "coarse": out / "coarse"}
+    if overlay in ("fine", "both"):
+        dirs["overlay-fine"] = out / "overlay"
+    if overlay in ("coarse", "both"):
+        dirs["overlay-coarse"] = out / "overlay-coarse"
+    return dirs
+
+
+def check_output_folder(folder: Path, flag: str, *, overwrite: bool) -> None:
+    """A folder of label maps to write (predict's --out, eval's --save-predictions): outside every
+    prepared dataset, and new or empty unless --overwrite. Writes nothing."""
+    from hiposeg.data.dataset import refuse_prepared_dataset
+
+    refuse_prepared_dataset(folder, flag)
+    check_empty_folder(folder, flag, overwrite=overwrite)
+
+
+def check_outputs(out: Path, inputs: Sequence[Path], dirs: dict[str, Path], *, overwrite: bool) -> None:
+    """The rule of the module docstring, before anything is written."""
+    from hiposeg.data.dataset import refuse_prepared_dataset
+
+    check_output_folder(out, "--out", overwrite=overwrite)
+    for d in dirs.values():  # e.g. OUT/fine as a link into a dataset
+        refuse_prepared_dataset(d, "--out")
+    roots = {os.path.abspath(out), os.fspath(Path(out).resolve())}
+    for p in inputs:
+        for where in (os.path.abspath(p), os.fspath(p.resolve())):
+            if any(where.startswith(r + os.sep) for r in roots):
+                raise UserError(f"--out {out} contains the input image {p}: predictions written there could "
+                                "overwrite inputs (or be read as inputs next time)",
+                                hint="Write the predictions to a folder outside the input folders.")
+
+
 def blend(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:
     """(1 - alpha) * image + alpha * palette[label], uint8 RGB; out-of-palette ids keep the image."""
     known = labels < len(palette)
@@ -152,8 +194,13 @@ def blend(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
-    """Atomic PNG write; `array` is a 2-D label map or (H, W, 3) RGB."""
-    atomic_write_bytes(path, encode_png(cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array))
+    """Atomic PNG write; `array` is a 2-D label map or (H, W, 3) RGB. A failed write is one clear error."""
+    try:
+        atomic_write_bytes(path, encode_png(cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array))
+    except OSError as e:
+        raise UserError(f"could not write {write_failure(e, path)}",
+                        hint="Free disk space or choose another --out; rerun with --overwrite to redo the images.") \
+            from None
 
 
 @dataclass
@@ -166,7 +213,7 @@ class PredictSummary:
 
 def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, mode: Mode = "auto",
             batch_size: int = 4, overlay: str = "fine", alpha: float = 0.5, workers: int = 2,
-            device: torch.device | None = None, progress: bool = True) -> PredictSummary:
+            device: torch.device | None = None, progress: bool = True, overwrite: bool = False) -> PredictSummary:
     """Predict every input image and write its fine, coarse and overlay PNGs under `out`."""
     if mode not in ("auto", "whole", "slide"):
         raise UserError(f"--mode {mode!r} is not one of auto, whole, slide")
@@ -176,16 +223,20 @@ def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, m
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {alpha}")
+    out = Path(out)
     paths = collect_inputs(inputs)
+    dirs = output_dirs(out, overlay)
+    check_outputs(out, paths, dirs, overwrite=overwrite)  # first: outputs read back as inputs share stems
+    check_stems(paths)
     sizes = probe_sizes(paths)
     batches = size_batches(sizes, batch_size)
+    for d in dirs.values():
+        check_writable(d, "--out folder")
     device = device or torch.device("cpu")
     h = model.hierarchy
     pi = np.asarray(h.fine_to_coarse).astype(h.label_dtype)
     palettes = {"fine": h.colors(h.fine_level), "coarse": h.colors(h.coarse_level)}
     overlays = {"fine": ["fine"], "coarse": ["coarse"], "both": ["fine", "coarse"], "none": []}[overlay]
-    dirs = {"fine": out / "fine", "coarse": out / "coarse", "overlay-fine": out / "overlay",
-            "overlay-coarse": out / "overlay-coarse"}
     loader = DataLoader(ImageFiles(paths, sizes, model.mean, model.std), batch_sampler=batches,
                         num_workers=min(workers, len(batches)), collate_fn=_collate)
     module = model.module.eval()

@@ -233,17 +233,21 @@ def logical_name(path: str) -> str:
 
 
 def install_full_disk(monkeypatch, pattern: str, budget: int, nth: int = 1,
-                      on_fault: Callable[[], None] | None = None) -> dict[str, int]:
+                      on_fault: Callable[[], None] | None = None, root: Path | None = None) -> dict[str, int]:
     """The disk fills up during the `nth` file opened for writing (by `open` or `os.fdopen`) whose
-    logical name matches `pattern`: its writes fail with ENOSPC after `budget` bytes, and every
-    later matching file fails at once (the disk stays full). `on_fault` runs just before the
-    faulty file is handed out. Returns counters of matching files opened / made to fail."""
+    logical name matches `pattern` (and, with `root`, that lies under `root`: the full disk): its writes
+    fail with ENOSPC after `budget` bytes, and every later matching file fails at once (the disk stays
+    full). `on_fault` runs just before the faulty file is handed out. Returns counters of matching
+    files opened / made to fail."""
     real_open, real_fdopen = builtins.open, os.fdopen
     seen = {"opened": 0, "failed": 0}
+    top = os.path.abspath(root) + os.sep if root is not None else ""
 
     def faulty(path: str, mode: str) -> int | None:
         """The byte budget if this file is one the full disk hits, else None."""
         if not (any(c in mode for c in "wax+") and fnmatch.fnmatch(logical_name(path), pattern)):
+            return None
+        if top and not os.path.abspath(path).startswith(top):
             return None
         seen["opened"] += 1
         if seen["opened"] < nth:
@@ -279,6 +283,46 @@ def open_target_fd(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return ""
+
+
+# ==========================================================================================
+# A read-only (or forbidden) folder: every attempt to create or write a file under it fails
+# ==========================================================================================
+
+
+def install_read_only(monkeypatch, root: Path, err: int = errno.EROFS) -> None:
+    """Files and folders under `root` cannot be created or opened for writing (OSError `err`), like a
+    read-only mount (EROFS) or a folder of another user (EACCES): the tests run as root, for which
+    permission bits stop nothing. Covers `os.open` (temp files, locks), `os.mkdir` (Path.mkdir) and
+    `open` in a writing mode; reading stays possible."""
+    real_os_open, real_mkdir, real_open = os.open, os.mkdir, builtins.open
+    top = os.path.abspath(root)
+
+    def under(path: Any) -> bool:
+        p = os.path.abspath(os.fspath(path))
+        return p == top or p.startswith(top + os.sep)
+
+    def refuse(path: Any) -> OSError:
+        return OSError(err, os.strerror(err), os.fspath(path))
+
+    def os_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if under(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if under(path) and not os.path.isdir(path):
+            raise refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and under(file):
+            raise refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(builtins, "open", open_)
 
 
 # ==========================================================================================

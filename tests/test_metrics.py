@@ -129,3 +129,24 @@ def test_cityscapes_category_iou_matches_official_semantics():
     fine = rep["levels"]["fine"]["IoU"]
     assert fine["road"] == pytest.approx(100 / 3)  # tp 1, fn 1 (->sidewalk), fp 1 (person)
     assert fine["pole"] is None  # the prediction 5 on an ignore pixel does not count
+
+
+def test_invalid_ground_truth_is_never_scored_and_is_named_with_values_and_counts():
+    from hiposeg.errors import UserError
+
+    k, ignore = 3, 255
+    target = torch.tensor([[[0, 1, 2, 255], [7, 7, 9, 1]], [[0, 0, 1, 1], [2, 2, 2, 2]]])
+    pred = torch.tensor([[[0, 1, 2, 0], [0, 1, 2, 1]], [[0, 0, 1, 1], [2, 2, 2, 2]]])
+    cm = ConfusionMatrix(k)
+    cm.update(pred, target, ignore, files=["a.png", "b.png"])
+    clean = ConfusionMatrix(k)
+    keep = (target != 7) & (target != 9)
+    clean.update(pred[keep], target[keep], ignore)
+    assert torch.equal(cm.mat, clean.mat)  # the invalid pixels are in no row and no column
+    assert cm.invalid == {"a.png": {7: 2, 9: 1}}
+    with pytest.raises(UserError, match=r"neither a class \(0\.\.2\) nor the ignore value 255 \(3 pixels in 1 "
+                                        r"file\(s\)\): a\.png: 7 \(2 px\), 9 \(1 px\)"):
+        cm.check_ground_truth("error", ignore)
+    assert cm.check_ground_truth("ignore", ignore) == {"pixels": 3, "values": {"7": 2, "9": 1},
+                                                       "files": {"a.png": {"7": 2, "9": 1}}}
+    assert clean.check_ground_truth("error", ignore) is None

@@ -10,6 +10,7 @@ when scoring predictions.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -168,3 +169,52 @@ def test_bad_prediction_files_are_named(tiny, tmp_path, damage, needles):
         victim.write_bytes(victim.read_bytes()[:50])
     out = fails_with(["eval", "--predictions", preds, "--data", tiny], *needles)
     assert squash(victim.name if damage == "missing" else str(victim)) in squash(out)
+
+
+# ------------------------------------------------------------------------------------------
+# Label values that are neither a class nor ignore, after prepare
+# ------------------------------------------------------------------------------------------
+
+
+def spoil(label: Path, value: int) -> int:
+    """Set the top half of a label map to `value`; returns the number of pixels changed."""
+    lab = cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
+    lab[: lab.shape[0] // 2] = value
+    cv2.imwrite(str(label), lab)
+    return lab[: lab.shape[0] // 2].size
+
+
+def test_invalid_ground_truth_is_an_error_in_both_eval_modes_or_counted_when_asked(tiny, tiny_run, tmp_path):
+    """The issue's case: half an image set to an invalid value still scored 100.00 against perfect predictions."""
+    data, preds = tmp_path / "data", tmp_path / "preds"
+    shutil.copytree(tiny, data)
+    shutil.copytree(tiny / "val" / "fine", preds)  # perfect predictions of the true labels
+    victim = sorted((data / "val" / "fine").iterdir())[1]
+    n = spoil(victim, 200)
+    needles = ["ground truth holds values that are neither a class (0..14) nor the ignore value 255",
+               f"{victim}: 200 ({n:,} px)", "--invalid-gt ignore"]
+    fails_with(["eval", "--predictions", preds, "--data", data], *needles)
+    _, run = tiny_run
+    fails_with(["eval", run, "--data", data, "--device", "cpu", "--workers", "0", "--mode", "whole",
+                "--report", tmp_path / "model.json"], *needles)
+    assert not (tmp_path / "model.json").exists()
+    r = runner.invoke(app, ["eval", "--predictions", str(preds), "--data", str(data), "--invalid-gt", "ignore",
+                            "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert squash(f"warning: {n:,} ground-truth pixels in 1 file(s) hold values") in squash(r.output), r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["invalid_ground_truth"] == {"pixels": n, "values": {"200": n}, "files": {str(victim): {"200": n}}}
+    assert rep["levels"]["fine"]["pixels"] == 4 * 64 * 64 - n - sum(  # the invalid pixels are scored nowhere
+        int((cv2.imread(str(p), cv2.IMREAD_UNCHANGED) == 255).sum()) for p in (data / "val" / "fine").iterdir())
+    assert rep["levels"]["fine"]["mIoU"] == 100.0
+    fails_with(["eval", "--predictions", preds, "--data", data, "--invalid-gt", "skip"], "--invalid-gt 'skip'")
+
+
+def test_out_of_range_training_labels_stop_training_naming_the_file_from_a_loader_worker(tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    victim = sorted((data / "train" / "fine").iterdir())[5]
+    n = spoil(victim, 77)
+    fails_with(train_args(data, tmp_path / "run", "--workers", "1", iters=6),
+               f"label map {victim} holds values that are neither a class (0..14) nor the ignore value 255: "
+               f"77 ({n:,} px)", "prepare the dataset again")

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import copy
 import json
+import resource
+import subprocess
+import sys
+import time
 import typing
 from pathlib import Path
 
@@ -155,6 +159,52 @@ def test_config_file_errors_name_the_file(tmp_path, name, text, words):
     out = train_fails(tmp_path, "--config", str(path))
     for w in words if name == "typo.yaml" else [name, *words]:
         assert squash(w) in squash(out), (w, out)
+
+
+def alias_bomb(levels: int, use: str) -> str:
+    """YAML whose last anchor expands to 9**levels values through aliases (a few hundred bytes)."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join([*lines, use.format(last=f"*a{levels - 1}")]) + "\n"
+
+
+def test_deeply_nested_config_values_are_refused_naming_the_source(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"optim": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    out = train_fails(tmp_path, "--config", str(deep))
+    assert squash(f"config file {deep} nests its values too deeply") in squash(out), out
+    out = train_fails(tmp_path, "--set", "optim.iters=" + "[" * 100_000 + "]" * 100_000)
+    assert "--set optim.iters nests its values" in out, out
+
+
+def test_a_yaml_alias_bomb_in_a_config_file_is_refused_at_once(tmp_path):
+    """`python -m hiposeg` in a child process (it hung, formatting the validation message), with a time
+    and memory limit."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb(9, "optim: {last}"))
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "hiposeg", "train", "--config", str(bomb), "--quiet"],
+                              capture_output=True, text=True, timeout=60, preexec_fn=limits)
+    except subprocess.TimeoutExpired:
+        pytest.fail("hiposeg train --config with a YAML alias bomb did not finish in 60 s")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert squash(f"config file {bomb} expands to more than 1,000,000 values through YAML aliases") in \
+        squash(proc.stderr), proc.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_large_aliased_value_gives_a_short_message(tmp_path):
+    """Under the expansion bound, a wrong value still must not be printed in full (59,049 items here)."""
+    big = tmp_path / "big.yaml"
+    big.write_text(alias_bomb(5, "optim: {{iters: {last}}}"))
+    out = train_fails(tmp_path, "--config", str(big))
+    assert "- optim.iters: Input should be a valid integer" in out and "..." in out, out
+    assert len(out) < 3000
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ images stay uint8 until the transforms' last step.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from hiposeg.data.prepare import BadFile, JOURNAL_NAME, encode_png, read_label_f
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.io import atomic_write_bytes
+from hiposeg.safeload import load_json
 
 LEVELS = ("fine", "coarse")
 BUILTIN_COMMANDS = {"cityscapes": "cityscapes", "ade20k": "ade20k", "mapillary": "mapillary",
@@ -75,9 +75,9 @@ def prepare_command(root: Path, dataset: str | None = None) -> str:
     if journal.exists():
         try:
             with open(journal, encoding="utf-8") as f:
-                header = json.loads(f.readline())
+                header = load_json(f.readline(), str(journal))
             return f"hiposeg prepare {header['source']} {header['raw_root']} --out {root}"
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError, UserError):
             pass
     name = BUILTIN_COMMANDS.get(dataset or "") or BUILTIN_COMMANDS.get(root.name)
     if name == "synthetic":
@@ -98,11 +98,13 @@ def open_prepared(root: Path, split: str | None = None, dataset: str | None = No
                             hint=f"Rerun `{prepare_command(root, dataset)}` to complete it (finished files are kept).")
         raise UserError(f"no prepared dataset at {root}: run `{prepare_command(root, dataset)}`",
                         hint="`hiposeg prepare --help` lists the sources; DATA defaults to data/DATASET.")
+    fix = f"Prepare the dataset again: `{prepare_command(root, dataset)}` with --overwrite."
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{manifest_path} is unreadable ({e})",
-                        hint=f"Prepare the dataset again: `{prepare_command(root, dataset)}` with --overwrite.") from None
+        manifest = load_json(manifest_path.read_bytes(), str(manifest_path), hint=fix)
+    except OSError as e:
+        raise UserError(f"{manifest_path} is unreadable ({e.strerror or e})", hint=fix) from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{manifest_path} is not a hiposeg manifest (a JSON object)", hint=fix)
     hierarchy = Hierarchy.from_file(root / "hierarchy.json")
     if manifest.get("hierarchy", {}).get("sha256") not in (None, hierarchy.sha256):
         raise UserError(f"{root}/hierarchy.json does not match manifest.json (edited after preparing?)",
@@ -117,23 +119,64 @@ def open_prepared(root: Path, split: str | None = None, dataset: str | None = No
     return hierarchy, manifest
 
 
+def prepared_dataset_at(path: Path) -> Path | None:
+    """The prepared dataset `path` lies in (itself or an ancestor holding hiposeg's manifest.json and
+    hierarchy.json, or the journal of an unfinished `prepare`), after resolving links; else None."""
+    for d in (Path(path).resolve(), *Path(path).resolve().parents):
+        if (d / JOURNAL_NAME).is_file() or ((d / "manifest.json").is_file() and (d / "hierarchy.json").is_file()):
+            return d
+    return None
+
+
+def refuse_prepared_dataset(path: Path, what: str) -> None:
+    """hiposeg never writes into a prepared dataset: its label maps are the ground truth that `eval`
+    scores against, so a prediction written there would make the next evaluation meaningless."""
+    root = prepared_dataset_at(path)
+    if root is not None:
+        raise UserError(f"{what} {path} is inside the prepared dataset {root}: hiposeg never writes into a prepared "
+                        "dataset (its label maps are the ground truth)",
+                        hint="Choose a folder outside the dataset.")
+
+
+def check_label_values(labels: np.ndarray, num_classes: int, ignore_index: int, path: Path) -> None:
+    """Refuse a label map holding values that are neither a class (0..K-1) nor the ignore value
+    (CrossEntropy would fail later with an IndexError that names no file)."""
+    above = labels >= num_classes
+    if not above.any():
+        return
+    bad = labels[above]
+    bad = bad[bad != ignore_index]
+    if bad.size:
+        from hiposeg.metrics import describe_values
+
+        values, counts = np.unique(bad, return_counts=True)
+        raise UserError(f"label map {path} holds values that are neither a class (0..{num_classes - 1}) nor the "
+                        f"ignore value {ignore_index}: {describe_values(dict(zip(values.tolist(), counts.tolist())))}",
+                        hint=f"Restore the file, or prepare the dataset again: `{prepare_command(path.parents[2])}` "
+                             "with --overwrite.")
+
+
 class PreparedDataset(torch.utils.data.Dataset):
     """One split of a prepared dataset.
 
     Items: `{"image": float32 (3,H,W) normalised, "fine": int64 (H,W), "coarse": int64 (H,W),
     "stem": str}` with the given transforms (only the requested `levels`); without transforms the
     image is uint8 (3,H,W) as decoded. A key is an index, or `(index, seed)`: then the random
-    transforms run under a forked torch RNG seeded with `seed`.
+    transforms run under a forked torch RNG seeded with `seed`. With `check_values`, a label value that
+    is neither a class of its level nor ignore is an error naming the file (training; evaluation
+    counts such values itself, see `metrics.ConfusionMatrix`).
     """
 
     def __init__(self, root: Path, split: str, transforms: Callable[[dict], dict] | None = None,
-                 levels: tuple[str, ...] = LEVELS) -> None:
+                 levels: tuple[str, ...] = LEVELS, check_values: bool = False) -> None:
         bad = [lv for lv in levels if lv not in LEVELS]
         if bad or not levels:
             raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {levels}")
         self.root, self.split = Path(root), split
         self.hierarchy, self.manifest = open_prepared(self.root, split)
         self.transforms, self.levels = transforms, tuple(levels)
+        h = self.hierarchy
+        self._num_classes = {"fine": h.num_fine, "coarse": h.num_classes(h.coarse_level)} if check_values else {}
         base = self.root / split
         self.stems: list[str] = sorted(p[:-4] for p in os.listdir(base / "fine") if p.endswith(".png")
                                        and not p.startswith(".")) if (base / "fine").is_dir() else []
@@ -166,6 +209,9 @@ class PreparedDataset(torch.utils.data.Dataset):
             if lab.shape[:2] != image.shape[:2] or lab.ndim != 2:
                 raise UserError(f"{base / level / (stem + '.png')} is {lab.shape[1]}x{lab.shape[0]} but its image is "
                                 f"{image.shape[1]}x{image.shape[0]}", hint=f"Prepare again: `{prepare_command(self.root)}`.")
+            if self._num_classes:
+                check_label_values(lab, self._num_classes[level], self.hierarchy.ignore_index,
+                                   base / level / f"{stem}.png")
             if lab.dtype == np.uint16:  # torch ops on uint16 are limited; ids fit int32
                 lab = lab.astype(np.int32)
             sample[level] = tv_tensors.Mask(torch.from_numpy(lab))
