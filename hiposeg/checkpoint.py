@@ -57,6 +57,7 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
          map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a hiposeg file safely; every failure is a UserError naming the file and the cause."""
     path = Path(path)
+    expect = (expect,) if isinstance(expect, str) else expect
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
     if path.is_dir():
@@ -65,6 +66,7 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): it was never written completely",
                         hint="Use another checkpoint (e.g. the run's best.pt / last.pt) or retrain.")
+    refuse_program(path, expect)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -76,12 +78,23 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})",
                         hint="Use the run's other checkpoint (best.pt / last.pt) or retrain.") from None
-    expect = (expect,) if isinstance(expect, str) else expect
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt not in expect:
         raise UserError(f"{path} is not a {' or '.join(expect)} file (format: {fmt!r})",
                         hint="Pass a checkpoint written by `hiposeg train` or a model written by `hiposeg export`.")
     return obj
+
+
+def refuse_program(path: Path, expect: tuple[str, ...]) -> None:
+    """A torch.export or ONNX program where a checkpoint is expected (e.g. one renamed to a run's
+    checkpoints/best.pt, or given to `export` or `--resume`) is named as such before torch reads it."""
+    from hiposeg.export import detect_format
+
+    kind = detect_format(path)
+    if kind != "torch":
+        raise UserError(f"{path} is a {kind} program, not a {' or '.join(expect)} file",
+                        hint="Pass the run directory or the checkpoint written by `hiposeg train` (eval and predict "
+                             "also take exported programs; export and --resume do not).")
 
 
 def resolve(path: str | os.PathLike, prefer: str = "best") -> Path:
