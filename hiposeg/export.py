@@ -122,17 +122,14 @@ def model_payload(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {**model_metadata(ckpt), "state_dict": ckpt["model"]}
 
 
-def training_model(ckpt: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+def training_model(ckpt: dict[str, Any], path: Path) -> tuple[nn.Module, nn.Module]:
     """(HiPoSegNet with its projection head, criterion with its prototype memory), as trained."""
-    from hiposeg.engine import build_model
+    from hiposeg.engine import build_model, restore_model
 
     cfg = TrainConfig.model_validate(ckpt["config"])
     net, criterion = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": None})}),
                                  Hierarchy.from_dict(ckpt["hierarchy"]))
-    net.segmenter.load_state_dict(ckpt["model"])
-    if net.projection is not None:
-        net.projection.load_state_dict(ckpt["projection"])
-    criterion.load_state_dict(ckpt["memory"])
+    restore_model(ckpt, path, net, criterion)
     return net.eval(), criterion
 
 
@@ -176,7 +173,7 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
     obj = checkpoint.load(src, expect=(checkpoint.CHECKPOINT_FORMAT, checkpoint.MODEL_FORMAT))
     if obj["format"] == checkpoint.CHECKPOINT_FORMAT:
         meta = model_metadata(obj)
-        reference, criterion = training_model(obj)
+        reference, criterion = training_model(obj, src)
         training_parameters = count_parameters(reference)
         memory_values = sum(t.numel() for t in criterion.state_dict().values())
         state_dict, segmenter = obj["model"], reference.segmenter  # what export keeps of the training model
@@ -352,10 +349,11 @@ def _metadata_json(text: str, path: Path) -> Any:
 
 
 def _check_metadata(meta: Any, path: Path) -> dict[str, Any]:
-    """A program file's metadata record, written by `hiposeg export`."""
+    """A program file's metadata record: written by `hiposeg export`, with every field the loaders read."""
     if not isinstance(meta, dict) or meta.get("format") != checkpoint.MODEL_FORMAT:
         raise UserError(f"{path} has no hiposeg metadata ({METADATA_NAME}): it was not written by `hiposeg export`",
                         hint="Export the model with `hiposeg export RUN --format ...`.")
+    checkpoint.check_fields(meta, path, checkpoint.ModelMetadata)
     return meta
 
 
