@@ -430,7 +430,8 @@ TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.d
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]*")
 # Symbolic shapes, as torch writes them (sympy srepr): Add(FloorDiv(Symbol('s0', positive=True,
 # integer=True), Integer(16)), Integer(1)). Nothing else reaches sympify's eval.
-SYM_FUNCTIONS = frozenset({"Add", "Mul", "FloorDiv", "CeilDiv", "Mod", "Max", "Min", "Eq", "Ne", "Lt", "Le", "Gt", "Ge"})
+SYM_FUNCTIONS = frozenset({"Add", "Mul", "FloorDiv", "CeilDiv", "Mod", "Max", "Min",
+                           "Eq", "Ne", "Lt", "Le", "Gt", "Ge"})
 SYMBOL_ASSUMPTIONS = frozenset({"positive", "nonnegative", "integer", "real", "finite"})
 SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")
 MAX_SYM_EXPR = 2000
@@ -596,7 +597,8 @@ def _unplain_string(field: str, text: str) -> str | None:
     if field in ("target", "as_operator"):
         return None if text in PROGRAM_OPS else f"it calls {text[:80]!r}, not an operator of a hiposeg program,"
     if field == "expr_str":
-        return None if _plain_sym_expr(text) else f"its symbolic shape {text[:80]!r}, which sympy would evaluate as Python,"
+        return None if _plain_sym_expr(text) else \
+            f"its symbolic shape {text[:80]!r}, which sympy would evaluate as Python,"
     if field in TREESPEC_FIELDS:
         return None if _plain_treespec(text) else f"its {field} names types other than tuples, lists and dicts"
     if field in TEXT_FIELDS:
@@ -623,15 +625,19 @@ def _plain_sym_node(node: ast.expr) -> bool:
         return False
     name, args, keywords = node.func.id, node.args, node.keywords
     if name == "Symbol":
-        return (len(args) == 1 and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str)
-                and SYMBOL_NAME.fullmatch(args[0].value) is not None
-                and all(k.arg in SYMBOL_ASSUMPTIONS and isinstance(k.value, ast.Constant) and type(k.value.value) is bool
-                        for k in keywords))
+        return (len(args) == 1 and _constant_of(args[0], str) and SYMBOL_NAME.fullmatch(args[0].value) is not None
+                and all(k.arg in SYMBOL_ASSUMPTIONS and _constant_of(k.value, bool) for k in keywords))
     if name == "Integer":
-        arg = args[0].operand if len(args) == 1 and isinstance(args[0], ast.UnaryOp) and isinstance(args[0].op, ast.USub) \
-            else (args[0] if len(args) == 1 else None)
-        return not keywords and isinstance(arg, ast.Constant) and type(arg.value) is int
+        arg = args[0] if len(args) == 1 else None
+        if isinstance(arg, ast.UnaryOp) and isinstance(arg.op, ast.USub):
+            arg = arg.operand
+        return not keywords and _constant_of(arg, int)
     return name in SYM_FUNCTIONS and not keywords and bool(args) and all(_plain_sym_node(a) for a in args)
+
+
+def _constant_of(node: ast.expr | None, kind: type) -> bool:
+    """A literal of exactly this type (True is not an int here)."""
+    return isinstance(node, ast.Constant) and type(node.value) is kind
 
 
 def _plain_treespec(text: str) -> bool:
@@ -675,7 +681,8 @@ def _load_torch_export(path: Path, device: torch.device) -> tuple[dict[str, Any]
         with _weights_only_loads():  # a second line of defence behind read_program_archive
             program = torch.export.load(io.BytesIO(data), extra_files=extra)
     except pickle.UnpicklingError:
-        raise program_refusal(path, "it contains pickled Python objects that only unsafe unpickling could restore") from None
+        raise program_refusal(path, "it contains pickled Python objects that only unsafe unpickling could "
+                                    "restore") from None
     except Exception as e:  # noqa: BLE001 - any failure of the archive reader means the same to the user
         raise UserError(f"cannot load torch.export program {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                         hint="The file is damaged or from an incompatible PyTorch version: export it again "

@@ -55,7 +55,8 @@ def conv_program(path: Path, metadata: dict | None = None) -> Path:
     a real model's metadata, hiposeg goes on to build and run the program)."""
     dims = {0: torch.export.Dim("batch", max=256), 2: torch.export.Dim("height", min=8, max=8192),
             3: torch.export.Dim("width", min=8, max=8192)}  # as in hiposeg's programs: any image size runs
-    program = torch.export.export(torch.nn.Conv2d(3, 2, 1), (torch.zeros(2, 3, 16, 24),), dynamic_shapes={"input": dims})
+    program = torch.export.export(torch.nn.Conv2d(3, 2, 1), (torch.zeros(2, 3, 16, 24),),
+                                  dynamic_shapes={"input": dims})
     torch.export.save(program, path, extra_files={"hiposeg.json": json.dumps(metadata or {})})
     return path
 
@@ -175,8 +176,9 @@ def aoti_program(base: Path, out: Path, marker: Path, workdir: Path) -> Path:
     subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     entries = entries_of(base)
     root = root_of(entries)
-    return write_entries(out, [*entries, (f"{root}/data/aotinductor/model/model.wrapper.so", library.read_bytes()),
-                               (f"{root}/data/aotinductor/model/model.wrapper_metadata.json", b'{"AOTI_DEVICE_KEY": "cpu"}')])
+    folder = f"{root}/data/aotinductor/model"
+    return write_entries(out, [*entries, (f"{folder}/model.wrapper.so", library.read_bytes()),
+                               (f"{folder}/model.wrapper_metadata.json", b'{"AOTI_DEVICE_KEY": "cpu"}')])
 
 
 # ------------------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def metadata(tiny_run) -> dict:
 
     _, run = tiny_run
     meta = model_metadata(torch.load(run / "checkpoints" / "best.pt", weights_only=True))
-    return {**meta, "container": "torch-export", "input": {**meta["input"], "max_side": MAX_SIDE, "max_batch": MAX_BATCH}}
+    return {**meta, "container": "torch-export",
+            "input": {**meta["input"], "max_side": MAX_SIDE, "max_batch": MAX_BATCH}}
 
 
 @pytest.fixture
@@ -189,7 +190,12 @@ def test_a_genuine_program_passes_the_same_checks(tmp_path):
      "its in_spec names types other than tuples, lists and dicts"),
     (lambda p: p["graph_module"]["graph"]["nodes"][0]["metadata"].__setitem__("stack_trace", "x\ry"),
      "its stack_trace holds control characters"),
-], ids=["guards", "callable-target", "file-reading-op", "name", "treespec-type", "carriage-return"])
+    *[(lambda p, e=expr: p["graph_module"]["graph"]["tensor_values"]["input"]["sizes"][0].__setitem__(
+        "as_expr", {"expr_str": e, "hint": {"as_int": 2}}), "which sympy would evaluate as Python")
+      for expr in ["Symbol('s0', positive=True).func", "Symbol('__import__')", "Function('f')(Symbol('s0'))",
+                   "Integer(10**9)", "Add(Symbol('s0'), Integer(True))", "s0"]],
+], ids=["guards", "callable-target", "file-reading-op", "name", "treespec-type", "carriage-return",
+        "sym-attribute", "sym-dunder-symbol", "sym-unknown-function", "sym-arithmetic", "sym-bool-integer", "sym-bare-name"])
 def test_program_strings_torch_would_resolve_or_generate_code_from_must_be_plain(tmp_path, mutate, reason):
     """Beyond the live payloads: every string of the serialized program that torch resolves to a
     callable, evaluates, or writes into generated code is held to the plain form hiposeg writes."""
