@@ -7,7 +7,9 @@ A training checkpoint is a dict of tensors, numbers, strings, lists and dicts:
     (head state dict or {}), memory (prototype buffers), optimizer, scaler, rng, best, last_eval
 
 Nothing in it needs pickle's code execution, so loading refuses any file that would (a
-`__reduce__` payload, a pickled class) before running a byte of it.
+`__reduce__` payload, a pickled class) before running a byte of it. A file with the right format tag
+must also hold every field its readers use, with the right types (`check_fields`): a damaged or
+edited file is a UserError naming the field, never a KeyError from deep inside resume or export.
 """
 
 from __future__ import annotations
@@ -15,16 +17,190 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hiposeg.config import ModelConfig, TrainConfig, format_validation_error
 from hiposeg.errors import UserError
+from hiposeg.hierarchy import Hierarchy
 from hiposeg.io import atomic_save
 
 CHECKPOINT_FORMAT = "hiposeg-checkpoint/1"
 MODEL_FORMAT = "hiposeg-model/1"
+DAMAGED_HINT = ("The file was damaged or edited: use the run's other checkpoint (best.pt / last.pt), export the "
+                "model again, or retrain.")
+
+# ==========================================================================================
+# The fields each format's readers use (strict types: no coercion; other fields are allowed)
+# ==========================================================================================
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+Backbone = ModelConfig.model_fields["backbone"].annotation
+OutputStride = ModelConfig.model_fields["output_stride"].annotation
+
+
+class _Fields(BaseModel):
+    model_config = ConfigDict(strict=True, arbitrary_types_allowed=True, extra="allow")
+
+
+class BestFields(_Fields):
+    metric: str
+    value: float | None
+    iteration: int | None
+
+
+class NumpyRngFields(_Fields):
+    keys: Tensor
+    pos: int
+    has_gauss: int
+    gauss: float
+
+
+class PythonRngFields(_Fields):
+    version: int
+    state: list[int]
+    gauss: float | None
+
+
+class RngFields(_Fields):
+    torch: Tensor
+    cuda: list[Tensor]
+    numpy: NumpyRngFields
+    python: PythonRngFields
+
+
+class ParamGroupFields(_Fields):
+    params: list[int]
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+
+
+class OptimizerFields(_Fields):
+    """torch.optim.SGD's state dict."""
+
+    state: dict[int, dict[str, Tensor | None]]
+    param_groups: list[ParamGroupFields]
+
+
+class ScalerFields(_Fields):
+    """torch.amp.GradScaler's state dict: empty when mixed precision is off."""
+
+    scale: float | None = None
+    growth_factor: float | None = None
+    backoff_factor: float | None = None
+    growth_interval: int | None = None
+    growth_tracker: int | None = Field(None, alias="_growth_tracker")
+
+
+class CheckpointFields(_Fields):
+    """A training checkpoint (`engine.make_checkpoint`), as resume, export, eval and predict read it."""
+
+    iteration: int = Field(ge=0)
+    config: dict[str, Any]
+    hierarchy: dict[str, Any]
+    hierarchy_sha256: str
+    model: StateDict
+    projection: StateDict
+    memory: StateDict
+    optimizer: OptimizerFields
+    scaler: ScalerFields
+    rng: RngFields
+    best: BestFields
+    last_eval: dict[str, float | None] | None = None
+
+
+class ArchFields(_Fields):
+    backbone: Backbone  # type: ignore[valid-type]
+    output_stride: OutputStride  # type: ignore[valid-type]
+    num_classes: int = Field(ge=1)
+
+
+class NormalizationFields(_Fields):
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+
+
+class InputFields(_Fields):
+    min_side: int = Field(ge=1)
+    max_side: int | None = None
+    max_batch: int | None = None
+
+
+class ModelMetadata(_Fields):
+    """The metadata record of an exported model (`export.model_metadata`), in every format."""
+
+    arch: ArchFields
+    hierarchy: dict[str, Any]
+    normalization: NormalizationFields
+    crop: list[int] = Field(min_length=2, max_length=2)
+    data: str | None = None
+    input: InputFields
+
+
+class ModelFields(ModelMetadata):
+    """An exported model in the hiposeg format: the metadata plus the segmenter's weights."""
+
+    state_dict: StateDict
+
+
+FIELDS: dict[str, type[_Fields]] = {CHECKPOINT_FORMAT: CheckpointFields, MODEL_FORMAT: ModelFields}
+
+
+def check_fields(obj: dict[str, Any], path: Path, fields: type[_Fields] | None = None) -> None:
+    """Refuse a file whose format tag is right but which lacks a field its readers use, or holds one
+    of the wrong type, naming the field; the training configuration and the hierarchy it carries
+    are validated by their own models."""
+    fields = fields or FIELDS[obj["format"]]
+    try:
+        fields.model_validate(obj)
+    except ValidationError as e:
+        raise UserError(_field_error(path, fields, e), hint=DAMAGED_HINT) from None
+    if fields is CheckpointFields:
+        try:
+            TrainConfig.model_validate(obj["config"])
+        except ValidationError as e:
+            raise UserError(f"{path} has a malformed field 'config':\n{format_validation_error(e)}",
+                            hint=DAMAGED_HINT) from None
+    try:
+        hierarchy = Hierarchy.from_dict(obj["hierarchy"], path)
+    except UserError as e:
+        raise UserError(f"{path} has a malformed field 'hierarchy': {e.message}", hint=DAMAGED_HINT) from None
+    if issubclass(fields, ModelMetadata) and obj["arch"]["num_classes"] != hierarchy.num_fine:
+        raise UserError(f"{path} has a malformed field 'arch.num_classes': {obj['arch']['num_classes']}, but its "
+                        f"hierarchy has {hierarchy.num_fine} fine classes", hint=DAMAGED_HINT)
+
+
+def restore(path: Path, field: str, load: Callable[[], Any]) -> None:
+    """Restore one field of a loaded file into live objects (`load_state_dict`, RNG state). Values of
+    the right types that do not fit (other shapes, parameter groups or RNG sizes) are a UserError
+    naming the file and the field, not a traceback from inside torch."""
+    try:
+        load()
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{path}: its field {field!r} does not fit the model it belongs to "
+                        f"({str(e).strip().splitlines()[0][:200]})", hint=DAMAGED_HINT) from None
+
+
+def _field_error(path: Path, fields: type[_Fields], e: ValidationError) -> str:
+    """One line naming the first bad field (dotted path), what is wrong, and how many more there are."""
+    errors = e.errors()
+    first = errors[0]
+    where = ".".join(str(p) for p in first["loc"])
+    more = f" (and {len(errors) - 1} more field problem(s))" if len(errors) > 1 else ""
+    fmt = MODEL_FORMAT if issubclass(fields, ModelMetadata) else CHECKPOINT_FORMAT
+    if first["type"] == "missing":
+        return f"{path} lacks the field {where!r}, which every {fmt} file holds{more}"
+    got = first.get("input")
+    shown = type(got).__name__ if isinstance(got, (dict, list, tuple, Tensor)) else repr(got)[:60]
+    return f"{path} has a malformed field {where!r}: {first['msg'].lower()} (got {shown}){more}"
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
@@ -57,6 +233,7 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
          map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a hiposeg file safely; every failure is a UserError naming the file and the cause."""
     path = Path(path)
+    expect = (expect,) if isinstance(expect, str) else expect
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
     if path.is_dir():
@@ -65,6 +242,7 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): it was never written completely",
                         hint="Use another checkpoint (e.g. the run's best.pt / last.pt) or retrain.")
+    refuse_program(path, expect)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -76,12 +254,24 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})",
                         hint="Use the run's other checkpoint (best.pt / last.pt) or retrain.") from None
-    expect = (expect,) if isinstance(expect, str) else expect
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt not in expect:
         raise UserError(f"{path} is not a {' or '.join(expect)} file (format: {fmt!r})",
                         hint="Pass a checkpoint written by `hiposeg train` or a model written by `hiposeg export`.")
+    check_fields(obj, path)
     return obj
+
+
+def refuse_program(path: Path, expect: tuple[str, ...]) -> None:
+    """A torch.export or ONNX program where a checkpoint is expected (e.g. one renamed to a run's
+    checkpoints/best.pt, or given to `export` or `--resume`) is named as such before torch reads it."""
+    from hiposeg.export import detect_format
+
+    kind = detect_format(path)
+    if kind != "torch":
+        raise UserError(f"{path} is a {kind} program, not a {' or '.join(expect)} file",
+                        hint="Pass the run directory or the checkpoint written by `hiposeg train` (eval and predict "
+                             "also take exported programs; export and --resume do not).")
 
 
 def resolve(path: str | os.PathLike, prefer: str = "best") -> Path:

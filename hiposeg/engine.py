@@ -452,6 +452,24 @@ def make_checkpoint(cfg: TrainConfig, hierarchy: Hierarchy, net: nn.Module, crit
     }
 
 
+def restore_model(ckpt: dict[str, Any], path: Path, net: nn.Module, criterion: nn.Module) -> None:
+    """The segmenter, projection head and prototype memory of a checkpoint, each checked to fit."""
+    checkpoint.restore(path, "model", lambda: net.segmenter.load_state_dict(ckpt["model"]))
+    if net.projection is not None:
+        checkpoint.restore(path, "projection", lambda: net.projection.load_state_dict(ckpt["projection"]))
+    checkpoint.restore(path, "memory", lambda: criterion.load_state_dict(ckpt["memory"]))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict`, which does not compare the buffers' shapes with the parameters'
+    (a mismatch would fail only at the first step, deep inside SGD)."""
+    optimizer.load_state_dict(state)
+    for param, buffers in optimizer.state.items():
+        for name, value in buffers.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise ValueError(f"{name} of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}")
+
+
 def check_compatible(ckpt: dict[str, Any], path: Path, hierarchy: Hierarchy, cfg: TrainConfig) -> None:
     """Refuse a checkpoint of another hierarchy or architecture, saying which."""
     if ckpt.get("hierarchy_sha256") != hierarchy.sha256:
@@ -632,10 +650,7 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv, run_id: str) -> 
     ckpt = checkpoint.load(resume) if resume is not None else None
     if ckpt is not None:
         check_compatible(ckpt, resume, hierarchy, cfg)  # type: ignore[arg-type]
-        net.segmenter.load_state_dict(ckpt["model"])
-        if net.projection is not None:
-            net.projection.load_state_dict(ckpt["projection"])
-        criterion.load_state_dict(ckpt["memory"])
+        restore_model(ckpt, resume, net, criterion)  # type: ignore[arg-type]
     if sync_bn:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # global BN statistics: the batch is global
     net.to(env.device)
@@ -647,8 +662,8 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv, run_id: str) -> 
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.run.amp == "fp16")
     start_iter, best, last_eval = 0, {"metric": "fine_mIoU", "value": None, "iteration": None}, None
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        checkpoint.restore(resume, "optimizer", lambda: load_optimizer_state(optimizer, ckpt["optimizer"]))
+        checkpoint.restore(resume, "scaler", lambda: scaler.load_state_dict(ckpt["scaler"]))
         start_iter, best, last_eval = int(ckpt["iteration"]), ckpt["best"], ckpt.get("last_eval")
 
     model: nn.Module = net
@@ -665,7 +680,7 @@ def _train(cfg: TrainConfig, resume: Path | None, env: DistEnv, run_id: str) -> 
     loader, _ = build_train_loader(cfg, env, start_iter)
     batches = iter(loader)  # created before restoring RNG: creating it draws from the RNG
     if ckpt is not None:
-        set_rng_state(ckpt["rng"])
+        checkpoint.restore(resume, "rng", lambda: set_rng_state(ckpt["rng"]))
         del ckpt
 
     logger = None

@@ -21,14 +21,16 @@ returns fine-class logits (B, K, H, W). Coarse predictions are the fine argmax m
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import io
 import json
 import os
+import re
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from hiposeg.config import TrainConfig
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.io import TMP_PREFIX, atomic_write_bytes
+from hiposeg.safeload import load_json
 
 FORMATS: dict[str, str] = {"hiposeg": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
 METADATA_NAME = "hiposeg.json"  # torch-export extra file / ONNX metadata_props key
@@ -119,17 +122,14 @@ def model_payload(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {**model_metadata(ckpt), "state_dict": ckpt["model"]}
 
 
-def training_model(ckpt: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+def training_model(ckpt: dict[str, Any], path: Path) -> tuple[nn.Module, nn.Module]:
     """(HiPoSegNet with its projection head, criterion with its prototype memory), as trained."""
-    from hiposeg.engine import build_model
+    from hiposeg.engine import build_model, restore_model
 
     cfg = TrainConfig.model_validate(ckpt["config"])
     net, criterion = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": None})}),
                                  Hierarchy.from_dict(ckpt["hierarchy"]))
-    net.segmenter.load_state_dict(ckpt["model"])
-    if net.projection is not None:
-        net.projection.load_state_dict(ckpt["projection"])
-    criterion.load_state_dict(ckpt["memory"])
+    restore_model(ckpt, path, net, criterion)
     return net.eval(), criterion
 
 
@@ -173,7 +173,7 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
     obj = checkpoint.load(src, expect=(checkpoint.CHECKPOINT_FORMAT, checkpoint.MODEL_FORMAT))
     if obj["format"] == checkpoint.CHECKPOINT_FORMAT:
         meta = model_metadata(obj)
-        reference, criterion = training_model(obj)
+        reference, criterion = training_model(obj, src)
         training_parameters = count_parameters(reference)
         memory_values = sum(t.numel() for t in criterion.state_dict().values())
         state_dict, segmenter = obj["model"], reference.segmenter  # what export keeps of the training model
@@ -300,10 +300,13 @@ def detect_format(path: Path) -> str:
     anything else for checkpoint.load to diagnose), or "onnx" (a protobuf ModelProto, whose first
     byte is the tag of field 1, ir_version: 0x08). A damaged file goes by its suffix to the loader
     whose message fits it."""
+    names: list[str] = []
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-        return "torch-export" if any(n.endswith("/archive_format") for n in names) else "torch"
+        with contextlib.suppress(zipfile.BadZipFile, OSError, ValueError):  # damaged: the suffix decides
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+    if names:
+        return "torch-export" if any(n.lower().endswith("/archive_format") for n in names) else "torch"
     if path.suffix.lower() == ".pt2":
         return "torch-export"
     with open(path, "rb") as f:
@@ -339,10 +342,18 @@ def load_inference_model(path: str | Path, prefer: str = "best", device: str | t
                         hint="Export the model again with `hiposeg export`.") from None
 
 
+def _metadata_json(text: str, path: Path) -> Any:
+    """The metadata record of a program file (torch-export extra file, ONNX property), nesting bounded."""
+    return load_json(text or "null", f"the hiposeg metadata ({METADATA_NAME}) of {path}",
+                     hint="Export the model again with `hiposeg export`.")
+
+
 def _check_metadata(meta: Any, path: Path) -> dict[str, Any]:
+    """A program file's metadata record: written by `hiposeg export`, with every field the loaders read."""
     if not isinstance(meta, dict) or meta.get("format") != checkpoint.MODEL_FORMAT:
         raise UserError(f"{path} has no hiposeg metadata ({METADATA_NAME}): it was not written by `hiposeg export`",
                         hint="Export the model with `hiposeg export RUN --format ...`.")
+    checkpoint.check_fields(meta, path, checkpoint.ModelMetadata)
     return meta
 
 
@@ -379,35 +390,272 @@ class ExportedProgramModule(BoundedInput):
         return self._program[0](x)
 
 
-def check_program_archive(path: Path) -> None:
-    """Refuse a .pt2 whose loading would unpickle arbitrary Python objects, before torch reads it.
+# ------------------------------------------------------------------------------------------
+# Proving a torch.export archive plain before torch reads it
+# ------------------------------------------------------------------------------------------
+# `torch.export.load` is not a data loader. Depending on what the archive says, it unpickles
+# (weights/constants marked `use_pickle`, opaque and custom objects, legacy `.pt` payloads, sample
+# inputs), dlopens AOTInductor shared libraries (data/aotinductor/), `sympy.sympify`s (= evals)
+# every symbolic-shape expression, execs the program's `guards_code`, and writes parameter names
+# unescaped into the Python source it generates for `.module()`. So a `.pt2` is loaded only when
+# every record torch will read is one `hiposeg export` writes, and every string torch turns into
+# code is of the plain form hiposeg's exporter produces. The records are read with torch's own
+# reader (`torch._C.PyTorchFileReader`) from the same bytes then handed to torch, so what is judged
+# is what torch loads: torch matches entry names case-insensitively and, for a name stored twice,
+# reads whichever copy its binary search meets, where Python's `zipfile` reads the last one.
 
-    `torch.export.load` unpickles with `weights_only=False` in several places: weights and tensor
-    constants stored with `use_pickle`, legacy `.pt` weight/constant payloads, the sample inputs when a
-    safe load fails, and `pickle.loads` / TorchScript unpickling for opaque and custom-object
-    constants. `hiposeg export` writes none of those, so an archive that has them is refused; the
-    remaining `torch.load` calls are forced to weights-only while loading (`_weights_only_loads`).
-    """
-    from torch.export.pt2_archive import constants as pt2
+# The records of a hiposeg program, below the archive's root folder (model name: "model").
+PROGRAM_JSON, SAMPLE_INPUTS = "models/model.json", "data/sample_inputs/model.pt"
+# weight / constant table -> the file-name prefix of its raw tensor records
+PAYLOAD_CONFIGS = {"data/weights/model_weights_config.json": "weight_",
+                   "data/constants/model_constants_config.json": "tensor_"}
+PROGRAM_RECORD = re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                            r"|models/model\.json|data/sample_inputs/model\.pt|extra/hiposeg\.json"
+                            r"|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+                            r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+")
+REQUIRED_RECORDS = ("archive_format", "archive_version", ".data/version", PROGRAM_JSON, SAMPLE_INPUTS,
+                    f"extra/{METADATA_NAME}", *PAYLOAD_CONFIGS)
+# The operators of every DeepLabV3+ program hiposeg exports (ResNet-18/50/101, output stride 8 and 16).
+PROGRAM_OPS = frozenset({
+    "torch.ops.aten.conv2d.default", "torch.ops.aten.batch_norm.default", "torch.ops.aten.relu.default",
+    "torch.ops.aten.relu_.default", "torch.ops.aten.add_.Tensor", "torch.ops.aten.max_pool2d.default",
+    "torch.ops.aten.adaptive_avg_pool2d.default", "torch.ops.aten.dropout.default", "torch.ops.aten.cat.default",
+    "torch.ops.aten.upsample_bilinear2d.vec", "torch.ops.aten.sym_size.int", "_operator.add", "_operator.floordiv",
+})
+# Program fields torch keeps as text (never resolved, parsed as code or written into generated code).
+TEXT_FIELDS = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "torch_version"})
+TREESPEC_FIELDS = frozenset({"in_spec", "out_spec"})
+TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict"})
+# Every other string (names of tensors, parameters, modules, symbols, dict keys) is a plain dotted name.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]*")
+# Symbolic shapes, as torch writes them (sympy srepr): Add(FloorDiv(Symbol('s0', positive=True,
+# integer=True), Integer(16)), Integer(1)). Nothing else reaches sympify's eval.
+SYM_FUNCTIONS = frozenset({"Add", "Mul", "FloorDiv", "CeilDiv", "Mod", "Max", "Min",
+                           "Eq", "Ne", "Lt", "Le", "Gt", "Ge"})
+SYMBOL_ASSUMPTIONS = frozenset({"positive", "nonnegative", "integer", "real", "finite"})
+SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")
+MAX_SYM_EXPR = 2000
 
-    unsafe_prefixes = (pt2.CUSTOM_OBJ_FILENAME_PREFIX, pt2.OPAQUE_OBJ_FILENAME_PREFIX)
-    refusal = f"refusing to load {path}: "
-    hint = "hiposeg programs hold plain tensors only. Do not load files from untrusted sources; export the model again."
+
+def program_refusal(path: Path, why: str) -> UserError:
+    return UserError(f"refusing to load {path}: {why}",
+                     hint="hiposeg programs hold plain tensors and a plain graph only. Do not load files from "
+                          "untrusted sources; export the model again with `hiposeg export --format torch-export`.")
+
+
+def read_program_archive(path: Path) -> bytes:
+    """The bytes of `path` once proven to hold nothing torch.export.load would run, or a UserError.
+    The caller hands these very bytes to torch (no second read of the file)."""
+    data = path.read_bytes()
+    reader = _program_reader(data, path)
+
+    def record(name: str) -> bytes:
+        return _reading(path, lambda: reader.get_record(name))
+
+    records = _checked_record_names(_reading(path, reader.get_all_records), _zip_names(data, path), path)
+    for config, prefix in PAYLOAD_CONFIGS.items():
+        _check_payload_config(_program_json(record(config), config, path), config, prefix, records, path)
+    _check_sample_inputs(record(SAMPLE_INPUTS), path)
+    _check_program(_program_json(record(PROGRAM_JSON), PROGRAM_JSON, path), path)
+    return data
+
+
+def _reading(path: Path, read: Callable[[], Any]) -> Any:
+    """A call into torch's archive reader; its failures (a damaged or malformed archive) as a UserError."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                if "/data/weights/" in name or "/data/constants/" in name:
-                    if name.endswith(".pt"):
-                        raise UserError(refusal + f"it stores pickled (legacy) payloads ({name})", hint=hint)
-                    if name.endswith("_config.json"):
-                        entries = json.loads(zf.read(name)).get("config", {})
-                        for fqn, entry in entries.items():
-                            if entry.get("use_pickle") or str(entry.get("path_name", "")).startswith(unsafe_prefixes):
-                                raise UserError(refusal + f"its entry {fqn!r} in {name} would be unpickled as an "
-                                                "arbitrary Python object", hint=hint)
-    except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError) as e:
-        raise UserError(f"{path} is not a valid torch.export archive ({type(e).__name__}: {str(e)[:120]})",
-                        hint="Export the model again with `hiposeg export --format torch-export`.") from None
+        return read()
+    except RuntimeError as e:
+        raise _invalid_archive(path, e) from None
+
+
+def _invalid_archive(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path} is not a valid torch.export archive ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                     hint="Export the model again with `hiposeg export --format torch-export`.")
+
+
+def _zip_names(data: bytes, path: Path) -> list[str]:
+    """The entry names as Python's zipfile reads them (the central directory)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise _invalid_archive(path, e) from None
+
+
+def _program_reader(data: bytes, path: Path) -> Any:
+    """torch's own archive reader (the one torch.export.load uses), over `data`."""
+    return _reading(path, lambda: torch._C.PyTorchFileReader(io.BytesIO(data)))
+
+
+def _checked_record_names(records: list[str], zip_names: list[str], path: Path) -> set[str]:
+    """Refuse any archive whose entries Python and torch could read differently (names that differ
+    between the two readers, a name stored twice, names equal but for case) or that holds a record
+    hiposeg never writes (AOTInductor libraries, pickled objects, legacy payloads, ...)."""
+    root = zip_names[0].split("/")[0] if zip_names else ""
+    if zip_names != [f"{root}/{r}" for r in records]:
+        raise program_refusal(path, "Python's zip reader and torch's list different entries (a crafted archive)")
+    _refuse_ambiguous_names(records, path)
+    for name in records:
+        if not PROGRAM_RECORD.fullmatch(name):
+            what = " (AOTInductor native code)" if name.lower().startswith("data/aotinductor/") else ""
+            raise program_refusal(path, f"it holds the entry {name[:80]!r}{what}, which hiposeg programs never contain")
+    missing = [r for r in REQUIRED_RECORDS if r not in records]
+    if missing:
+        raise _invalid_archive(path, ValueError(f"missing {', '.join(missing)}"))
+    return set(records)
+
+
+def _refuse_ambiguous_names(records: list[str], path: Path) -> None:
+    """Names that torch could resolve to another entry than the one judged: the same name twice, or
+    names equal but for case (torch's zip reader, miniz, looks names up case-insensitively)."""
+    seen: dict[str, str] = {}
+    for name in records:
+        other = seen.get(name.lower())
+        if other is None:
+            seen[name.lower()] = name
+        elif other == name:
+            raise program_refusal(path, f"it stores the entry {name[:80]!r} twice (torch reads one copy, Python's "
+                                        "zipfile the other)")
+        else:
+            raise program_refusal(path, f"its entries {other[:80]!r} and {name[:80]!r} differ only in case (torch "
+                                        "looks names up without regard to case, so it may read either)")
+
+
+def _program_json(data: bytes, record: str, path: Path) -> Any:
+    return load_json(data, f"{path} (record {record})",
+                     hint="Export the model again with `hiposeg export --format torch-export`.")
+
+
+def _check_payload_config(config: Any, record: str, prefix: str, records: set[str], path: Path) -> None:
+    """Every weight / constant is a raw tensor record (no pickle, no opaque or custom object)."""
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        raise program_refusal(path, f"its {record} is not a table of tensors")
+    folder = record.rsplit("/", 1)[0]
+    for fqn, entry in entries.items():
+        file = entry.get("path_name") if isinstance(entry, dict) else None
+        plain = (isinstance(file, str) and re.fullmatch(re.escape(prefix) + r"\d+", file) is not None
+                 and f"{folder}/{file}" in records and entry.get("use_pickle") is False
+                 and isinstance(entry.get("tensor_meta"), dict))
+        if not plain:
+            raise program_refusal(path, f"its entry {fqn[:80]!r} in {record} is not a plain tensor: torch would "
+                                        "unpickle it as an arbitrary Python object")
+    _check_strings(config, record, path)
+
+
+def _check_sample_inputs(data: bytes, path: Path) -> None:
+    """The traced example: one image batch, loadable without unpickling any Python object."""
+    import pickle
+
+    try:
+        inputs = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise program_refusal(path, f"its sample inputs ({SAMPLE_INPUTS}) contain pickled Python objects that only "
+                                    "unsafe unpickling could restore") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise _invalid_archive(path, e) from None
+    args, kwargs = inputs if isinstance(inputs, tuple) and len(inputs) == 2 else (None, None)
+    if not (isinstance(args, tuple) and len(args) == 1 and isinstance(args[0], torch.Tensor) and kwargs == {}):
+        raise program_refusal(path, f"its sample inputs ({SAMPLE_INPUTS}) are not one image batch")
+
+
+def _check_program(program: Any, path: Path) -> None:
+    """The serialized program (models/model.json): no guard code, only hiposeg's operators, and
+    every string torch resolves, evaluates or writes into code of the plain form."""
+    if not isinstance(program, dict):
+        raise program_refusal(path, f"its {PROGRAM_JSON} is not a serialized program")
+    if program.get("guards_code"):
+        raise program_refusal(path, "it carries guard code, which torch would run as Python")
+    _check_strings(program, PROGRAM_JSON, path)
+
+
+def _check_strings(data: Any, record: str, path: Path) -> None:
+    for field, text in _strings(data):
+        why = _unplain_string(field, text)
+        if why:
+            raise program_refusal(path, f"{why} in {record}")
+
+
+def _strings(data: Any) -> Iterator[tuple[str, str]]:
+    """(field, text) for every string in parsed JSON: a dict key under the field "", a list item
+    under its list's field. Iterative: the nesting was bounded by load_json."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield "", key
+                stack.append((key, item))
+        elif isinstance(value, list):
+            stack.extend((field, item) for item in value)
+        elif isinstance(value, str):
+            yield field, value
+
+
+def _unplain_string(field: str, text: str) -> str | None:
+    """Why this program string is not plain (None when it is)."""
+    if field in ("target", "as_operator"):
+        return None if text in PROGRAM_OPS else f"it calls {text[:80]!r}, not an operator of a hiposeg program,"
+    if field == "expr_str":
+        return None if _plain_sym_expr(text) else \
+            f"its symbolic shape {text[:80]!r}, which sympy would evaluate as Python,"
+    if field in TREESPEC_FIELDS:
+        return None if _plain_treespec(text) else f"its {field} names types other than tuples, lists and dicts"
+    if field in TEXT_FIELDS:
+        return None if all(c == "\n" or c.isprintable() for c in text) else f"its {field} holds control characters"
+    if PLAIN_NAME.fullmatch(text):
+        return None
+    return f"its {field or 'key'} {text[:80]!r} is not a plain name (torch would write it into generated Python code)"
+
+
+def _plain_sym_expr(text: str) -> bool:
+    """A sympy srepr of integer arithmetic on shape symbols (what torch.export writes); anything
+    else would run through sympify's eval."""
+    if len(text) > MAX_SYM_EXPR:
+        return False
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return _plain_sym_node(tree.body)
+
+
+def _plain_sym_node(node: ast.expr) -> bool:
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        return False
+    name, args, keywords = node.func.id, node.args, node.keywords
+    if name == "Symbol":
+        return (len(args) == 1 and _constant_of(args[0], str) and SYMBOL_NAME.fullmatch(args[0].value) is not None
+                and all(k.arg in SYMBOL_ASSUMPTIONS and _constant_of(k.value, bool) for k in keywords))
+    if name == "Integer":
+        arg = args[0] if len(args) == 1 else None
+        if isinstance(arg, ast.UnaryOp) and isinstance(arg.op, ast.USub):
+            arg = arg.operand
+        return not keywords and _constant_of(arg, int)
+    return name in SYM_FUNCTIONS and not keywords and bool(args) and all(_plain_sym_node(a) for a in args)
+
+
+def _constant_of(node: ast.expr | None, kind: type) -> bool:
+    """A literal of exactly this type (True is not an int here)."""
+    return isinstance(node, ast.Constant) and type(node.value) is kind
+
+
+def _plain_treespec(text: str) -> bool:
+    """A pytree spec (JSON) of tuples, lists, dicts and leaves: no other type is looked up."""
+    try:
+        spec = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    stack = [spec]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if "type" in value and value["type"] not in TREESPEC_TYPES:
+                return False
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return True
 
 
 @contextlib.contextmanager
@@ -428,23 +676,18 @@ def _load_torch_export(path: Path, device: torch.device) -> tuple[dict[str, Any]
     import pickle
 
     extra = {METADATA_NAME: ""}
-    check_program_archive(path)
+    data = read_program_archive(path)
     try:
-        with open(path, "rb") as f, _weights_only_loads():  # a file object: torch warns about names not ending in .pt2
-            program = torch.export.load(f, extra_files=extra)
+        with _weights_only_loads():  # a second line of defence behind read_program_archive
+            program = torch.export.load(io.BytesIO(data), extra_files=extra)
     except pickle.UnpicklingError:
-        raise UserError(f"refusing to load {path}: it contains pickled Python objects (e.g. in its sample inputs) "
-                        "that only unsafe unpickling could restore",
-                        hint="hiposeg programs hold plain tensors only. Do not load files from untrusted sources; "
-                             "export the model again.") from None
+        raise program_refusal(path, "it contains pickled Python objects that only unsafe unpickling could "
+                                    "restore") from None
     except Exception as e:  # noqa: BLE001 - any failure of the archive reader means the same to the user
         raise UserError(f"cannot load torch.export program {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                         hint="The file is damaged or from an incompatible PyTorch version: export it again "
                              "(the hiposeg format is the portable one).") from None
-    try:
-        meta = _check_metadata(json.loads(extra[METADATA_NAME] or "null"), path)
-    except json.JSONDecodeError:
-        meta = _check_metadata(None, path)
+    meta = _check_metadata(_metadata_json(extra[METADATA_NAME], path), path)
     if device.type != "cpu":
         from torch.export.passes import move_to_device_pass
 
@@ -470,16 +713,54 @@ def _read_onnx_metadata(path: Path) -> tuple[Any, dict[str, Any]]:
     import onnx
 
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)  # never read files the model names
     except Exception as e:  # noqa: BLE001 - protobuf decode errors have many types
         raise UserError(f"cannot read ONNX model {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                         hint="The file is damaged: export it again with `hiposeg export --format onnx`.") from None
+    _refuse_external_data(proto, path)
     props = {p.key: p.value for p in proto.metadata_props}
-    try:
-        meta = json.loads(props.get(METADATA_NAME, "null"))
-    except json.JSONDecodeError:
-        meta = None
-    return proto, _check_metadata(meta, path)
+    return proto, _check_metadata(_metadata_json(props.get(METADATA_NAME, ""), path), path)
+
+
+def _refuse_external_data(proto: Any, path: Path) -> None:
+    """hiposeg writes every ONNX tensor inline. A tensor stored "externally" names a file to read: onnx
+    reads it from beside the model, onnxruntime (given the model as bytes) from the working directory."""
+    for name in _external_tensors(proto):
+        raise UserError(f"refusing to load {path}: its tensor {name!r} is stored in an external file, which "
+                        "hiposeg models never use (the file it names would be read as weights)",
+                        hint="Export the model again with `hiposeg export --format onnx`; do not load files from "
+                             "untrusted sources.")
+
+
+def _external_tensors(proto: Any) -> Iterator[str]:
+    from onnx import TensorProto
+
+    for t in _all_tensors(proto):
+        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+            yield t.name
+
+
+def _all_tensors(proto: Any) -> Iterator[Any]:
+    """Every TensorProto of a ModelProto: initializers, sparse initializers and node attributes of
+    its graph, of every subgraph, and of its local functions."""
+    graphs, nodes = [proto.graph], [n for f in proto.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            g = graphs.pop()
+            yield from g.initializer
+            for sparse in g.sparse_initializer:
+                yield from (sparse.values, sparse.indices)
+            nodes.extend(g.node)
+            continue
+        for a in nodes.pop().attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sparse in [*([a.sparse_tensor] if a.HasField("sparse_tensor") else []), *a.sparse_tensors]:
+                yield from (sparse.values, sparse.indices)
+            if a.HasField("g"):
+                graphs.append(a.g)
+            graphs.extend(a.graphs)
 
 
 def _load_onnx(path: Path, device: torch.device) -> tuple[dict[str, Any], nn.Module]:

@@ -15,7 +15,6 @@ import io
 import json
 import subprocess
 import sys
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from crafted import Payload
 from faults import make_tiny_data, one_thread  # noqa: F401
 from hiposeg.cli import app
 from hiposeg.errors import UserError
@@ -33,16 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def squash(text: str) -> str:
     return "".join(text.split())
-
-
-class Payload:
-    """Unpickling this runs `open(marker, "w")`: the classic pickle code-execution payload."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
 def has_command(name: str) -> bool:
@@ -176,26 +166,23 @@ def test_commands_refuse_code_in_a_torch_export_archive(trained, tmp_path, comma
 
 
 def pickled_weight_program(path: Path, marker: Path) -> Path:
-    """A .pt2 whose weight entry says use_pickle and whose bytes are a code-running pickle."""
+    """A .pt2 whose weight entry says use_pickle and whose bytes are a code-running pickle (each
+    record stored once, so torch and Python read the same bytes)."""
     program = torch.export.export(torch.nn.Conv2d(3, 2, 1), (torch.zeros(1, 3, 8, 8),))
     clean = path.with_name("clean-w.pt2")
     torch.export.save(program, clean, extra_files={"hiposeg.json": "{}"})
     buf = io.BytesIO()
     torch.save(Payload(marker), buf)
-    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(path, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info)
-            if info.filename.endswith("weights/model_weights_config.json"):
-                cfg = json.loads(data)
-                first = next(iter(cfg["config"].values()))
-                first["use_pickle"] = True
-                data = json.dumps(cfg).encode()
-                target = first["path_name"]
-            dst.writestr(info, data)
-        name = next(n for n in src.namelist() if n.endswith(f"data/weights/{target}"))
-    with zipfile.ZipFile(path, "a") as dst, warnings.catch_warnings():  # the appended member wins on read
-        warnings.simplefilter("ignore", UserWarning)  # "Duplicate name"
-        dst.writestr(name, buf.getvalue())
+    with zipfile.ZipFile(clean) as src:
+        config_name = next(n for n in src.namelist() if n.endswith("weights/model_weights_config.json"))
+        cfg = json.loads(src.read(config_name))
+        first = next(iter(cfg["config"].values()))
+        first["use_pickle"] = True
+        target = config_name.replace("model_weights_config.json", first["path_name"])
+        with zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                data = {config_name: json.dumps(cfg).encode(), target: buf.getvalue()}.get(info.filename)
+                dst.writestr(info, src.read(info) if data is None else data)
     return path
 
 
@@ -204,7 +191,7 @@ def test_pickled_weights_in_a_torch_export_archive_are_refused_before_loading(tm
 
     marker = tmp_path / "PAYLOAD-RAN"
     model = pickled_weight_program(tmp_path / "w.pt2", marker)
-    with pytest.raises(UserError, match="would be unpickled"):
+    with pytest.raises(UserError, match="is not a plain tensor: torch would unpickle it"):
         load_inference_model(model)
     assert not marker.exists()
 
