@@ -101,8 +101,8 @@ def hierarchy_validate(
     from hiposeg.hierarchy import Hierarchy
 
     h = Hierarchy.from_file(file)
-    console.print(f"[green]valid[/green]: {file} — {h.name}: {h.summary()} "
-                  f"(train fine={h.fine_level!r}, coarse={h.coarse_level!r})")
+    console.print(Text.assemble(("valid", "green"), f": {file} — {h.name}: {h.summary()} "
+                                f"(train fine={h.fine_level!r}, coarse={h.coarse_level!r})"))
 
 
 # ------------------------------------------------------------------------------------------
