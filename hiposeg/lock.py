@@ -63,8 +63,11 @@ class DirectoryLock:
             return self
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never write through a link
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UserError(f"cannot use {self.what} {self.directory}: its lock file {self.path} is a symbolic "
+                                "link, and hiposeg never writes through one", hint="Remove the link.") from None
             raise UserError(f"cannot use {self.what} {self.directory}: {e.strerror or e}",
                             hint="Choose a folder you can write to.") from None
         try:

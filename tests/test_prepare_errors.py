@@ -482,3 +482,28 @@ def test_deeply_nested_json_in_the_output_folder_or_a_release_is_one_clear_error
     (vistas / "config_v2.0.json").write_text('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}")
     fails_with(("mapillary", vistas, "--out", tmp_path / "m"), vistas / "config_v2.0.json",
                "nests its values too deeply")
+
+
+def test_a_fifo_as_a_split_list_or_release_config_is_named(tmp_path, write_palette_png):
+    """Not taken for a missing file (a missing split, "not found"), and never opened (run in a
+    process of its own with a time limit: opening it would block forever)."""
+    from faults import run as run_process
+
+    raw = tmp_path / "gmnet"
+    (raw / "label108").mkdir(parents=True)
+    cv2.imwrite(str(raw / "label108/2008_000045.png"), np.full((8, 8), 3, np.uint8))
+    (raw / "JPEGImages").mkdir()
+    cv2.imwrite(str(raw / "JPEGImages/2008_000045.jpg"), np.zeros((8, 8, 3), np.uint8))
+    (raw / "val.txt").write_text("2008_000045\n")
+    os.mkfifo(raw / "train.txt")
+    vistas = tmp_path / "vistas"
+    _mapillary(vistas, write_palette_png)
+    (vistas / "config_v2.0.json").unlink()
+    os.mkfifo(vistas / "config_v2.0.json")
+    for source, release, fifo in (("pascal-part", raw, raw / "train.txt"),
+                                  ("mapillary", vistas, vistas / "config_v2.0.json")):
+        log = tmp_path / f"{source}.log"
+        args = ["prepare", source, str(release), "--out", str(tmp_path / source), "--workers", "1", "-q"]
+        assert run_process(args, log, timeout=120) == 2, log.read_text()
+        for needle in (fifo, "is a named pipe (FIFO)"):
+            assert squash(str(needle)) in squash(log.read_text()), (needle, log.read_text())

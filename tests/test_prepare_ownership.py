@@ -241,3 +241,41 @@ def test_a_worker_forked_by_the_owner_does_not_keep_the_lock(tmp_path):
         DirectoryLock(out, "prepared dataset folder").acquire().release()
     finally:
         os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("link", ["split folder", "journal", "lock file"])
+def test_symlinks_in_out_never_lead_writes_outside_it(raw, tmp_path, link):
+    """A link inside a hiposeg folder that points elsewhere: hiposeg refuses it rather than write
+    (or append, or truncate) through it; the target is untouched."""
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    prepare(Cityscapes(), raw, out, workers=1, quiet=True, limit=1)
+    victim.mkdir()
+    if link == "split folder":  # where a user put the split on another disk, say
+        for d in ("images", "fine", "coarse"):
+            (victim / d).mkdir()
+            (victim / d / "city1_000001_000019.png").write_bytes(b"precious")
+        needles = [out / "train", "leads outside --out"]
+        os.rename(out / "train", tmp_path / "train.old")
+        os.symlink(victim, out / "train")
+    else:
+        name = JOURNAL_NAME if link == "journal" else ".hiposeg.lock"
+        (victim / name).write_text((out / name).read_text())
+        (out / name).unlink()
+        os.symlink(victim / name, out / name)
+        needles = [out / name, "is a symlink" if link == "journal" else "is a symbolic link"]
+    before = snapshot(victim)
+    code, text = cli("prepare", "cityscapes", raw, "--out", out)
+    assert code == 2, text
+    for n in needles:
+        assert squash(str(n)) in squash(text), (n, text)
+    assert snapshot(victim) == before
+    if link == "split folder":
+        code, text = cli("prepare", "synthetic", "--out", tmp_path / "syn", "--train", "2", "--val", "1")
+        assert code == 0, text
+        os.symlink(victim, tmp_path / "syn/val.new")
+        os.rename(tmp_path / "syn/val", tmp_path / "val.old")
+        os.rename(tmp_path / "syn/val.new", tmp_path / "syn/val")
+        code, text = cli("prepare", "synthetic", "--out", tmp_path / "syn", "--train", "2", "--val", "1", "--seed", "3",
+                         "--overwrite")
+        assert code == 2 and "leadsoutside--out" in squash(text), text
+        assert snapshot(victim) == before

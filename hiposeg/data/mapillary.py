@@ -40,7 +40,7 @@ class Mapillary(Source):
     def check(self, raw: Path, hierarchy: Hierarchy) -> None:
         self._reject_v12(raw)
         path = raw / CONFIG
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"{path} not found: hiposeg checks the release's label order against the hierarchy",
                             hint=f"Expected {EXPECTED}; it ships at the root of the Mapillary Vistas 2.0 download. "
                                  f"Found in {raw}: {describe_dir(raw)}.")

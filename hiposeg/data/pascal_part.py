@@ -100,7 +100,7 @@ class PascalPart(Source):
                                            f"lists {rel['lists']}/)"])
         for split in SPLITS:
             list_file = lists_dir / f"{split}.txt"
-            if not list_file.is_file():
+            if not list_file.exists():  # a FIFO or folder of that name is an error in read_split_list
                 found.missing_splits.append(split)
                 continue
             stems = read_split_list(list_file)

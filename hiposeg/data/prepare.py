@@ -802,6 +802,9 @@ class Journal:
         A line that is not JSON was cut short by a kill: skipped, its item is redone. A JSON line that
         is not a record hiposeg writes (the journal was edited) is a UserError when `strict`, else
         skipped, so --overwrite can still clear what the valid records name."""
+        if path.is_symlink():
+            raise UserError(f"{path} is a symlink; hiposeg writes its journal as a file and never appends "
+                            "through a link", hint="Remove the link, or choose another --out.")
         try:
             f = open_regular(path)
         except FileNotFoundError:
@@ -1119,6 +1122,16 @@ def clear_prepared(state: OutputFolder, header: dict[str, Any]) -> list[str]:
     return user_files(out)
 
 
+def check_split_dirs_inside(out: Path, splits: Iterable[str]) -> None:
+    """Outputs are written only inside `out`: a split folder (or images/fine/coarse folder) that is a
+    symlink leading elsewhere would make hiposeg write over files outside it."""
+    for split in splits:
+        for d in [out / split, *_split_dirs(out, [split])]:
+            if d.exists() and not folder_inside(out, d):
+                raise UserError(f"{d} leads outside --out {out} (to {os.path.realpath(d)}); hiposeg writes only "
+                                "inside --out", hint="Remove that link, or choose another --out.")
+
+
 def remove_empty_split_dirs(out: Path, splits: Iterable[str]) -> None:
     """rmdir the images/fine/coarse folders and split folders that are empty (never a symlink's target)."""
     for split in splits:
@@ -1208,13 +1221,14 @@ def remove_temp_files(directory: Path) -> int:
     return n
 
 
-def open_output(out: Path, header: dict[str, Any], source: Source, raw: Path,
-                overwrite: bool) -> tuple[Journal, list[str]]:
-    """Under the folder's lock: check `out` may be written, clear it for --overwrite, and return its
-    journal (started, so the folder is recognisably hiposeg's before anything else is written) and
-    the files --overwrite kept."""
+def open_output(out: Path, header: dict[str, Any], source: Source, raw: Path, overwrite: bool,
+                splits: Iterable[str]) -> tuple[Journal, list[str]]:
+    """Under the folder's lock: check `out` may be written (its `splits` folders included), clear it for
+    --overwrite, and return its journal (started, so the folder is recognisably hiposeg's before
+    anything else is written) and the files --overwrite kept."""
     state = inspect_output(out, strict=not overwrite)
     check_may_write(state, f"data/{source.name}")
+    check_split_dirs_inside(out, splits)
     remove_scratch(out)
     journal_path = out / JOURNAL_NAME
     if not state.entries or overwrite:
@@ -1292,7 +1306,7 @@ def prepare(source: Source, raw: Path, out: Path, *, hierarchy: Hierarchy | str 
     check_may_write(inspect_output(out, strict=not overwrite), f"data/{source.name}")  # before the lock writes
     resume_hint = source.command(raw, out)
     with DirectoryLock(out, "prepared dataset folder"), output_errors(out, resume_hint):
-        journal, kept = open_output(out, header, source, raw, overwrite)
+        journal, kept = open_output(out, header, source, raw, overwrite, selected)
         for d in _split_dirs(out, selected):
             remove_temp_files(d)
         if not (out / HIERARCHY_NAME).exists():

@@ -50,7 +50,7 @@ import numpy as np
 
 from hiposeg.data.prepare import (
     HIERARCHY_NAME, JOURNAL_FORMAT, JOURNAL_NAME, MANIFEST_NAME, Journal, OutputFolder, WorkerPool, check_may_write,
-    class_counts, clear_prepared, default_workers, encode_png, histogram, inspect_output, manifest_dict, output_errors,
+    check_split_dirs_inside, class_counts, clear_prepared, default_workers, encode_png, histogram, inspect_output, manifest_dict, output_errors,
     progress_bar, remove_scratch,
 )
 from hiposeg.errors import UserError
@@ -348,6 +348,7 @@ def generate(out: Path, *, train: int = 500, val: int = 100, size: int = 128, se
             return Generated(out, state.manifest, True, [])  # type: ignore[arg-type]
         _check_target(state, options, overwrite)
         remove_scratch(out)
+        check_split_dirs_inside(out, SPLIT_CODES)
         kept = clear_prepared(state, header) if state.entries else []
         Journal.create(out / JOURNAL_NAME, header)
         manifest = _write_set(out, h, options, workers=workers, quiet=quiet)
