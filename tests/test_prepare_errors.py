@@ -474,7 +474,7 @@ def test_deeply_nested_json_in_the_output_folder_or_a_release_is_one_clear_error
     raw, _ = tmp_path / "raw", city_tree(tmp_path / "raw")
     for extra in ((), ("--overwrite",)):
         fails_with(("cityscapes", raw, "--out", out, *extra), "holds no hiposeg prepared dataset",
-                   f"{out / 'manifest.json'}: {out / 'manifest.json'} nests its values too deeply")
+                   f"({out / 'manifest.json'} nests its values too deeply")
     r = runner.invoke(app, ["prepare", "synthetic", "--out", str(out), "--overwrite", "-q"])
     assert r.exit_code == 2 and squash("nests its values too deeply") in squash(r.output), r.output
     vistas = tmp_path / "vistas"

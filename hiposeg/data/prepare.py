@@ -1016,16 +1016,18 @@ def is_scratch(name: str) -> bool:
 
 
 def read_own_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(the manifest, None) if `path` is a hiposeg manifest; (None, why not) if it is something else;
-    (None, None) if there is none."""
+    """(the manifest, None) if `path` is a hiposeg manifest; (None, why not, naming the file) if it is
+    something else; (None, None) if there is none."""
     try:
         data = load_json(read_regular_bytes(path), str(path))
     except FileNotFoundError:
         return None, None
-    except (OSError, BadFile, UserError) as e:
+    except OSError as e:
+        return None, f"{path}: {e.strerror or e}"
+    except (BadFile, UserError) as e:
         return None, str(e).splitlines()[0]
     problem = manifest_problem(data)
-    return (data, None) if problem is None else (None, problem)
+    return (data, None) if problem is None else (None, f"{path}: {problem}")
 
 
 def manifest_problem(data: Any) -> str | None:
@@ -1047,7 +1049,10 @@ def check_may_write(state: OutputFolder, suggestion: str) -> None:
     """Refuse a non-empty folder that is not provably hiposeg's, even with --overwrite."""
     if not state.entries or state.owned:
         return
-    why = f" ({state.path / MANIFEST_NAME}: {state.manifest_problem})" if state.manifest_problem else ""
+    reasons = [state.manifest_problem] if state.manifest_problem else []
+    if (state.path / JOURNAL_NAME).exists() and state.journal_header is None:
+        reasons.append(f"{state.path / JOURNAL_NAME}: no hiposeg journal header")
+    why = f" ({'; '.join(reasons)})" if reasons else ""
     shown = ", ".join(state.entries[:5]) + (f", ... ({len(state.entries)} entries)" if len(state.entries) > 5 else "")
     raise UserError(f"--out {state.path} is not empty and holds no hiposeg prepared dataset{why}; refusing to write "
                     f"into it, even with --overwrite (it holds: {shown})",
