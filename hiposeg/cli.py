@@ -102,8 +102,8 @@ def hierarchy_validate(
     from hiposeg.hierarchy import Hierarchy
 
     h = Hierarchy.from_file(file)
-    console.print(f"[green]valid[/green]: {file} — {h.name}: {h.summary()} "
-                  f"(train fine={h.fine_level!r}, coarse={h.coarse_level!r})")
+    console.print(Text.assemble(("valid", "green"), f": {file} — {h.name}: {h.summary()} "
+                                f"(train fine={h.fine_level!r}, coarse={h.coarse_level!r})"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -583,16 +583,15 @@ def prepare_synthetic(
     texture bank (body, glass, dark, stripe), so a part's label depends on the
     object around it. The same --seed gives byte-identical files.
     """
+    from hiposeg.data.prepare import kept_note, print_summary
     from hiposeg.data.synthetic import generate
 
-    from hiposeg.data.prepare import print_summary
-
-    before = (out / "manifest.json").read_text() if (out / "manifest.json").is_file() else None
-    generate(out, train=train, val=val, size=size, seed=seed, workers=workers, overwrite=overwrite, quiet=quiet)
-    after = (out / "manifest.json").read_text()
-    if after == before:
-        console.print(f"{out} already holds this synthetic set (same settings): nothing to do")
-    print_summary(json.loads(after), out, console)
+    made = generate(out, train=train, val=val, size=size, seed=seed, workers=workers, overwrite=overwrite, quiet=quiet)
+    if made.reused:
+        console.print(Text(f"{out} already holds this synthetic set (same settings): nothing to do"))
+        print_summary(made.manifest, out, console)
+        return
+    print_summary({**made.manifest, "_run": {"notes": kept_note(out, made.kept)}}, out, console)
 
 
 # ------------------------------------------------------------------------------------------

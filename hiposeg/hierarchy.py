@@ -18,18 +18,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from hiposeg.errors import UserError
+from hiposeg.safeload import load_json
 
 FORMAT = "hiposeg-hierarchy/1"
 MAX_RAW_VALUE = 65535  # label PNGs are 8- or 16-bit
+# Prepared label maps are 16-bit PNGs at most and 65535 is their ignore value: ids 0..65534.
+MAX_CLASSES_PER_LEVEL = 65535
 
 # --------------------------------------------------------------------------------------------
 # The file schema (Pydantic). Structural rules live here; cross-references are checked below.
@@ -39,12 +44,13 @@ MAX_RAW_VALUE = 65535  # label PNGs are 8- or 16-bit
 class ClassSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: int = Field(ge=0, description="contiguous id within its level, 0..K-1")
+    # Strict types: JSON `true` or `1.0` is not an id or a raw value (lax parsing would read them as 1).
+    id: StrictInt = Field(ge=0, description="contiguous id within its level, 0..K-1")
     name: str = Field(min_length=1)
-    color: tuple[int, int, int] = Field(description="display colour, RGB 0..255")
+    color: tuple[StrictInt, StrictInt, StrictInt] = Field(description="display colour, RGB 0..255")
     parent: str | None = Field(None, description="name of the parent class in the next level up")
-    raw: list[int] | None = Field(None, description="leaf level only: raw label values of this class")
-    evaluate: bool = Field(True, description="False for classes a benchmark does not score")
+    raw: list[StrictInt] | None = Field(None, description="leaf level only: raw label values of this class")
+    evaluate: StrictBool = Field(True, description="False for classes a benchmark does not score")
     description: str | None = None
 
     @field_validator("color")
@@ -82,7 +88,7 @@ class TrainLevels(BaseModel):
 class RawSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ignore: list[int] = Field(default_factory=list, description="raw values that mean 'ignore'")
+    ignore: list[StrictInt] = Field(default_factory=list, description="raw values that mean 'ignore'")
 
     @field_validator("ignore")
     @classmethod
@@ -167,17 +173,16 @@ class Hierarchy:
     def from_file(cls, path: str | Path) -> Hierarchy:
         path = Path(path)
         try:
+            check_readable_kind(path)
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UserError(f"hierarchy file not found: {path}",
                             hint=f"Give a path to a JSON file or one of the built-in names: {', '.join(builtin_names())}.") from None
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read hierarchy file {path}: {e}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"hierarchy file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}",
-                            hint="Fix the JSON syntax at that position (a trailing comma or a missing quote is the usual cause).") from None
+        data = load_json(text, f"hierarchy file {path}",
+                         hint="Fix the JSON syntax at that position (a trailing comma or a missing quote is the usual "
+                              "cause).")
         return cls.from_dict(data, path)
 
     @classmethod
@@ -360,6 +365,15 @@ class Hierarchy:
         return f"Hierarchy({self.name!r}: {self.summary()}; train fine={self.fine_level!r}, coarse={self.coarse_level!r})"
 
 
+def check_readable_kind(path: Path) -> None:
+    """A hierarchy is read from a regular file or a pipe (`<(...)`); a folder, device or socket is
+    refused before reading (a device such as /dev/zero would be read forever)."""
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a device or socket"
+        raise UserError(f"hierarchy file {path} is {kind}, not a file", hint="Give the path of a hierarchy JSON file.")
+
+
 # --------------------------------------------------------------------------------------------
 # Cross-reference checks: every message names the level, the class and the field.
 # --------------------------------------------------------------------------------------------
@@ -373,6 +387,10 @@ def _check(spec: HierarchySpec) -> list[str]:
         if lvl.name in seen_lvl:
             problems.append(f"{_where(spec, li)}: duplicate level name {lvl.name!r}")
         seen_lvl.add(lvl.name)
+        if len(lvl.classes) > MAX_CLASSES_PER_LEVEL:
+            problems.append(f"{_where(spec, li)}: {len(lvl.classes)} classes, but prepared label maps are 16-bit PNGs "
+                            f"in which {MAX_CLASSES_PER_LEVEL} means ignore, so a level holds at most "
+                            f"{MAX_CLASSES_PER_LEVEL} classes (ids 0..{MAX_CLASSES_PER_LEVEL - 1}): merge classes")
 
     for li, lvl in enumerate(spec.levels):
         by_name: dict[str, int] = {}
@@ -461,8 +479,23 @@ def _format_validation_error(e: ValidationError, data: Any) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see README.md 'Hierarchy files')"
+        elif err["type"] in ("int_type", "bool_type"):
+            msg = _wrong_type(err["input"], "an integer" if err["type"] == "int_type" else "true or false")
         lines.append(f"  - {where or '(top level)'}: {msg}")
     return "\n".join(lines)
+
+
+JSON_KINDS = {bool: "a boolean", int: "an integer", float: "a number with a decimal point", str: "a string",
+              list: "a list", dict: "an object", type(None): "null"}
+
+
+def _wrong_type(value: Any, expected: str) -> str:
+    """'got true (a boolean): write an integer' — the value as it is written in the JSON file."""
+    try:
+        shown = json.dumps(value)
+    except (TypeError, ValueError):
+        shown = repr(value)
+    return f"got {shown[:40]} ({JSON_KINDS.get(type(value), type(value).__name__)}): write {expected}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,20 @@ from typing import Any
 from hiposeg.errors import UserError
 
 LOCK_NAME = ".hiposeg.lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_held_in_child() -> None:
+    """A forked child (a worker pool, a DataLoader worker) inherits the lock's descriptor and would keep
+    the lock taken after its parent is killed: it closes its copies (which does not release the lock:
+    the parent's descriptor still holds it)."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 class DirectoryLock:
@@ -37,6 +51,7 @@ class DirectoryLock:
         self.path = self.directory / LOCK_NAME
         self.what = what
         self._fd: int | None = None
+        self._pid = os.getpid()
 
     @property
     def held(self) -> bool:
@@ -48,8 +63,11 @@ class DirectoryLock:
             return self
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never write through a link
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UserError(f"cannot use {self.what} {self.directory}: its lock file {self.path} is a symbolic "
+                                "link, and hiposeg never writes through one", hint="Remove the link.") from None
             raise UserError(f"cannot use {self.what} {self.directory}: {e.strerror or e}",
                             hint="Choose a folder you can write to.") from None
         try:
@@ -66,16 +84,20 @@ class DirectoryLock:
         with contextlib.suppress(OSError):  # the record is for messages only; a full disk must not block
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        self._fd = fd
+        self._fd, self._pid = fd, os.getpid()
+        _HELD.add(fd)
         return self
 
     def release(self) -> None:
         if self._fd is None:
             return
+        fd, self._fd = self._fd, None
+        if os.getpid() != self._pid:  # a forked copy of the owner: its descriptor was closed at the fork
+            return
+        _HELD.discard(fd)
         with contextlib.suppress(OSError):
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
     def __enter__(self) -> DirectoryLock:
         return self.acquire()

@@ -382,7 +382,7 @@ def test_malformed_json_names_line_and_column(tmp_path):
     with pytest.raises(UserError) as e:
         load_text(tmp_path, '{\n  "name": "toy",\n}\n')
     assert "not valid JSON" in e.value.message
-    assert "line 3, column 1" in e.value.message
+    assert "line 3 column 1" in e.value.message
     assert "h.json" in e.value.message
 
 
@@ -456,6 +456,21 @@ INVALID = {
                      ["format", "hiposeg-hierarchy/1"]),
     "duplicate level name": (lambda d: _set(d, ["levels", 1, "name"], "fine"),
                              ["duplicate level name 'fine'"]),
+    # JSON booleans and decimals are not ids or raw values (lax parsing read true as 1 and 2.0 as 2)
+    "id that is a boolean": (lambda d: _set(d, ["levels", 0, "classes", 1, "id"], True),
+                             ["levels[0].classes[1].id (class 'b')", "got true (a boolean): write an integer"]),
+    "raw value with a decimal point": (lambda d: _set(d, ["levels", 0, "classes", 1, "raw"], [2.0]),
+                                       ["levels[0].classes[1].raw[0] (class 'b')",
+                                        "got 2.0 (a number with a decimal point): write an integer"]),
+    "raw value that is a boolean": (lambda d: _set(d, ["levels", 0, "classes", 0, "raw"], [True]),
+                                    ["levels[0].classes[0].raw[0] (class 'a')", "got true (a boolean)"]),
+    "ignore value that is a boolean": (lambda d: _set(d, ["raw", "ignore"], [False]),
+                                       ["raw.ignore[0]", "got false (a boolean): write an integer"]),
+    "colour component that is a boolean": (lambda d: _set(d, ["levels", 0, "classes", 0, "color"], [True, 0, 0]),
+                                           ["levels[0].classes[0].color[0] (class 'a')", "got true (a boolean)"]),
+    "evaluate that is a number": (lambda d: _set(d, ["levels", 0, "classes", 0, "evaluate"], 1),
+                                  ["levels[0].classes[0].evaluate (class 'a')",
+                                   "got 1 (an integer): write true or false"]),
 }
 
 
@@ -467,6 +482,47 @@ def test_invalid_file_message(tmp_path, kind):
     assert "h.json" in msg
     for needle in needles:
         assert needle in msg, (kind, needle, msg)
+
+
+def test_an_id_that_is_a_boolean_is_not_taken_for_a_duplicate(tmp_path):
+    msg = error_of(tmp_path, mutate(lambda d: _set(d, ["levels", 0, "classes", 1, "id"], True)))
+    assert "got true (a boolean)" in msg and "duplicate" not in msg
+
+
+def test_deeply_nested_json_is_one_clear_error(tmp_path):
+    p = tmp_path / "deep.json"
+    p.write_text('{"name": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    r = runner.invoke(app, ["hierarchy", "validate", str(p)])
+    assert r.exit_code == 2, r.output
+    assert "".join(f"hierarchy file {p} nests its values too deeply".split()) in "".join(r.output.split())
+
+
+def test_a_folder_or_device_given_as_hierarchy_file_is_refused(tmp_path):
+    with pytest.raises(UserError, match=f"hierarchy file {tmp_path} is a folder, not a file"):
+        Hierarchy.from_file(tmp_path)
+    with pytest.raises(UserError, match="hierarchy file /dev/zero is a device or socket, not a file"):
+        Hierarchy.from_file("/dev/zero")  # read as text, it never ends
+
+
+def one_parent(n: int) -> dict:
+    """A 2-level hierarchy with `n` leaf classes under one top class."""
+    return {"name": "huge", "source": "test", "levels": [
+        {"name": "leaf", "classes": [{"id": i, "name": f"c{i}", "color": [0, 0, 0], "parent": "all"}
+                                     for i in range(n)]},
+        {"name": "top", "classes": [{"id": 0, "name": "all", "color": [0, 0, 0]}]}]}
+
+
+def test_a_level_must_fit_the_16_bit_label_maps_below_the_ignore_value(tmp_path):
+    """65535 classes: ids 0..65534, ignore 65535 (fits). 65536: the last id would be the ignore value,
+    and more would wrap around in 16-bit PNGs, so `hierarchy validate` refuses it."""
+    h = Hierarchy.from_dict(one_parent(65535))
+    assert h.ignore_index == 65535 and h.label_dtype == np.uint16 and h.num_fine - 1 < h.ignore_index
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(one_parent(65536)))
+    r = runner.invoke(app, ["hierarchy", "validate", str(path)])
+    assert r.exit_code == 2, r.output
+    assert ("levels[0] ('leaf'): 65536 classes, but prepared label maps are 16-bit PNGs in which 65535 means "
+            "ignore, so a level holds at most 65535 classes (ids 0..65534)") in flat(r.output)
 
 
 def test_not_an_object(tmp_path):
@@ -655,8 +711,25 @@ def test_cli_validate_malformed_json(tmp_path):
     p.write_text('{"name": "x",,}')
     result = runner.invoke(app, ["hierarchy", "validate", str(p)])
     assert result.exit_code == 2
-    assert "line 1, column 14" in flat(result.output)
+    assert "line 1 column 14" in flat(result.output)
     assert "Traceback" not in result.output
+
+
+def test_cli_prints_names_with_rich_markup_as_text(tmp_path):
+    """Level and class names (and file names) are data: `[/x]` or `[bold]` in them is printed as
+    written, never parsed as Rich markup (an unmatched closing tag used to end in MarkupError)."""
+    spec = mutate(lambda d: (_set(d, ["levels", 0, "name"], "[/fine]"), _set(d, ["levels", 1, "name"], "[bold]top"),
+                             _set(d, ["levels", 0, "classes", 0, "name"], "a[/]"),
+                             _set(d, ["train"], {"fine": "[/fine]", "coarse": "[bold]top"})))
+    p = tmp_path / "[red]h.json"
+    p.write_text(json.dumps(spec))
+    printed = {}
+    for command in ("validate", "show"):
+        result = runner.invoke(app, ["hierarchy", command, str(p)])
+        assert result.exit_code == 0, (command, result.output, result.exception)
+        printed[command] = "".join(result.output.split())
+        assert "[/fine]" in printed[command] and "[bold]top" in printed[command], (command, result.output)
+    assert "[red]h.json" in printed["validate"] and "a[/]" in printed["show"]
 
 
 def test_cli_show_unknown_name():

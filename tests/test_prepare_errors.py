@@ -310,3 +310,200 @@ def test_pascal_part_ambiguous_folders_are_named(tmp_path):
     assert "missing splits (not in RAW): val" in out
     m = json.loads((tmp_path / "o/manifest.json").read_text())
     assert m["options"] == {**m["options"], "layout": "gmnet", "labels": "parts_b", "images": "JPEGImages", "lists": "."}
+
+
+# ==========================================================================================
+# Issue "trust round 2": inputs that were dropped, misread or hung in silence.
+# ==========================================================================================
+
+
+def two_colours(tmp_path: Path) -> Path:
+    """Leaves a (raw 1, red) and b (raw 2, green) under x; raw 0 is ignore."""
+    spec = {"format": "hiposeg-hierarchy/1", "name": "two", "source": "test", "raw": {"ignore": [0]},
+            "levels": [{"name": "leaf", "classes": [
+                {"id": 0, "name": "a", "color": [255, 0, 0], "parent": "x", "raw": [1]},
+                {"id": 1, "name": "b", "color": [0, 128, 0], "parent": "x", "raw": [2]}]},
+                {"name": "top", "classes": [{"id": 0, "name": "x", "color": [0, 0, 0]}]}]}
+    (tmp_path / "two.json").write_text(json.dumps(spec))
+    return tmp_path / "two.json"
+
+
+def folder_raw(raw: Path, stems: dict[str, list[str]], value: int = 1) -> None:
+    """RAW/{split}/images/{stem}.png + RAW/{split}/masks/{stem}.png (4x4, every mask pixel `value`)."""
+    for split, names in stems.items():
+        (raw / split / "images").mkdir(parents=True, exist_ok=True)
+        (raw / split / "masks").mkdir(parents=True, exist_ok=True)
+        for stem in names:
+            cv2.imwrite(str(raw / split / "images" / f"{stem}.png"), np.zeros((4, 4, 3), np.uint8))
+            cv2.imwrite(str(raw / split / "masks" / f"{stem}.png"), np.full((4, 4), value, np.uint8))
+
+
+def test_two_images_with_one_stem_are_an_error_naming_both(tmp_path):
+    raw, h = tmp_path / "raw", two_colours(tmp_path)
+    folder_raw(raw, {"train": ["t0", "t1"], "val": ["v0"]})
+    cv2.imwrite(str(raw / "train/images/t0.jpg"), np.zeros((4, 4, 3), np.uint8))
+    fails_with(("folder", raw, "--hierarchy", h, "--out", tmp_path / "o"), "two files with the stem 't0'",
+               raw / "train/images/t0.jpg", raw / "train/images/t0.png", "Remove or rename one of them")
+    assert not (tmp_path / "o").exists()
+    city = tmp_path / "city"  # the same Cityscapes frame in two city folders
+    pairs = city_tree(city, n=1)
+    (pairs[0][0].parent.parent / "ulm_copy").mkdir()
+    shutil.copy(pairs[0][0], pairs[0][0].parent.parent / "ulm_copy")
+    fails_with(("cityscapes", city, "--out", tmp_path / "o"), "two files with the stem 'ulm_000000_000019'",
+               pairs[0][0], city / "leftImg8bit/val/ulm_copy/ulm_000000_000019_leftImg8bit.png")
+
+
+def test_an_image_renamed_in_raw_leaves_no_stale_image_behind(tmp_path):
+    """t0.jpg becomes t0.png between two runs: the rerun redoes t0 and removes its old image link,
+    so the prepared split holds one image per stem (a loader pairing by stem cannot pick the stale one)."""
+    raw, h = tmp_path / "raw", two_colours(tmp_path)
+    folder_raw(raw, {"train": ["t1"], "val": ["v0"]})
+    cv2.imwrite(str(raw / "train/images/t0.jpg"), np.zeros((4, 4, 3), np.uint8))
+    cv2.imwrite(str(raw / "train/masks/t0.png"), np.full((4, 4), 2, np.uint8))
+    for _ in range(2):
+        code, out = run("folder", raw, "--hierarchy", h, "--out", tmp_path / "o")
+        assert code == 0, out
+        (raw / "train/images/t0.jpg").unlink(missing_ok=True)
+        cv2.imwrite(str(raw / "train/images/t0.png"), np.zeros((4, 4, 3), np.uint8))
+    images = tmp_path / "o/train/images"
+    assert sorted(p.name for p in images.iterdir()) == ["t0.png", "t1.png"]
+    assert os.readlink(images / "t0.png") == str(raw / "train/images/t0.png")
+
+
+@pytest.mark.parametrize("which", ["masks", "images"])
+def test_a_fifo_among_the_raw_files_is_named_and_does_not_block(tmp_path, which):
+    """Opening a FIFO for reading blocks until a writer comes: the run used to hang forever."""
+    from faults import run as run_process
+
+    raw, h = tmp_path / "raw", two_colours(tmp_path)
+    folder_raw(raw, {"train": ["t0", "t1"], "val": ["v0"]})
+    fifo = raw / "train" / which / "t1.png"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    log = tmp_path / "log.txt"
+    args = ["prepare", "folder", str(raw), "--hierarchy", str(h), "--out", str(tmp_path / "o"), "--workers", "1", "-q"]
+    assert run_process(args, log, timeout=120) == 2, log.read_text()
+    text = squash(log.read_text())
+    for needle in (fifo, "is a named pipe (FIFO), not a regular file", "--skip-bad"):
+        assert squash(str(needle)) in text, (needle, log.read_text())
+    assert run_process([*args, "--skip-bad"], log, timeout=120) == 0, log.read_text()
+    skipped = json.loads((tmp_path / "o/manifest.json").read_text())["splits"]["train"]["skipped"]
+    assert [s["file"] for s in skipped] == [str(fifo)]
+
+
+def grey_alpha_png(path: Path, grey: np.ndarray, alpha: np.ndarray) -> Path:
+    """A colour-type-4 (grey + alpha) 8-bit PNG (OpenCV cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    h, w = grey.shape
+    rows = b"".join(b"\x00" + np.dstack([grey, alpha]).astype(np.uint8)[y].tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 4, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_grey_alpha_masks_are_index_maps_when_opaque_and_refused_otherwise(city, tmp_path):
+    """OpenCV decodes grey+alpha to 4 channels; it used to be reported as a colour image (or, as a
+    colour mask, as an unknown colour)."""
+    raw, pairs = city
+    for _, label in pairs:
+        grey_alpha_png(label, np.full((16, 32), 7, np.uint8), np.full((16, 32), 255, np.uint8))
+    code, out = run("cityscapes", raw, "--out", tmp_path / "o")
+    assert code == 0, out
+    fine = cv2.imread(str(tmp_path / "o/val/fine/ulm_000000_000019.png"), cv2.IMREAD_UNCHANGED)
+    assert fine.shape == (16, 32) and (fine == 0).all()  # labelId 7 is road, trainId 0
+    alpha = np.full((16, 32), 255, np.uint8)
+    alpha[0, :3] = 0
+    grey_alpha_png(pairs[1][1], np.full((16, 32), 7, np.uint8), alpha)
+    out = fails_with(("cityscapes", raw, "--out", tmp_path / "o2"), pairs[1][1],
+                     "is a grey+alpha PNG with 3 transparent or translucent pixel(s)", "single-channel (grey) PNG")
+    assert "colour" not in out
+    folder = tmp_path / "folder"
+    folder_raw(folder, {"train": ["t0"], "val": ["v0"]})
+    grey_alpha_png(folder / "train/masks/t0.png", np.full((4, 4), 2, np.uint8), np.full((4, 4), 255, np.uint8))
+    code, out = run("folder", folder, "--hierarchy", two_colours(tmp_path), "--out", tmp_path / "o3")
+    assert code == 0, out
+    assert (cv2.imread(str(tmp_path / "o3/train/fine/t0.png"), cv2.IMREAD_UNCHANGED) == 1).all()  # raw 2 -> b
+
+
+def test_sixteen_bit_colour_masks_match_and_report_colours_as_stored(tmp_path):
+    """A 16-bit colour c * 257 is the 8-bit class colour c; any other colour is reported with the
+    values in the file (the 8-bit packing used to shift 16-bit values into the next channel)."""
+    raw, h = tmp_path / "raw", two_colours(tmp_path)
+    folder_raw(raw, {"train": ["t0"], "val": ["v0"]})
+    rgb = np.zeros((4, 4, 3), np.uint16)
+    rgb[:2] = (255 * 257, 0, 0)  # class a
+    rgb[2:] = (0, 128 * 257, 0)  # class b
+    rgb[3, 3] = (0, 300, 0)  # no class: stored as (0, 300, 0)
+    for split, stem in (("train", "t0"), ("val", "v0")):
+        cv2.imwrite(str(raw / split / "masks" / f"{stem}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    fails_with(("folder", raw, "--hierarchy", h, "--out", tmp_path / "o"), "rgb(0,300,0) (2 px)",
+               raw / "train/masks/t0.png")
+    code, out = run("folder", raw, "--hierarchy", h, "--out", tmp_path / "o", "--unknown", "ignore")
+    assert code == 0, out
+    fine = cv2.imread(str(tmp_path / "o/train/fine/t0.png"), cv2.IMREAD_UNCHANGED)
+    expected = np.array([[0] * 4, [0] * 4, [1] * 4, [1, 1, 1, 255]], np.uint8)
+    np.testing.assert_array_equal(fine, expected)
+    m = json.loads((tmp_path / "o/manifest.json").read_text())
+    assert m["splits"]["train"]["unknown_values"] == {"rgb(0,300,0)": 1}
+
+
+def test_names_with_rich_markup_are_printed_as_text(tmp_path):
+    """A split folder `[bold]`, a file `[b].png` skipped as bad and an --out `o[/c]` (folder `o[`,
+    then `c]`): the summary prints them as written (the closing tag used to end in a MarkupError
+    traceback, the others were eaten as styles)."""
+    raw, h = tmp_path / "raw", two_colours(tmp_path)
+    folder_raw(raw, {"[bold]": ["t0", "[b]"], "val": ["v0"]})
+    (raw / "[bold]/masks/[b].png").write_bytes(b"")
+    out_dir = tmp_path / "o[" / "c]"
+    code, out = run("folder", raw, "--hierarchy", h, "--out", out_dir, "--skip-bad")
+    assert code == 0, out
+    text = squash(out)
+    for needle in ("│[bold]│", str(raw / "[bold]/masks/[b].png") + ":emptyfile", f"datasetready:{out_dir}"):
+        assert squash(needle) in text, (needle, out)
+
+
+def test_deeply_nested_json_in_the_output_folder_or_a_release_is_one_clear_error(tmp_path, write_palette_png):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    raw, _ = tmp_path / "raw", city_tree(tmp_path / "raw")
+    for extra in ((), ("--overwrite",)):
+        fails_with(("cityscapes", raw, "--out", out, *extra), "holds no hiposeg prepared dataset",
+                   f"({out / 'manifest.json'} nests its values too deeply")
+    r = runner.invoke(app, ["prepare", "synthetic", "--out", str(out), "--overwrite", "-q"])
+    assert r.exit_code == 2 and squash("nests its values too deeply") in squash(r.output), r.output
+    vistas = tmp_path / "vistas"
+    _mapillary(vistas, write_palette_png)
+    (vistas / "config_v2.0.json").write_text('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    fails_with(("mapillary", vistas, "--out", tmp_path / "m"), vistas / "config_v2.0.json",
+               "nests its values too deeply")
+
+
+def test_a_fifo_as_a_split_list_or_release_config_is_named(tmp_path, write_palette_png):
+    """Not taken for a missing file (a missing split, "not found"), and never opened (run in a
+    process of its own with a time limit: opening it would block forever)."""
+    from faults import run as run_process
+
+    raw = tmp_path / "gmnet"
+    (raw / "label108").mkdir(parents=True)
+    cv2.imwrite(str(raw / "label108/2008_000045.png"), np.full((8, 8), 3, np.uint8))
+    (raw / "JPEGImages").mkdir()
+    cv2.imwrite(str(raw / "JPEGImages/2008_000045.jpg"), np.zeros((8, 8, 3), np.uint8))
+    (raw / "val.txt").write_text("2008_000045\n")
+    os.mkfifo(raw / "train.txt")
+    vistas = tmp_path / "vistas"
+    _mapillary(vistas, write_palette_png)
+    (vistas / "config_v2.0.json").unlink()
+    os.mkfifo(vistas / "config_v2.0.json")
+    for source, release, fifo in (("pascal-part", raw, raw / "train.txt"),
+                                  ("mapillary", vistas, vistas / "config_v2.0.json")):
+        log = tmp_path / f"{source}.log"
+        args = ["prepare", source, str(release), "--out", str(tmp_path / source), "--workers", "1", "-q"]
+        assert run_process(args, log, timeout=120) == 2, log.read_text()
+        for needle in (fifo, "is a named pipe (FIFO)"):
+            assert squash(str(needle)) in squash(log.read_text()), (needle, log.read_text())

@@ -19,6 +19,7 @@ import hiposeg.data.prepare as prep
 from hiposeg.data.cityscapes import Cityscapes
 from hiposeg.data.prepare import JOURNAL_NAME, prepare
 from hiposeg.errors import UserError
+from hiposeg.lock import LOCK_NAME
 
 
 def make_raw(raw: Path, n_train: int, n_val: int, h: int = 32, w: int = 64) -> None:
@@ -38,13 +39,14 @@ def make_raw(raw: Path, n_train: int, n_val: int, h: int = 32, w: int = 64) -> N
 
 
 def outputs(out: Path) -> dict[str, bytes | str]:
-    """Every output file's bytes (links: their target), keyed by relative path; no temp files."""
+    """Every output file's bytes (links: their target), keyed by relative path; no temp files (the lock
+    file records who held it, so it is left out too)."""
     files: dict[str, bytes | str] = {}
     for p in sorted(out.rglob("*")):
         rel = str(p.relative_to(out))
         if p.is_symlink():
             files[rel] = os.readlink(p)
-        elif p.is_file() and p.name not in (JOURNAL_NAME, "manifest.json"):
+        elif p.is_file() and p.name not in (JOURNAL_NAME, "manifest.json", LOCK_NAME):
             files[rel] = p.read_bytes()
     return files
 
@@ -91,7 +93,7 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_redone(small, tmp_path):
     out = tmp_path / "out"
     prepare(Cityscapes(), raw, out, workers=1, quiet=True)
     fine = sorted((out / "train/fine").iterdir())
-    (out / "train/fine" / ".tmp-city0_000000_000019.png.x1y2").write_bytes(b"\x89PNG half")  # write in flight
+    (out / "train/fine" / ".tmp-city0_000000_000019.png.x1y2z3w4").write_bytes(b"\x89PNG half")  # write in flight
     (out / "val/images" / ".tmp-city0_000000_000019.png.4242").symlink_to("/nonexistent")  # link in flight
     with open(fine[1], "ab") as f:
         f.write(b"garbage")  # corrupted output: size no longer matches the journal

@@ -13,21 +13,24 @@ import pytest
 from typer.testing import CliRunner
 
 from hiposeg.cli import app
+from hiposeg.data.prepare import JOURNAL_NAME
 from hiposeg.data.synthetic import generate
+from hiposeg.lock import LOCK_NAME
 from hiposeg.hierarchy import Hierarchy
 
 runner = CliRunner()
 
 
 def files(root: Path) -> dict[str, bytes]:
+    """The dataset's files (not the manifest, with its creation time, nor the lock and journal)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and p.name != "manifest.json"}
+            and p.name not in ("manifest.json", LOCK_NAME, JOURNAL_NAME)}
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
-    a = generate(tmp_path / "a", train=6, val=3, size=64, seed=1, workers=1)
-    b = generate(tmp_path / "b", train=6, val=3, size=64, seed=1, workers=2)
-    c = generate(tmp_path / "c", train=6, val=3, size=64, seed=2, workers=1)
+    a = generate(tmp_path / "a", train=6, val=3, size=64, seed=1, workers=1).out
+    b = generate(tmp_path / "b", train=6, val=3, size=64, seed=1, workers=2).out
+    c = generate(tmp_path / "c", train=6, val=3, size=64, seed=2, workers=1).out
     fa, fb, fc = files(a), files(b), files(c)
     assert len(fa) == 1 + 3 * 9 and fa == fb
     assert fa["train/images/synthetic_train_00000.png"] != fc["train/images/synthetic_train_00000.png"]
@@ -37,7 +40,7 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
 
 
 def test_prepared_format_and_manifest(tmp_path):
-    root = generate(tmp_path / "syn", train=5, val=2, size=48, seed=0, workers=1)
+    root = generate(tmp_path / "syn", train=5, val=2, size=48, seed=0, workers=1).out
     m = json.loads((root / "manifest.json").read_text())
     h = Hierarchy.from_file(root / "hierarchy.json")
     assert m["source"] == "synthetic" and m["raw_root"] is None and m["missing_splits"] == []
@@ -60,7 +63,7 @@ def test_prepared_format_and_manifest(tmp_path):
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> tuple[Hierarchy, dict[str, np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    root = generate(tmp_path_factory.mktemp("s") / "syn", train=60, val=1, size=128, seed=0, workers=1)
+    root = generate(tmp_path_factory.mktemp("s") / "syn", train=60, val=1, size=128, seed=0, workers=1).out
     h = Hierarchy.from_file(root / "hierarchy.json")
     names = h.names(h.fine_level)
     pixels: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -130,8 +133,8 @@ def test_cli_prepare_synthetic(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other/mine.txt").write_text("keep")
     r = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "other"), "--overwrite", "-q"])
-    assert r.exit_code == 2 and "not a prepared dataset" in r.output
-    assert (tmp_path / "other/mine.txt").exists()
+    assert r.exit_code == 2 and "holds no hiposeg prepared dataset" in r.output
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["mine.txt"]
 
 
 def test_cli_prepare_synthetic_shows_progress_and_summary(tmp_path):

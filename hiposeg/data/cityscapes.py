@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.prepare import (Discovery, Source, check_dir, describe_dir, list_files, list_subdirs, pair_by_stem,
-                                  split_folders)
+from hiposeg.data.prepare import (Discovery, Source, add_unique, check_dir, describe_dir, list_files, list_subdirs,
+                                  pair_by_stem, split_folders)
 from hiposeg.errors import UserError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -68,9 +68,11 @@ class Cityscapes(Source):
         labels: dict[str, Path] = {}
         other_labels: list[str] = []
         for city in list_subdirs(img_dir):
-            images.update(list_files(city, [IMAGE_SUFFIX], strip=IMAGE_SUFFIX))
+            for stem, path in list_files(city, [IMAGE_SUFFIX], strip=IMAGE_SUFFIX).items():
+                add_unique(images, stem, path)  # the same frame in two city folders
         for city in list_subdirs(gt_dir):
-            labels.update(list_files(city, [LABEL_SUFFIX], strip=LABEL_SUFFIX))
+            for stem, path in list_files(city, [LABEL_SUFFIX], strip=LABEL_SUFFIX).items():
+                add_unique(labels, stem, path)
             if not labels:
                 other_labels += [p.name for p in list_files(city, ["_labelTrainIds.png", "_color.png"]).values()][:3]
         if images and not labels:

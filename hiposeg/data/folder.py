@@ -9,8 +9,13 @@ Layouts (masks are matched to images by file stem; sub-folders below these are n
 
 * an **index** PNG (8/16-bit grayscale, or a palette PNG read as its indices): pixel values are raw
   values of the hierarchy (its `raw` lists, or the leaf ids when it has none), or
-* a **colour** PNG (RGB/RGBA): each colour must be a leaf class colour of the hierarchy; any other
-  colour is an error naming it (or, with `--unknown ignore`, maps to ignore and is counted).
+* a **colour** PNG (RGB/RGBA, 8 or 16 bits per channel; alpha is not read): each colour must be a
+  leaf class colour of the hierarchy; any other colour is an error naming it as stored in the file
+  (or, with `--unknown ignore`, maps to ignore and is counted). A 16-bit colour matches the 8-bit
+  class colour c when it stores c * 257 (the exact 16-bit form of c, as image editors save it).
+
+A grey+alpha PNG is an index map with an alpha channel: read as its grey values when every pixel is
+opaque, else refused (see `prepare.read_label_file`).
 
 With a flat layout, `--val-fraction F` (default 0.1) sends each image to `val` with probability F,
 decided by a hash of (seed, stem): the same files always land in the same split, and adding files
@@ -31,7 +36,7 @@ from hiposeg.data.prepare import (
     pair_by_stem, partner_in, read_label_file,
 )
 from hiposeg.errors import UserError
-from hiposeg.hierarchy import Hierarchy
+from hiposeg.hierarchy import MAX_RAW_VALUE, Hierarchy
 
 MASK_DIRS = ("masks", "labels", "annotations")
 EXPECTED = ("RAW/{train,val,...}/images/* + RAW/{train,val,...}/masks/*.png, or RAW/images/* + RAW/masks/*.png "
@@ -136,7 +141,7 @@ class ColourOrIndexReader:
 
     colours: np.ndarray  # sorted packed 0xRRGGBB of the leaf classes
     codes: np.ndarray  # raw value standing for each of those colours
-    unknown_code: int  # a raw value the hierarchy does not know (stands for unknown colours)
+    unknown_code: int  # a raw value that maps to ignore, standing for unknown colours
     duplicates: tuple[str, ...]  # colours shared by several leaves (ambiguous in colour masks)
 
     @classmethod
@@ -155,9 +160,7 @@ class ColourOrIndexReader:
                 dup.append(f"rgb{tuple(c.color)}")
             packed.setdefault(key, leaf_raw[c.id])
         order = sorted(packed)
-        known = h.known_raw_values()
-        unknown_code = next(v for v in range(65536) if v not in known)
-        return cls(np.array(order, np.uint32), np.array([packed[k] for k in order], np.int64), unknown_code,
+        return cls(np.array(order, np.uint32), np.array([packed[k] for k in order], np.int64), stand_in_code(h),
                    tuple(dup))
 
     def __call__(self, path: Path) -> Decoded:
@@ -168,14 +171,44 @@ class ColourOrIndexReader:
             raise BadFile(path, f"is a colour mask, but the hierarchy gives the same colour to several classes "
                                 f"({', '.join(self.duplicates[:4])}): give each leaf class its own colour, or use "
                                 "index masks")
-        bgr = values[..., :3].astype(np.uint32)
-        packed = (bgr[..., 2] << 16) | (bgr[..., 1] << 8) | bgr[..., 0]
+        bgr = values[..., :3]
+        eight, exact = eight_bit_colours(bgr)
+        packed = (eight[..., 2] << 16) | (eight[..., 1] << 8) | eight[..., 0]
         pos = np.searchsorted(self.colours, packed).clip(0, len(self.colours) - 1)
-        hit = self.colours[pos] == packed
+        hit = (self.colours[pos] == packed) & exact
         codes = np.where(hit, self.codes[pos], self.unknown_code)
         dtype = np.uint8 if max(int(self.codes.max(initial=0)), self.unknown_code) <= 255 else np.uint16
-        unknown: dict[str, int] = {}
-        if not hit.all():
-            cols, counts = np.unique(packed[~hit], return_counts=True)
-            unknown = {f"rgb({c >> 16},{(c >> 8) & 255},{c & 255})": int(n) for c, n in zip(cols.tolist(), counts)}
-        return Decoded(codes.astype(dtype), unknown)
+        return Decoded(codes.astype(dtype), unknown_colours(bgr[~hit]))
+
+
+def eight_bit_colours(bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(8-bit channel values as uint32, where they are exact) of a decoded colour mask: 16-bit
+    channels hold the 8-bit value c as c * 257; any other 16-bit value matches no class colour."""
+    if bgr.dtype == np.uint8:
+        return bgr.astype(np.uint32), np.ones(bgr.shape[:2], bool)
+    return (bgr // 257).astype(np.uint32), (bgr % 257 == 0).all(axis=-1)
+
+
+def unknown_colours(bgr: np.ndarray) -> dict[str, int]:
+    """{"rgb(r,g,b)": pixels} for (N, 3) BGR pixels, with the values as stored (8- or 16-bit)."""
+    if not len(bgr):
+        return {}
+    wide = bgr.astype(np.uint64)
+    packed = (wide[:, 2] << 32) | (wide[:, 1] << 16) | wide[:, 0]
+    cols, counts = np.unique(packed, return_counts=True)
+    return {f"rgb({c >> 32},{(c >> 16) & 0xFFFF},{c & 0xFFFF})": int(n) for c, n in zip(cols.tolist(), counts)}
+
+
+def stand_in_code(h: Hierarchy) -> int:
+    """A raw value that maps to ignore, to stand for pixels of unknown colours: the first value the
+    hierarchy does not know (with --unknown ignore, unknown values map to ignore), else its first
+    raw ignore value. A hierarchy that maps all 65536 values to classes leaves none."""
+    known = h.known_raw_values()
+    free = next((v for v in range(MAX_RAW_VALUE + 1) if v not in known), None)
+    if free is not None:
+        return free
+    if h.raw_ignore:
+        return h.raw_ignore[0]
+    raise UserError(f"hierarchy {h.name!r} maps every 16-bit raw value 0..{MAX_RAW_VALUE} to a class, so colour "
+                    "masks have no value left for colours it does not know",
+                    hint="List one raw value under raw.ignore, or use index masks.")

@@ -17,13 +17,14 @@ does not score (`"evaluate": false`: ambiguous/group/unlabeled) to ignore.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.prepare import Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in
+from hiposeg.data.prepare import (BadFile, Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem,
+                                  partner_in, read_regular_bytes)
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
+from hiposeg.safeload import load_json
 
 RELEASE_SPLITS = {"train": "training", "val": "validation"}
 CONFIG = "config_v2.0.json"
@@ -39,14 +40,14 @@ class Mapillary(Source):
     def check(self, raw: Path, hierarchy: Hierarchy) -> None:
         self._reject_v12(raw)
         path = raw / CONFIG
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"{path} not found: hiposeg checks the release's label order against the hierarchy",
                             hint=f"Expected {EXPECTED}; it ships at the root of the Mapillary Vistas 2.0 download. "
                                  f"Found in {raw}: {describe_dir(raw)}.")
         try:
-            labels = json.loads(path.read_text(encoding="utf-8"))["labels"]
-            entries = [(str(x["name"]), str(x.get("readable", ""))) for x in labels]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            data = load_json(read_regular_bytes(path), str(path), hint="Restore the file from the download.")
+            entries = [(str(x["name"]), str(x.get("readable", ""))) for x in data["labels"]]
+        except (OSError, BadFile, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{path} is not a Mapillary config (a JSON object with a 'labels' list of "
                             f"{{name, readable, color, ...}}): {e}", hint="Restore the file from the download.") from None
         check_config_matches(path, entries, hierarchy)

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from hiposeg.data.prepare import (
-    IMAGE_EXTS, BadFile, Discovery, Item, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in,
-    png_header, split_folders,
+    IMAGE_EXTS, BadFile, Discovery, Item, Source, check_dir, describe_dir, list_files, open_regular, pair_by_stem,
+    partner_in, png_header, read_regular_bytes, split_folders,
 )
 from hiposeg.errors import UserError
 
@@ -100,7 +100,7 @@ class PascalPart(Source):
                                            f"lists {rel['lists']}/)"])
         for split in SPLITS:
             list_file = lists_dir / f"{split}.txt"
-            if not list_file.is_file():
+            if not list_file.exists():  # a FIFO or folder of that name is an error in read_split_list
                 found.missing_splits.append(split)
                 continue
             stems = read_split_list(list_file)
@@ -176,26 +176,26 @@ def scan_release(raw: Path) -> tuple[list[Path], list[Path], list[Path]]:
 
 def _is_index_png(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             header = png_header(f.read(32))
-    except OSError:
+    except (OSError, BadFile):
         return False
     return header is not None and header.is_index_map
 
 
 def _is_voc_list(path: Path) -> bool:
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            first = next((line.split()[0] for line in f if line.strip()), "")
-    except OSError:
+        with open_regular(path) as f:
+            first = next((line.split()[0] for line in f if line.strip()), b"").decode("utf-8", "replace")
+    except (OSError, BadFile):
         return False
     return bool(VOC_ID.match(first))
 
 
 def read_split_list(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        lines = read_regular_bytes(path).decode("utf-8").splitlines()
+    except (OSError, BadFile, UnicodeDecodeError) as e:
         raise UserError(f"cannot read split list {path}: {e}") from None
     stems = []
     for n, line in enumerate(lines, 1):

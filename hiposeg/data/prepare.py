@@ -5,7 +5,11 @@ One converter module per release (`cityscapes.py`, `ade20k.py`, ...) only *disco
 here and is the same for every source:
 
 1. **Check** the input: RAW exists, `--out` is not inside RAW (raw data is never written), the
-   output folder is empty or was made by the same command (else `--overwrite`).
+   output folder is new, empty or provably hiposeg's (its manifest or journal; any other folder is
+   refused, even with `--overwrite`, before anything is written there), made by the same command
+   (else `--overwrite`, which removes only what hiposeg wrote). One process at a time holds the
+   folder (`hiposeg.lock`); the journal is started first, so the folder is recognisably hiposeg's
+   before any other file is written.
 2. **Convert** each pair in a pool of worker processes (`--workers`, default: all cores): decode
    the label, map raw values -> fine -> coarse ids with look-up tables (cv2.LUT / numpy indexing;
    no per-pixel Python), count pixels per class from the raw histogram, write both PNGs
@@ -17,8 +21,8 @@ here and is the same for every source:
 4. **Manifest**: `DATA/manifest.json` (counts, per-class pixels at both levels, unknown values,
    skipped files, hierarchy hash, options, version) is written last; its presence means "done".
 
-Per-file problems (unreadable, truncated or empty files, size mismatches, colour labels where an
-index map is expected, missing partners) are collected and reported together with the file and
+Per-file problems (unreadable, truncated or empty files, FIFOs or devices where a file is expected,
+size mismatches, colour labels where an index map is expected, missing partners) are collected and reported together with the file and
 the fix; `--skip-bad` skips them instead and lists them in the manifest. Raw values the hierarchy
 does not know are an error naming the values and the first files, or, with `--unknown ignore`,
 mapped to ignore and counted in the manifest.
@@ -35,6 +39,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 import time
@@ -54,6 +59,8 @@ from hiposeg import __version__
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.io import TMP_PREFIX, atomic_open, atomic_write_bytes, atomic_write_json
+from hiposeg.lock import LOCK_NAME, DirectoryLock
+from hiposeg.safeload import load_json
 
 JOURNAL_NAME = ".prepare-journal.jsonl"
 JOURNAL_FORMAT = "hiposeg-prepare-journal/1"
@@ -94,7 +101,7 @@ class BadFile(Exception):
 # ==========================================================================================
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_GRAY, PNG_PALETTE = 0, 3  # IHDR colour types
+PNG_GRAY, PNG_PALETTE, PNG_GRAY_ALPHA = 0, 3, 4  # IHDR colour types
 
 
 @dataclass(frozen=True)
@@ -170,9 +177,42 @@ def encode_png(array: np.ndarray) -> bytes:
 # ==========================================================================================
 
 
+_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of this st_mode is when it is not a regular file ("a named pipe (FIFO)", ...), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+def open_regular(path: Path) -> Any:
+    """Open a file for reading in binary mode, only if it is a regular file (after symlinks): a FIFO
+    would block the open (and the run) forever, a device could be read forever. Checked with stat
+    before opening, and again on the open descriptor (opened non-blocking, so a file swapped for a
+    FIFO in between cannot block either). BadFile names the file and what it is."""
+    kind = not_regular(os.stat(path).st_mode)
+    if kind is None:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        kind = not_regular(os.fstat(fd).st_mode)
+        if kind is None:
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        os.close(fd)
+    raise BadFile(path, f"is {kind}, not a regular file: replace it with the real file or remove it")
+
+
+def read_regular_bytes(path: Path) -> bytes:
+    """All bytes of a regular file (see `open_regular`); OSError as from `open`."""
+    with open_regular(path) as f:
+        return f.read()
+
+
 def read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        data = read_regular_bytes(path)
     except OSError as e:
         raise unreadable(path, e) from None
     if not data:
@@ -181,16 +221,34 @@ def read_bytes(path: Path) -> bytes:
 
 
 def read_label_file(path: Path) -> np.ndarray:
-    """Decode a label PNG (see `decode_label_png`); BadFile if empty, truncated or corrupt."""
+    """Decode a label PNG (see `decode_label_png`); BadFile if empty, truncated or corrupt.
+
+    A grey+alpha PNG is an index map that an editor saved with an alpha channel: its grey values are
+    the labels when every pixel is opaque; with transparent pixels the labels there are undefined, so
+    it is refused (never taken for a colour image)."""
     data = read_bytes(path)
-    if png_header(data) is None:
+    header = png_header(data)
+    if header is None:
         raise BadFile(path, "not a PNG file: label maps must be lossless PNGs")
     if not png_is_complete(data):
         raise BadFile(path, "truncated: the PNG ends before its IEND chunk (incomplete copy or download)")
     values = decode_label_png(data)
     if values is None:
         raise BadFile(path, "corrupt PNG: OpenCV cannot decode it")
+    if header.color_type == PNG_GRAY_ALPHA:
+        return opaque_grey(values, path)
     return values
+
+
+def opaque_grey(values: np.ndarray, path: Path) -> np.ndarray:
+    """The grey channel of a decoded grey+alpha PNG (OpenCV returns it as B=G=R + alpha), if opaque."""
+    alpha = values[..., 3]
+    transparent = int(np.count_nonzero(alpha != np.iinfo(values.dtype).max))
+    if transparent:
+        raise BadFile(path, f"is a grey+alpha PNG with {transparent} transparent or translucent pixel(s): its grey "
+                            "values are read as class ids only when every pixel is opaque; save it as a "
+                            "single-channel (grey) PNG")
+    return np.ascontiguousarray(values[..., 0])
 
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -228,10 +286,10 @@ def probe_image(path: Path) -> tuple[int, int]:
     """(height, width) of an image from its header (PNG, JPEG); checks the file is complete (PNG
     IEND / JPEG EOI) and that a JPEG's compressed data is undamaged. Other formats are decoded by cv2."""
     try:
-        size = path.stat().st_size
-        if size == 0:
-            raise BadFile(path, "empty file (0 bytes): re-extract or re-download it")
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise BadFile(path, "empty file (0 bytes): re-extract or re-download it")
             head = f.read(32)
             if head.startswith(PNG_SIGNATURE):
                 header = png_header(head)
@@ -294,18 +352,52 @@ def file_signature(path: Path) -> list[int]:
 
 
 # ==========================================================================================
+# Names that become paths. A split or stem read from a RAW layout, a manifest or a journal names a
+# folder or file under --out; one that is not a plain name could reach outside it (`../x`, `/x`).
+# ==========================================================================================
+
+
+def is_plain_name(name: Any) -> bool:
+    """A non-empty string naming one entry of a folder: no path separator or NUL, not `.` or `..`
+    (which also rules out absolute paths)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name and "/" not in name
+            and (os.altsep is None or os.altsep not in name))
+
+
+def plain_name(name: Any, what: str, source: str | os.PathLike, hint: str) -> str:
+    """`name` if `is_plain_name`, else a UserError naming where it was read (`source`) and the fix."""
+    if not is_plain_name(name):
+        raise UserError(f"{source}: {what} {name!r} is not a plain folder or file name (it must not be empty, "
+                        "'.' or '..', nor contain '/' or NUL)", hint=hint)
+    return name
+
+
+def folder_inside(root: Path, folder: Path) -> bool:
+    """Whether `folder` is, after resolving symlinks, `root` or below it. A file in it can be removed
+    without touching anything outside `root` (unlinking a symlink removes the link only)."""
+    real_root, real = os.path.realpath(root), os.path.realpath(folder)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+# ==========================================================================================
 # Discovery helpers used by the source modules.
 # ==========================================================================================
+
+RAW_NAME_HINT = "Rename the file or folder in RAW."
 
 
 @dataclass(frozen=True)
 class Item:
-    """One (image, label) pair to prepare."""
+    """One (image, label) pair to prepare; its split and stem name the output files."""
 
     split: str
     stem: str
     image: Path
     label: Path
+
+    def __post_init__(self) -> None:
+        plain_name(self.split, "split", self.image, RAW_NAME_HINT)
+        plain_name(self.stem, "file stem", self.image, RAW_NAME_HINT)
 
 
 @dataclass
@@ -360,7 +452,8 @@ def check_dir(path: Path, what: str) -> bool:
 
 def list_files(directory: Path, suffixes: Iterable[str], strip: str = "") -> dict[str, Path]:
     """{stem: path} of the files in `directory` (not recursive) whose name ends with one of
-    `suffixes` (case-insensitive); `strip` removes a fixed name ending from the stem."""
+    `suffixes` (case-insensitive); `strip` removes a fixed name ending from the stem. Two files with
+    one stem (`t0.jpg` and `t0.png`) are a UserError naming both: files pair by stem."""
     suffixes = tuple(s.lower() for s in suffixes)
     out: dict[str, Path] = {}
     try:
@@ -372,8 +465,17 @@ def list_files(directory: Path, suffixes: Iterable[str], strip: str = "") -> dic
         if name.startswith(".") or not name.lower().endswith(suffixes):
             continue
         stem = name[: -len(strip)] if strip and name.endswith(strip) else os.path.splitext(name)[0]
-        out[stem] = Path(e.path)
+        add_unique(out, stem, Path(e.path))
     return out
+
+
+def add_unique(files: dict[str, Path], stem: str, path: Path) -> None:
+    """files[stem] = path; a UserError naming both files if the stem is taken already."""
+    if stem in files:
+        raise UserError(f"two files with the stem {stem!r}: {files[stem]} and {path}; hiposeg pairs images and "
+                        "labels by file stem, so it cannot tell which one to use",
+                        hint="Remove or rename one of them (or move it out of RAW).")
+    files[stem] = path
 
 
 def list_subdirs(directory: Path) -> list[Path]:
@@ -575,6 +677,7 @@ def convert_item(job: Job, item: Item) -> dict[str, Any]:
     atomic_write_bytes(paths["fine"], fine)
     atomic_write_bytes(paths["coarse"], coarse)
     rec["image"] = link_or_copy_image(item.image, paths["images"], job.copy)
+    rec["image_name"] = paths["images"].name
     rec["fine"] = [len(fine), hashlib.sha256(fine).hexdigest()]
     rec["coarse"] = [len(coarse), hashlib.sha256(coarse).hexdigest()]
     fine_counts, ignore = class_counts(hist, job.lut_out_fine, job.ignore_index)
@@ -693,38 +796,60 @@ class Journal:
         self._last_sync = 0.0
 
     @staticmethod
-    def read(path: Path) -> tuple[dict[str, Any] | None, dict[tuple[str, str], dict[str, Any]]]:
-        if not path.exists():
+    def read(path: Path, *, strict: bool = True) -> tuple[dict[str, Any] | None, dict[tuple[str, str], dict[str, Any]]]:
+        """(header, records by (split, stem)); header None if there is no journal or it is not hiposeg's.
+
+        A line that is not JSON was cut short by a kill: skipped, its item is redone. A JSON line that
+        is not a record hiposeg writes (the journal was edited) is a UserError when `strict`, else
+        skipped, so --overwrite can still clear what the valid records name."""
+        if path.is_symlink():
+            raise UserError(f"{path} is a symlink; hiposeg writes its journal as a file and never appends "
+                            "through a link", hint="Remove the link, or choose another --out.")
+        try:
+            f = open_regular(path)
+        except FileNotFoundError:
             return None, {}
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}", hint="Choose an --out you can read.") from None
+        except BadFile as e:
+            raise UserError(f"{e}", hint="hiposeg writes its journal as a regular file: remove this one, or "
+                                         "choose another --out.") from None
         header, records = None, {}
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the last line of a killed run may be cut short
-                if i == 0:
-                    header = obj if obj.get("journal") == JOURNAL_FORMAT else None
+        with f:
+            for n, raw_line in enumerate(f, 1):
+                obj = _json_line(raw_line, path, n)
+                if n == 1:
+                    header = obj if journal_header_problem(obj) is None else None
                     if header is None:
                         break
                     continue
-                records[(obj["split"], obj["stem"])] = obj
+                if obj is None:
+                    continue
+                problem = journal_record_problem(obj)
+                if problem is None:
+                    records[(obj["split"], obj["stem"])] = obj
+                elif strict:
+                    raise UserError(f"{path}, line {n}: not a record hiposeg writes ({problem})",
+                                    hint=f"The journal was edited. Rerun with --overwrite to prepare "
+                                         f"{path.parent} again (hiposeg removes only the files its valid "
+                                         "records name), or choose another --out.")
         return header, records
 
-    def open_for_append(self, fresh: bool) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh:
-            with atomic_open(self.path, "w") as f:
-                f.write(json.dumps(self.header) + "\n")
+    @staticmethod
+    def create(path: Path, header: dict[str, Any]) -> None:
+        """Start a journal (atomically): from here on the folder is recognisably hiposeg's."""
+        with atomic_open(path, "w") as f:
+            f.write(json.dumps(header) + "\n")
+
+    def open_for_append(self) -> None:
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if not fresh:
-            # a record cut short by a kill would glue onto the next one: end it with a newline
-            with open(self.path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                if f.tell():
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        self._f.write("\n")
+        # a record cut short by a kill would glue onto the next one: end it with a newline
+        with open(self.path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._f.write("\n")
 
     def append(self, record: dict[str, Any]) -> None:
         assert self._f is not None
@@ -748,6 +873,64 @@ class Journal:
                 os.fsync(f.fileno())
 
 
+def _json_line(line: bytes, path: Path, n: int) -> Any:
+    """One journal line parsed with bounded nesting; None if it is not JSON (cut short by a kill)."""
+    try:
+        return load_json(line, f"{path}, line {n}")
+    except UserError:
+        return None
+
+
+def journal_header_problem(obj: Any) -> str | None:
+    """Why `obj` is not the first line of a hiposeg journal, or None."""
+    if not isinstance(obj, dict) or obj.get("journal") != JOURNAL_FORMAT:
+        return f'no "journal": "{JOURNAL_FORMAT}"'
+    if not isinstance(obj.get("source"), str) or not isinstance(obj.get("options"), dict):
+        return "no source or options"
+    return None
+
+
+def journal_record_problem(obj: Any) -> str | None:
+    """Why `obj` is not a journal record as `convert_item` / `run_jobs` write them, or None."""
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    for key in ("split", "stem"):
+        if not is_plain_name(obj.get(key)):
+            return f"{key} {obj.get(key)!r} is not a plain folder or file name"
+    if not _ints(obj.get("src"), 4):
+        return "src is not 4 integers"
+    if "skipped" in obj:
+        bad = obj["skipped"]
+        ok = isinstance(bad, dict) and isinstance(bad.get("file"), str) and isinstance(bad.get("reason"), str)
+        return None if ok else "skipped is not {file, reason}"
+    image = obj.get("image")
+    kinds = (("link", str), ("copy", int))
+    if not (isinstance(image, list) and len(image) == 2 and (image[0], type(image[1])) in kinds):
+        return "image is not [link, target] or [copy, size]"
+    name = obj.get("image_name")
+    if "image_name" in obj and not (is_plain_name(name) and os.path.splitext(name)[0] == obj["stem"]):
+        return f"image_name {name!r} is not the stem plus an extension"
+    for level in ("fine", "coarse"):
+        v = obj.get(level)
+        if not (isinstance(v, list) and len(v) == 2 and _ints(v[:1], 1) and isinstance(v[1], str)):
+            return f"{level} is not [size, sha256]"
+    pixels = obj.get("pixels")
+    if not (isinstance(pixels, dict) and _counts(pixels.get("fine"), ids=True)
+            and _counts(pixels.get("coarse"), ids=True) and _ints([pixels.get("ignore")], 1)):
+        return "pixels is not {fine, coarse, ignore} counts"
+    return None if _counts(obj.get("unknown"), ids=False) else "unknown is not {value: count}"
+
+
+def _ints(values: Any, n: int) -> bool:
+    return isinstance(values, list) and len(values) == n and all(type(v) is int for v in values)
+
+
+def _counts(d: Any, *, ids: bool) -> bool:
+    """{key: int} (keys decimal class ids when `ids`)."""
+    return isinstance(d, dict) and all(type(v) is int and (not ids or (k.isascii() and k.isdigit()))
+                                       for k, v in d.items())
+
+
 def record_is_current(rec: dict[str, Any], item: Item, out: Path, copy: bool) -> bool:
     """A journaled item is done if its raw files are unchanged and its outputs are on disk as
     journaled: label PNGs with the same size and sha256 (they are small: hashing them costs little
@@ -758,8 +941,8 @@ def record_is_current(rec: dict[str, Any], item: Item, out: Path, copy: bool) ->
     for level in ("fine", "coarse"):
         size, digest = rec[level]
         try:
-            data = paths[level].read_bytes()
-        except OSError:
+            data = read_regular_bytes(paths[level])
+        except (OSError, BadFile):
             return False
         if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
             return False
@@ -770,6 +953,224 @@ def record_is_current(rec: dict[str, Any], item: Item, out: Path, copy: bool) ->
         return copy and not paths["images"].is_symlink() and paths["images"].stat().st_size == value
     except OSError:
         return False
+
+
+# ==========================================================================================
+# The output folder: whose it is, and what hiposeg wrote there. A folder is hiposeg's only if it
+# holds a hiposeg manifest or journal; --overwrite then removes only the files those record (or,
+# for the synthetic set, the files of its naming scheme), never anything else a user put there.
+# ==========================================================================================
+
+MANIFEST_NAME = "manifest.json"
+HIERARCHY_NAME = "hierarchy.json"
+OWN_FILES = (JOURNAL_NAME, MANIFEST_NAME, HIERARCHY_NAME)
+MANIFEST_KEYS = frozenset({"format", "hiposeg_version", "source", "raw_root", "hierarchy", "levels", "ignore_index",
+                           "options", "splits", "missing_splits", "created"})
+SYNTHETIC_STEM = re.compile(r"^synthetic_(?P<split>.+)_\d{5,}\.png$")  # synthetic.stem_of + ".png"
+
+
+@dataclass
+class OutputFolder:
+    """What --out holds, read without writing anything."""
+
+    path: Path
+    entries: list[str]  # its entries except hiposeg's lock and temp files
+    manifest: dict[str, Any] | None  # a hiposeg manifest
+    manifest_problem: str | None  # why manifest.json (when present) is not one
+    journal_header: dict[str, Any] | None
+    records: dict[tuple[str, str], dict[str, Any]]
+
+    @property
+    def owned(self) -> bool:
+        return self.manifest is not None or self.journal_header is not None
+
+    @property
+    def source(self) -> str | None:
+        """The source that made the dataset (the manifest's, else the journal's)."""
+        made_by = self.manifest or self.journal_header or {}
+        return made_by.get("source")
+
+    @property
+    def splits(self) -> set[str]:
+        return set(self.manifest["splits"] if self.manifest else ()) | {s for s, _ in self.records}
+
+
+def inspect_output(out: Path, *, strict: bool = True) -> OutputFolder:
+    """The state of `out` (see OutputFolder); `strict`: as in `Journal.read`."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder", hint="Choose another --out.")
+    try:
+        entries = sorted(e for e in os.listdir(out) if not is_scratch(e)) if out.is_dir() else []
+    except OSError as e:
+        raise UserError(f"cannot list --out {out}: {e.strerror or e}", hint="Choose a folder you can read.") from None
+    manifest, problem = read_own_manifest(out / MANIFEST_NAME)
+    header, records = Journal.read(out / JOURNAL_NAME, strict=strict)
+    return OutputFolder(out, entries, manifest, problem, header, records)
+
+
+def is_scratch(name: str) -> bool:
+    """hiposeg's lock file and the temp files of its own top-level files (a run killed mid-write)."""
+    if name == LOCK_NAME:
+        return True
+    return bool(OWN_TEMP.match(name)) and any(name[len(TMP_PREFIX):].startswith(f + ".") for f in OWN_FILES)
+
+
+def read_own_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the manifest, None) if `path` is a hiposeg manifest; (None, why not, naming the file) if it is
+    something else; (None, None) if there is none."""
+    try:
+        data = load_json(read_regular_bytes(path), str(path))
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"{path}: {e.strerror or e}"
+    except (BadFile, UserError) as e:
+        return None, str(e).splitlines()[0]
+    problem = manifest_problem(data)
+    return (data, None) if problem is None else (None, f"{path}: {problem}")
+
+
+def manifest_problem(data: Any) -> str | None:
+    """Why `data` is not a manifest as `manifest_dict` writes it, or None."""
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        return f'it has no "format": "{MANIFEST_FORMAT}"'
+    missing = sorted(MANIFEST_KEYS - data.keys())
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    if not isinstance(data["source"], str) or not isinstance(data["options"], dict):
+        return "its source or options are malformed"
+    if not isinstance(data["splits"], dict) or not all(is_plain_name(s) for s in data["splits"]):
+        return f"its splits {list(data['splits'])[:5] if isinstance(data['splits'], dict) else data['splits']!r} " \
+               "are not plain folder names"
+    return None
+
+
+def check_may_write(state: OutputFolder, suggestion: str) -> None:
+    """Refuse a non-empty folder that is not provably hiposeg's, even with --overwrite."""
+    if not state.entries or state.owned:
+        return
+    reasons = [state.manifest_problem] if state.manifest_problem else []
+    if (state.path / JOURNAL_NAME).exists() and state.journal_header is None:
+        reasons.append(f"{state.path / JOURNAL_NAME}: no hiposeg journal header")
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    shown = ", ".join(state.entries[:5]) + (f", ... ({len(state.entries)} entries)" if len(state.entries) > 5 else "")
+    raise UserError(f"--out {state.path} is not empty and holds no hiposeg prepared dataset{why}; refusing to write "
+                    f"into it, even with --overwrite (it holds: {shown})",
+                    hint=f"Choose an empty or new folder, e.g. --out {suggestion}.")
+
+
+def recorded_outputs(out: Path, rec: dict[str, Any]) -> list[Path]:
+    """The files a journal record says hiposeg wrote (none for a file skipped as bad)."""
+    if "skipped" in rec:
+        return []
+    base = out / rec["split"]
+    files = [base / "fine" / f"{rec['stem']}.png", base / "coarse" / f"{rec['stem']}.png"]
+    name = recorded_image_name(rec)
+    return files + [base / "images" / name] if name else files
+
+
+def recorded_image_name(rec: dict[str, Any]) -> str | None:
+    """The output image's file name: recorded, or (records written before it was) the stem plus the
+    suffix of the link's target; None when unknown (such a record of a copied image)."""
+    kind, value = rec["image"]
+    name = rec.get("image_name") or (rec["stem"] + os.path.splitext(value)[1] if kind == "link" else None)
+    return name if is_plain_name(name) and os.path.splitext(name)[0] == rec["stem"] else None
+
+
+def synthetic_outputs(out: Path, splits: Iterable[str]) -> list[Path]:
+    """The files of the synthetic set's naming scheme (`synthetic_{split}_{index}.png`) in its split folders."""
+    files = []
+    for split in splits:
+        for d in _split_dirs(out, [split]):
+            with contextlib.suppress(OSError):
+                files += [d / n for n in os.listdir(d) if (m := SYNTHETIC_STEM.match(n)) and m["split"] == split]
+    return files
+
+
+def remove_own_file(out: Path, path: Path) -> None:
+    """Unlink a file hiposeg wrote (a symlink: the link only) if it lies inside `out` and is not a folder."""
+    if not folder_inside(out, path.parent):
+        return
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
+def clear_prepared(state: OutputFolder, header: dict[str, Any]) -> list[str]:
+    """--overwrite: remove what hiposeg wrote in `state.path` and start a new journal with `header`.
+
+    Removed: the manifest (first: a half-cleared folder is never taken for a finished dataset), the
+    outputs the journal records (the synthetic set's by their names), temp files, hierarchy.json and
+    the split folders this leaves empty. The caller then starts the new journal: the old one stays
+    until then (or, when there is none, `header` starts one first), so the folder is recognisably
+    hiposeg's throughout. Returns the files kept (relative paths): those hiposeg did not write."""
+    out = state.path
+    synthetic = state.source == "synthetic"
+    if state.journal_header is None and not synthetic:
+        raise UserError(f"{out} holds a prepared dataset without its journal ({JOURNAL_NAME}), so hiposeg cannot "
+                        "tell which of the files there it wrote; it removes nothing",
+                        hint=f"Remove {out} yourself (keep what you need from it), or choose another --out.")
+    if state.journal_header is None:
+        Journal.create(out / JOURNAL_NAME, header)
+    remove_own_file(out, out / MANIFEST_NAME)
+    for rec in state.records.values():
+        for path in recorded_outputs(out, rec):
+            remove_own_file(out, path)
+    splits = state.splits | ({"train", "val"} if synthetic else set())
+    for path in synthetic_outputs(out, splits) if synthetic else []:
+        remove_own_file(out, path)
+    for d in _split_dirs(out, splits):
+        if folder_inside(out, d):
+            remove_temp_files(d)
+    remove_own_file(out, out / HIERARCHY_NAME)
+    remove_empty_split_dirs(out, splits)
+    return user_files(out)
+
+
+def check_split_dirs_inside(out: Path, splits: Iterable[str]) -> None:
+    """Outputs are written only inside `out`: a split folder (or images/fine/coarse folder) that is a
+    symlink leading elsewhere would make hiposeg write over files outside it."""
+    for split in splits:
+        for d in [out / split, *_split_dirs(out, [split])]:
+            if d.exists() and not folder_inside(out, d):
+                raise UserError(f"{d} leads outside --out {out} (to {os.path.realpath(d)}); hiposeg writes only "
+                                "inside --out", hint="Remove that link, or choose another --out.")
+
+
+def remove_empty_split_dirs(out: Path, splits: Iterable[str]) -> None:
+    """rmdir the images/fine/coarse folders and split folders that are empty (never a symlink's target)."""
+    for split in splits:
+        for d in [*_split_dirs(out, [split]), out / split]:
+            if not d.is_symlink() and folder_inside(out, d):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only if empty
+
+
+def user_files(out: Path) -> list[str]:
+    """Files under `out` that are not hiposeg's bookkeeping (symlinked folders are not followed)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(out):
+        rel = os.path.relpath(dirpath, out)
+        found += [os.path.normpath(os.path.join(rel, n)) for n in filenames
+                  if rel != "." or n not in (LOCK_NAME, JOURNAL_NAME)]
+        found += [os.path.normpath(os.path.join(rel, n)) for n in dirnames if os.path.islink(os.path.join(dirpath, n))]
+    return sorted(found)
+
+
+def kept_note(out: Path, kept: list[str]) -> list[str]:
+    """The summary line for files --overwrite left in place."""
+    if not kept:
+        return []
+    shown = ", ".join(kept[:5]) + (f", ... ({len(kept)} in all)" if len(kept) > 5 else "")
+    return [f"--overwrite kept {len(kept)} file(s) in {out} that hiposeg did not write: {shown}"]
+
+
+def remove_scratch(out: Path) -> None:
+    """Temp files of hiposeg's top-level files left by a killed run (the lock file stays)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(out):
+            if name != LOCK_NAME and is_scratch(name):
+                remove_own_file(out, out / name)
 
 
 # ==========================================================================================
@@ -807,66 +1208,49 @@ def _split_dirs(out: Path, splits: Iterable[str]) -> list[Path]:
     return [out / s / d for s in splits for d in LEVEL_DIRS]
 
 
-def clear_prepared(out: Path, extra_splits: Iterable[str] = ()) -> None:
-    """Delete what `prepare` wrote in `out` (for --overwrite): never anything else."""
-    splits = set(extra_splits)
-    header, records = Journal.read(out / JOURNAL_NAME)
-    splits |= {s for s, _ in records}
-    if (out / "manifest.json").exists():
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            splits |= set(json.loads((out / "manifest.json").read_text()).get("splits", {}))
-    for d in _split_dirs(out, splits):
-        if d.is_symlink():
-            d.unlink()
-        elif d.is_dir():
-            shutil.rmtree(d)
-    for s in splits:
-        with contextlib.suppress(OSError):
-            (out / s).rmdir()  # only if empty
-    for name in (JOURNAL_NAME, "manifest.json", "hierarchy.json"):
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
+# hiposeg's temp names: `hiposeg.io.atomic_open` (mkstemp: 8 random characters) and the image links
+# (`link_or_copy_image`: the pid) append a dot and a tag to `.tmp-NAME`.
+OWN_TEMP = re.compile(re.escape(TMP_PREFIX) + r".+\.(?:[a-z0-9_]{8}|\d+)$")
 
 
 def remove_temp_files(directory: Path) -> int:
-    """Remove temp files (and temp symlinks) left by writes in flight when a run was killed."""
+    """Remove temp files (and temp symlinks) left by writes in flight when a run was killed: only
+    names of hiposeg's temp-name pattern, never a folder."""
     n = 0
     if directory.is_dir():
         for e in os.scandir(directory):
-            if e.name.startswith(TMP_PREFIX):
+            if OWN_TEMP.match(e.name) and not e.is_dir(follow_symlinks=False):
                 with contextlib.suppress(OSError):
                     os.unlink(e.path)
                     n += 1
     return n
 
 
-def open_output(out: Path, header: dict[str, Any], source: Source, raw: Path, overwrite: bool) -> tuple[Journal, bool]:
-    """Check `out` may be written, clear it for --overwrite; returns the journal and whether it is fresh."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder", hint="Choose another --out.")
+def open_output(out: Path, header: dict[str, Any], source: Source, raw: Path, overwrite: bool,
+                splits: Iterable[str]) -> tuple[Journal, list[str]]:
+    """Under the folder's lock: check `out` may be written (its `splits` folders included), clear it for
+    --overwrite, and return its journal (started, so the folder is recognisably hiposeg's before
+    anything else is written) and the files --overwrite kept."""
+    state = inspect_output(out, strict=not overwrite)
+    check_may_write(state, f"data/{source.name}")
+    check_split_dirs_inside(out, splits)
+    remove_scratch(out)
     journal_path = out / JOURNAL_NAME
-    old_header, records = Journal.read(journal_path)
-    has_manifest = (out / "manifest.json").exists()
-    nonempty = out.is_dir() and any(out.iterdir())
-    if nonempty and old_header is None and not has_manifest:
-        raise UserError(f"--out {out} is not empty and holds no hiposeg prepared dataset; refusing to write into it",
-                        hint=f"Choose an empty or new folder, e.g. --out data/{source.name}.")
-    if overwrite:
-        clear_prepared(out, source.splits)
-        return Journal(journal_path, header, {}), True
-    if old_header is None and has_manifest:
-        raise UserError(f"{out} already holds a prepared dataset made without a resumable journal",
+    if not state.entries or overwrite:
+        kept = clear_prepared(state, header) if state.entries else []
+        Journal.create(journal_path, header)
+        return Journal(journal_path, header, {}), kept
+    if state.journal_header is None:
+        raise UserError(f"{out} already holds a prepared dataset ({state.source}) made without a resumable journal",
                         hint=f"Add --overwrite to prepare it again from {raw}, or choose another --out.")
-    if old_header is not None:
-        mismatch = [k for k in ("source", "hierarchy_sha256", "options")
-                    if _comparable(old_header.get(k)) != _comparable(header.get(k))]
-        if mismatch:
-            was = {k: old_header.get(k) for k in mismatch}
-            now = {k: header.get(k) for k in mismatch}
-            raise UserError(f"{out} was prepared with different settings: {_diff_text(was, now)}",
-                            hint="Add --overwrite to prepare it again with the new settings, or choose another --out.")
-        return Journal(journal_path, header, records), False
-    return Journal(journal_path, header, {}), True
+    mismatch = [k for k in ("source", "hierarchy_sha256", "options")
+                if _comparable(state.journal_header.get(k)) != _comparable(header.get(k))]
+    if mismatch:
+        was = {k: state.journal_header.get(k) for k in mismatch}
+        now = {k: header.get(k) for k in mismatch}
+        raise UserError(f"{out} was prepared with different settings: {_diff_text(was, now)}",
+                        hint="Add --overwrite to prepare it again with the new settings, or choose another --out.")
+    return Journal(journal_path, header, state.records), []
 
 
 def _comparable(v: Any) -> Any:
@@ -924,30 +1308,68 @@ def prepare(source: Source, raw: Path, out: Path, *, hierarchy: Hierarchy | str 
     if not any(selected.values()) and not found.orphans:
         raise UserError(f"no {source.name} image/label pairs found under {raw}",
                         hint=f"`hiposeg prepare {source.name} --help` shows the expected layout.")
-    journal, fresh = open_output(out, header, source, raw, overwrite)
-    for d in _split_dirs(out, selected):
-        remove_temp_files(d)
-    if fresh or not (out / "hierarchy.json").exists():
-        atomic_write_json(out / "hierarchy.json", h.to_dict())
-
-    todo = [it for items in selected.values() for it in items
-            if not _is_done(journal, it, out, copy=copy, skip_bad=skip_bad, unknown=unknown)]
-    total = sum(len(v) for v in selected.values())
-    lut, lut_fine, lut_coarse = build_luts(h, ignore_unevaluated=ignore_unevaluated)
-    job = Job(out=out, reader=source.reader(h), lut=lut, lut_out_fine=lut_fine, lut_out_coarse=lut_coarse,
-              ignore_index=h.ignore_index, unknown=unknown, copy=copy)
-    outcome = run_jobs(job, todo, total, journal, fresh, workers=min(workers or default_workers(), max(1, len(todo))),
-                       skip_bad=skip_bad, quiet=quiet, label=f"prepare {source.name}",
-                       resume_hint=source.command(raw, out))
-    if outcome.unknown:
-        raise _unknown_values_error(outcome.unknown, h)
-    if outcome.bad:
-        raise _bad_files_error(outcome.bad)
-
-    manifest = build_manifest(source, raw, h, options, found, journal)
-    atomic_write_json(out / "manifest.json", manifest)
-    manifest["_run"] = {"converted": outcome.done, "reused": total - len(todo), "notes": found.notes}
+    check_may_write(inspect_output(out, strict=not overwrite), f"data/{source.name}")  # before the lock writes
+    resume_hint = source.command(raw, out)
+    with DirectoryLock(out, "prepared dataset folder"), output_errors(out, resume_hint):
+        journal, kept = open_output(out, header, source, raw, overwrite, selected)
+        for d in _split_dirs(out, selected):
+            remove_temp_files(d)
+        if not (out / HIERARCHY_NAME).exists():
+            atomic_write_json(out / HIERARCHY_NAME, h.to_dict())
+        todo = [it for items in selected.values() for it in items
+                if not _is_done(journal, it, out, copy=copy, skip_bad=skip_bad, unknown=unknown)]
+        remove_renamed_images(journal, todo, out)
+        total = sum(len(v) for v in selected.values())
+        lut, lut_fine, lut_coarse = build_luts(h, ignore_unevaluated=ignore_unevaluated)
+        job = Job(out=out, reader=source.reader(h), lut=lut, lut_out_fine=lut_fine, lut_out_coarse=lut_coarse,
+                  ignore_index=h.ignore_index, unknown=unknown, copy=copy)
+        outcome = run_jobs(job, todo, total, journal, workers=min(workers or default_workers(), max(1, len(todo))),
+                           skip_bad=skip_bad, quiet=quiet, label=f"prepare {source.name}", resume_hint=resume_hint)
+        if outcome.unknown:
+            raise _unknown_values_error(outcome.unknown, h)
+        if outcome.bad:
+            raise _bad_files_error(outcome.bad)
+        manifest = build_manifest(source, raw, h, options, found, journal)
+        atomic_write_json(out / MANIFEST_NAME, manifest)
+    manifest["_run"] = {"converted": outcome.done, "reused": total - len(todo),
+                        "notes": found.notes + kept_note(out, kept)}
     return manifest
+
+
+def remove_renamed_images(journal: Journal, todo: list[Item], out: Path) -> None:
+    """An item redone under another image name (`t0.jpg` became `t0.png` in RAW) must not leave the
+    old image output beside the new one: a loader pairing by stem could pick the stale one."""
+    for item in todo:
+        rec = journal.records.get((item.split, item.stem))
+        old = recorded_image_name(rec) if rec and "skipped" not in rec else None
+        if old is not None and old != item.stem + item.image.suffix:
+            remove_own_file(out, out / item.split / "images" / old)
+
+
+@contextlib.contextmanager
+def output_errors(out: Path, resume_hint: str) -> Iterator[None]:
+    """An OSError while writing under --out (read-only, full, permissions) as one UserError naming
+    the file and the fix; writes are atomic, so nothing partial is left."""
+    try:
+        yield
+    except OSError as e:
+        raise write_error(e, out, resume_hint) from None
+
+
+def write_error(e: OSError, out: Path, command: str, done: int | None = None) -> UserError:
+    """The UserError for a failed write under `out`, with a fix that fits the cause."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "Free disk space (or choose an --out on another disk)"
+    elif e.errno == errno.EROFS:
+        fix = f"{out} is on a read-only file system: choose an --out on a writable disk"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        fix = f"Make {out} writable for you, or choose another --out"
+    else:
+        fix = "Fix the cause, or choose another --out"
+    kept = f"The {done} files finished so far are kept" if done is not None else "Finished files are kept"
+    return UserError(f"cannot write {e.filename or out}: {e.strerror or e}",
+                     hint=f"{fix}. {kept} and no partial file is left: then rerun the same command to resume: "
+                          f"`{command}`.")
 
 
 def _is_done(journal: Journal, item: Item, out: Path, *, copy: bool, skip_bad: bool, unknown: str) -> bool:
@@ -963,11 +1385,11 @@ def _is_done(journal: Journal, item: Item, out: Path, *, copy: bool, skip_bad: b
     return record_is_current(rec, item, out, copy)
 
 
-def run_jobs(job: Job, todo: list[Item], total: int, journal: Journal, fresh: bool, *, workers: int, skip_bad: bool,
+def run_jobs(job: Job, todo: list[Item], total: int, journal: Journal, *, workers: int, skip_bad: bool,
              quiet: bool, label: str, resume_hint: str) -> RunOutcome:
     """Convert `todo` in parallel, journaling each finished item; stop early on bad input."""
     outcome = RunOutcome()
-    journal.open_for_append(fresh)
+    journal.open_for_append()
     try:
         with WorkerPool(workers, _init_worker, (job,)) as pool, progress_bar(quiet) as bar:
             task = bar.add_task(label, total=total, completed=total - len(todo))
@@ -993,10 +1415,8 @@ def run_jobs(job: Job, todo: list[Item], total: int, journal: Journal, fresh: bo
     except OSError as e:  # writing an output failed (disk full, permissions); unreadable inputs are BadFile
         with contextlib.suppress(OSError):
             journal.close()  # may fail the same way: records it cannot write are redone by the rerun
-        raise UserError(f"cannot write {e.filename or job.out}: {e.strerror or e}",
-                        hint=f"The {total - len(todo) + outcome.done} files finished so far are kept and no partial "
-                             f"file is left. Free disk space (or fix the permissions of {job.out}), then rerun the "
-                             f"same command to resume: `{resume_hint}`.") from None
+        done = total - len(todo) + outcome.done
+        raise write_error(e, job.out, resume_hint, done) from None
     finally:
         journal.close()
     return outcome
@@ -1021,10 +1441,8 @@ def build_manifest(source: Source, raw: Path, h: Hierarchy, options: dict[str, A
                 skipped.append(rec["skipped"])
                 continue
             images += 1
-            for k, v in rec["pixels"]["fine"].items():
-                fine[int(k)] += v
-            for k, v in rec["pixels"]["coarse"].items():
-                coarse[int(k)] += v
+            add_counts(fine, rec["pixels"]["fine"], journal.path, stem)
+            add_counts(coarse, rec["pixels"]["coarse"], journal.path, stem)
             ignore += rec["pixels"]["ignore"]
             for k, v in rec["unknown"].items():
                 unknown[k] = unknown.get(k, 0) + v
@@ -1037,6 +1455,16 @@ def build_manifest(source: Source, raw: Path, h: Hierarchy, options: dict[str, A
         }
     return manifest_dict(source=source.name, raw_root=str(raw.resolve()), hierarchy=h, options=options,
                          splits=splits, missing_splits=found.missing_splits)
+
+
+def add_counts(total: np.ndarray, counts: dict[str, int], journal: Path, stem: str) -> None:
+    """total[id] += pixels for a record's {id: pixels}; ids beyond the hierarchy mean an edited journal."""
+    for k, v in counts.items():
+        if int(k) >= len(total):
+            raise UserError(f"{journal}: the record of {stem!r} counts class id {k}, but the hierarchy has "
+                            f"{len(total)} classes at that level (the journal was edited)",
+                            hint="Rerun with --overwrite to prepare the dataset again.")
+        total[int(k)] += v
 
 
 def manifest_dict(*, source: str, raw_root: str | None, hierarchy: Hierarchy, options: dict[str, Any],
@@ -1102,9 +1530,12 @@ def _unknown_values_error(found: list[tuple[str, dict[str, int]]], h: Hierarchy)
 
 
 def print_summary(manifest: dict[str, Any], out: Path, console: Any) -> None:
+    """The table of splits and the notes. Names from files (paths, splits, file names) are printed as
+    text, never as Rich markup: a `[/]` in a name must not break or restyle the output."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"prepared {manifest['source']} -> {out}", title_justify="left")
+    table = Table(title=escape(f"prepared {manifest['source']} -> {out}"), title_justify="left")
     for col in ("split", "images", "skipped", "ignore px", "unknown px", "classes present (fine)"):
         table.add_column(col, justify="left" if col in ("split",) else "right")
     for split, s in manifest["splits"].items():
@@ -1112,24 +1543,24 @@ def print_summary(manifest: dict[str, Any], out: Path, console: Any) -> None:
         total = sum(px["fine"].values()) + px["ignore"]
         ign = f"{100 * px['ignore'] / total:.1f}%" if total else "-"
         present = sum(1 for v in px["fine"].values() if v)
-        table.add_row(split, str(s["images"]), str(len(s["skipped"])), ign, str(sum(s["unknown_values"].values())),
-                      f"{present}/{len(px['fine'])}")
+        table.add_row(escape(split), str(s["images"]), str(len(s["skipped"])), ign,
+                      str(sum(s["unknown_values"].values())), f"{present}/{len(px['fine'])}")
     console.print(table)
     run = manifest.get("_run", {})
     for note in run.get("notes", []):
-        console.print(f"[dim]{note}[/dim]")
-    if run:
+        console.print(f"[dim]{escape(note)}[/dim]")
+    if "converted" in run:
         console.print(f"converted {run['converted']} file(s), {run['reused']} already done (resumed)")
     if manifest["missing_splits"]:
-        console.print(f"[yellow]missing splits[/yellow] (not in RAW): {', '.join(manifest['missing_splits'])}")
+        console.print(f"[yellow]missing splits[/yellow] (not in RAW): {escape(', '.join(manifest['missing_splits']))}")
     skipped = [x for s in manifest["splits"].values() for x in s["skipped"]]
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} bad file(s)[/yellow] (listed in manifest.json):")
         for x in skipped[:10]:
-            console.print(f"  {x['file']}: {x['reason']}")
+            console.print(escape(f"  {x['file']}: {x['reason']}"))
     unknown = {k for s in manifest["splits"].values() for k in s["unknown_values"]}
     if unknown:
         shown = ", ".join(sorted(unknown, key=_value_order))
-        console.print(f"[yellow]unknown raw values mapped to ignore[/yellow]: {shown}")
-    console.print(f"dataset ready: [bold]{out}[/bold] (manifest.json, hierarchy.json, "
-                  f"{{{','.join(manifest['splits'])}}}/{{images,fine,coarse}})")
+        console.print(f"[yellow]unknown raw values mapped to ignore[/yellow]: {escape(shown)}")
+    levels = escape(f"{{{','.join(manifest['splits'])}}}/{{images,fine,coarse}}")
+    console.print(f"dataset ready: [bold]{escape(str(out))}[/bold] (manifest.json, hierarchy.json, {levels})")

@@ -30,17 +30,16 @@ Design (`hierarchies/synthetic.json`: 15 parts -> 5 objects)
   alone, so the files are byte-identical for a seed whatever the worker count.
 
 `generate()` writes a prepared dataset directly (README "Preparing data"; real PNG images, manifest source
-"synthetic") into a temp folder renamed into place at the end, so an interrupted run leaves no
-half-made dataset. 500 train / 100 val images of 128x128 take a few seconds on 2 cores.
+"synthetic"), with the same rules for the output folder as `hiposeg prepare` (`prepare.py`): one
+process at a time (a lock), a journal header first (the folder is then recognisably hiposeg's),
+the manifest last (an interrupted run is not taken for a finished set; the rerun makes it again),
+and never into a folder that is not hiposeg's. 500 train / 100 val images of 128x128 take a few
+seconds on 2 cores.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import multiprocessing
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +49,14 @@ import cv2
 import numpy as np
 
 from hiposeg.data.prepare import (
-    WorkerPool, class_counts, default_workers, encode_png, histogram, manifest_dict, progress_bar,
+    HIERARCHY_NAME, JOURNAL_FORMAT, JOURNAL_NAME, MANIFEST_NAME, Journal, OutputFolder, WorkerPool, check_may_write,
+    check_split_dirs_inside, class_counts, clear_prepared, default_workers, encode_png, histogram, inspect_output, manifest_dict, output_errors,
+    progress_bar, remove_scratch,
 )
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.io import TMP_PREFIX, atomic_write_bytes, atomic_write_json
+from hiposeg.io import atomic_write_bytes, atomic_write_json
+from hiposeg.lock import DirectoryLock
 
 SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -308,13 +310,23 @@ def _make_in_worker(task: tuple[str, int]) -> dict[str, Any]:
     return make_item(_SYNTH, *task)
 
 
+@dataclass
+class Generated:
+    """What `generate` did."""
+
+    out: Path
+    manifest: dict[str, Any]
+    reused: bool  # `out` already held this set: nothing was written
+    kept: list[str]  # files --overwrite left in `out` because hiposeg did not write them
+
+
 def generate(out: Path, *, train: int = 500, val: int = 100, size: int = 128, seed: int = 0,
-             workers: int | None = None, overwrite: bool = False, quiet: bool = True) -> Path:
-    """Write the synthetic set as a prepared dataset at `out` and return `out`.
+             workers: int | None = None, overwrite: bool = False, quiet: bool = True) -> Generated:
+    """Write the synthetic set as a prepared dataset at `out`.
 
     If `out` already holds a synthetic set made with the same settings, nothing is done. A
-    different existing dataset needs `overwrite=True`; a folder that is not a prepared dataset is
-    never replaced.
+    different hiposeg dataset needs `overwrite=True` (which removes only what hiposeg wrote there);
+    a non-empty folder that is not a hiposeg dataset is never written to.
     """
     out = Path(out)
     if train < 1 or val < 1:
@@ -322,81 +334,75 @@ def generate(out: Path, *, train: int = 500, val: int = 100, size: int = 128, se
     if size < 32:
         raise UserError(f"--size {size} is too small to draw objects with parts; use at least 32")
     options = {"train": train, "val": val, "size": size, "seed": seed}
-    if _existing_matches(out, options, overwrite):
-        return out
+    state = inspect_output(out, strict=not overwrite)
+    if _holds_this_set(state, options) and not overwrite:
+        return Generated(out, state.manifest, True, [])  # type: ignore[arg-type]
+    _check_target(state, options, overwrite)  # before the lock creates anything in `out`
     h = Hierarchy.load("synthetic")
+    header = {"journal": JOURNAL_FORMAT, "source": "synthetic", "raw_root": None, "hierarchy_name": h.name,
+              "hierarchy_sha256": h.sha256, "options": options}
+    command = "hiposeg prepare synthetic --out " + str(out) + "".join(f" --{k} {v}" for k, v in options.items())
+    with DirectoryLock(out, "prepared dataset folder"), output_errors(out, command):
+        state = inspect_output(out, strict=not overwrite)
+        if _holds_this_set(state, options) and not overwrite:  # another process made it meanwhile
+            return Generated(out, state.manifest, True, [])  # type: ignore[arg-type]
+        _check_target(state, options, overwrite)
+        remove_scratch(out)
+        check_split_dirs_inside(out, SPLIT_CODES)
+        kept = clear_prepared(state, header) if state.entries else []
+        Journal.create(out / JOURNAL_NAME, header)
+        manifest = _write_set(out, h, options, workers=workers, quiet=quiet)
+    return Generated(out, manifest, False, kept)
+
+
+def _holds_this_set(state: OutputFolder, options: dict[str, Any]) -> bool:
+    m = state.manifest
+    return m is not None and m["source"] == "synthetic" and m["options"] == options
+
+
+def _check_target(state: OutputFolder, options: dict[str, Any], overwrite: bool) -> None:
+    """`out` may be (re)made: empty, a hiposeg dataset with --overwrite, or this set's interrupted build."""
+    check_may_write(state, "data/synthetic")
+    interrupted = state.manifest is None and state.journal_header is not None \
+        and state.journal_header["source"] == "synthetic" and state.journal_header["options"] == options
+    if not state.entries or overwrite or interrupted:
+        return
+    was = state.manifest["options"] if state.source == "synthetic" and state.manifest else f"a {state.source} dataset"
+    raise UserError(f"{state.path} already holds a prepared dataset ({was}), not the synthetic set with {options}",
+                    hint="Add --overwrite to replace it (hiposeg removes only the files it wrote), or choose "
+                         "another --out.")
+
+
+def _write_set(out: Path, h: Hierarchy, options: dict[str, Any], *, workers: int | None,
+               quiet: bool) -> dict[str, Any]:
+    """Render every image into `out` (in parallel), then hierarchy.json, then the manifest."""
+    train, val = options["train"], options["val"]
     f2c = np.zeros(256, np.uint8)
     f2c[: h.num_fine] = h.fine_to_coarse
     f2c[h.ignore_index] = h.ignore_index
-    tmp = out.parent / f"{TMP_PREFIX}{out.name}.{os.getpid()}"
-    _remove_stale_temp_dirs(out)
-    tmp.mkdir(parents=True)
-    try:
-        job = SynthJob(tmp, size, seed, {n: i for i, n in enumerate(h.names(h.fine_level))}, f2c, h.ignore_index)
-        tasks = [(split, i) for split, n in (("train", train), ("val", val)) for i in range(n)]
-        fine = {s: np.zeros(h.num_fine, np.int64) for s in SPLIT_CODES}
-        coarse = {s: np.zeros(h.num_coarse, np.int64) for s in SPLIT_CODES}
-        ignore = dict.fromkeys(SPLIT_CODES, 0)
-        n_workers = min(workers or default_workers(), len(tasks))
-        with WorkerPool(n_workers, _init_synth, (job,)) as pool, progress_bar(quiet) as bar:
-            task = bar.add_task("synthetic", total=len(tasks))
-            for rec in pool.imap_unordered(_make_in_worker, tasks):
-                for k, v in rec["fine"].items():
-                    fine[rec["split"]][int(k)] += v
-                for k, v in rec["coarse"].items():
-                    coarse[rec["split"]][int(k)] += v
-                ignore[rec["split"]] += rec["ignore"]
-                bar.advance(task)
-        splits = {s: {"images": n, "pixels": {"fine": dict(zip(h.names(h.fine_level), fine[s].tolist())),
-                                              "coarse": dict(zip(h.names(h.coarse_level), coarse[s].tolist())),
-                                              "ignore": ignore[s]},
-                      "unknown_values": {}, "skipped": []}
-                  for s, n in (("train", train), ("val", val))}
-        atomic_write_json(tmp / "hierarchy.json", h.to_dict())
-        manifest = manifest_dict(source="synthetic", raw_root=None, hierarchy=h, options=options, splits=splits,
-                                 missing_splits=[])
-        atomic_write_json(tmp / "manifest.json", manifest)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _existing_matches(out: Path, options: dict[str, Any], overwrite: bool) -> bool:
-    """True if `out` already is this synthetic set; UserError if it is something else to keep."""
-    if not out.exists():
-        return False
-    manifest_path = out / "manifest.json"
-    manifest: dict[str, Any] | None = None
-    with contextlib.suppress(OSError, ValueError):
-        manifest = json.loads(manifest_path.read_text())
-    if manifest is None:
-        if out.is_dir() and not any(out.iterdir()):
-            return False
-        raise UserError(f"{out} exists and is not a prepared dataset; refusing to replace it",
-                        hint="Choose another --out for the synthetic set.")
-    if overwrite:
-        return False
-    if manifest.get("source") == "synthetic" and manifest.get("options") == options:
-        return True
-    was = manifest.get("options") if manifest.get("source") == "synthetic" else f"a {manifest.get('source')} dataset"
-    raise UserError(f"{out} already holds a prepared dataset ({was}), not the synthetic set with {options}",
-                    hint="Add --overwrite to replace it, or choose another --out.")
-
-
-def _remove_stale_temp_dirs(out: Path) -> None:
-    if out.parent.is_dir():
-        for p in out.parent.glob(f"{TMP_PREFIX}{out.name}.*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`; an existing `out` is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f"{TMP_PREFIX}{out.name}.old.{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    job = SynthJob(out, options["size"], options["seed"], {n: i for i, n in enumerate(h.names(h.fine_level))}, f2c,
+                   h.ignore_index)
+    tasks = [(split, i) for split, n in (("train", train), ("val", val)) for i in range(n)]
+    fine = {s: np.zeros(h.num_fine, np.int64) for s in SPLIT_CODES}
+    coarse = {s: np.zeros(h.num_coarse, np.int64) for s in SPLIT_CODES}
+    ignore = dict.fromkeys(SPLIT_CODES, 0)
+    n_workers = min(workers or default_workers(), len(tasks))
+    with WorkerPool(n_workers, _init_synth, (job,)) as pool, progress_bar(quiet) as bar:
+        task = bar.add_task("synthetic", total=len(tasks))
+        for rec in pool.imap_unordered(_make_in_worker, tasks):
+            for k, v in rec["fine"].items():
+                fine[rec["split"]][int(k)] += v
+            for k, v in rec["coarse"].items():
+                coarse[rec["split"]][int(k)] += v
+            ignore[rec["split"]] += rec["ignore"]
+            bar.advance(task)
+    splits = {s: {"images": n, "pixels": {"fine": dict(zip(h.names(h.fine_level), fine[s].tolist())),
+                                          "coarse": dict(zip(h.names(h.coarse_level), coarse[s].tolist())),
+                                          "ignore": ignore[s]},
+                  "unknown_values": {}, "skipped": []}
+              for s, n in (("train", train), ("val", val))}
+    atomic_write_json(out / HIERARCHY_NAME, h.to_dict())
+    manifest = manifest_dict(source="synthetic", raw_root=None, hierarchy=h, options=options, splits=splits,
+                             missing_splits=[])
+    atomic_write_json(out / MANIFEST_NAME, manifest)
+    return manifest
