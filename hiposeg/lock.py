@@ -109,9 +109,11 @@ class DirectoryLock:
 def _read_holder(fd: int) -> dict[str, Any]:
     try:
         data = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # the record is for messages only: never fail on it
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: data[k] for k in ("pid", "host", "started", "command") if isinstance(data.get(k), (str, int))}
 
 
 def describe(holder: dict[str, Any]) -> str:
