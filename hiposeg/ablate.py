@@ -55,7 +55,7 @@ from rich.text import Text
 from hiposeg import __version__
 from hiposeg.config import LOSS_TERMS, TrainConfig, build_config, load_config_file, normalize_terms, parse_set
 from hiposeg.errors import UserError
-from hiposeg.io import TMP_PREFIX, atomic_write_json, atomic_write_text, file_in_the_way
+from hiposeg.atomic import TMP_PREFIX, atomic_write_json, atomic_write_text, file_in_the_way
 from hiposeg.lock import LOCK_NAME, DirectoryLock
 from hiposeg.safeload import load_json
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from hiposeg.config import ModelConfig, TrainConfig, format_validation_error
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.io import atomic_save
+from hiposeg.atomic import atomic_save
 
 CHECKPOINT_FORMAT = "hiposeg-checkpoint/1"
 MODEL_FORMAT = "hiposeg-model/1"

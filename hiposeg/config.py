@@ -300,6 +300,6 @@ def _short_repr(value: Any) -> str:
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    from hiposeg.io import atomic_write_text
+    from hiposeg.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_plain(), sort_keys=False))

@@ -47,7 +47,7 @@ from hiposeg.distributed import (DistEnv, any_rank, broadcast_buffers_, broadcas
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.inference import predict_logits
-from hiposeg.io import TMP_PREFIX, atomic_write_json, check_writable, file_in_the_way, remove_stale_temps
+from hiposeg.atomic import TMP_PREFIX, atomic_write_json, check_writable, file_in_the_way, remove_stale_temps
 from hiposeg.lock import LOCK_NAME, DirectoryLock
 from hiposeg.metrics import ConfusionMatrix, build_report, summary_line
 from hiposeg.safeload import load_json
@@ -914,7 +914,7 @@ def ground_truth_note(cm: ConfusionMatrix, invalid_gt: str, ignore_index: int) -
 def _save_predictions(folder: Path, stems: list[str], pred: torch.Tensor, dtype: Any) -> None:
     """Write a batch's fine-id maps as `{stem}.png`; a failed write is one clear error."""
     from hiposeg.data.dataset import write_label
-    from hiposeg.io import write_failure
+    from hiposeg.atomic import write_failure
 
     for stem, p in zip(stems, pred.cpu().numpy()):
         path = folder / f"{stem}.png"

@@ -43,7 +43,7 @@ from hiposeg import __version__, checkpoint
 from hiposeg.config import TrainConfig
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.io import TMP_PREFIX, atomic_write_bytes
+from hiposeg.atomic import TMP_PREFIX, atomic_write_bytes
 from hiposeg.safeload import load_json
 
 FORMATS: dict[str, str] = {"hiposeg": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}

@@ -33,7 +33,7 @@ from hiposeg.data.prepare import IMAGE_EXTS, encode_png
 from hiposeg.errors import UserError
 from hiposeg.export import InferenceModel
 from hiposeg.inference import Mode, predict_logits
-from hiposeg.io import atomic_write_bytes, check_empty_folder, check_writable, write_failure
+from hiposeg.atomic import atomic_write_bytes, check_empty_folder, check_writable, write_failure
 
 IMAGE_SUFFIXES = (*IMAGE_EXTS, ".ppm", ".pgm")
 OVERLAYS = ("fine", "coarse", "both", "none")

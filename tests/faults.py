@@ -164,7 +164,7 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any], parts=("model", "pro
 
 
 def temp_files(directory: Path) -> list[Path]:
-    from hiposeg.io import TMP_PREFIX
+    from hiposeg.atomic import TMP_PREFIX
 
     return sorted(p for p in directory.iterdir() if p.name.startswith(TMP_PREFIX)) if directory.is_dir() else []
 
@@ -224,7 +224,7 @@ def open_target(f: Any) -> str:
 
 def logical_name(path: str) -> str:
     """`.tmp-last.pt.x1y2` -> `last.pt`: the file a temp file is about to become."""
-    from hiposeg.io import TMP_PREFIX
+    from hiposeg.atomic import TMP_PREFIX
 
     name = os.path.basename(path)
     if name.startswith(TMP_PREFIX):

@@ -24,7 +24,7 @@ from torchvision import tv_tensors
 from hiposeg.data.prepare import BadFile, JOURNAL_NAME, encode_png, read_label_file
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.io import atomic_write_bytes
+from hiposeg.atomic import atomic_write_bytes
 from hiposeg.safeload import load_json
 
 LEVELS = ("fine", "coarse")

@@ -58,7 +58,7 @@ import simplejpeg
 from hiposeg import __version__
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.io import TMP_PREFIX, atomic_open, atomic_write_bytes, atomic_write_json
+from hiposeg.atomic import TMP_PREFIX, atomic_open, atomic_write_bytes, atomic_write_json
 from hiposeg.lock import LOCK_NAME, DirectoryLock
 from hiposeg.safeload import load_json
 
@@ -1208,7 +1208,7 @@ def _split_dirs(out: Path, splits: Iterable[str]) -> list[Path]:
     return [out / s / d for s in splits for d in LEVEL_DIRS]
 
 
-# hiposeg's temp names: `hiposeg.io.atomic_open` (mkstemp: 8 random characters) and the image links
+# hiposeg's temp names: `hiposeg.atomic.atomic_open` (mkstemp: 8 random characters) and the image links
 # (`link_or_copy_image`: the pid) append a dot and a tag to `.tmp-NAME`.
 OWN_TEMP = re.compile(re.escape(TMP_PREFIX) + r".+\.(?:[a-z0-9_]{8}|\d+)$")
 

@@ -55,7 +55,7 @@ from hiposeg.data.prepare import (
 )
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.io import atomic_write_bytes, atomic_write_json
+from hiposeg.atomic import atomic_write_bytes, atomic_write_json
 from hiposeg.lock import DirectoryLock
 
 SPLIT_CODES = {"train": 0, "val": 1}
