@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -63,13 +64,19 @@ class DirectoryLock:
             return self
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never write through a link
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)  # never write through a link
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise UserError(f"cannot use {self.what} {self.directory}: its lock file {self.path} is a symbolic "
                                 "link, and hiposeg never writes through one", hint="Remove the link.") from None
             raise UserError(f"cannot use {self.what} {self.directory}: {e.strerror or e}",
                             hint="Choose a folder you can write to.") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            os.close(fd)  # a hard link or a special file: writing the record would change another file
+            kind = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+            raise UserError(f"cannot use {self.what} {self.directory}: its lock file {self.path} is {kind}, and "
+                            "hiposeg never writes into a file it did not create", hint="Remove it.")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -28,7 +28,7 @@ def load_json(text: str | bytes, source: str, *, hint: str | None = None) -> Any
     except RecursionError:
         raise UserError(f"{source} nests its values too deeply to be read (more than {MAX_DEPTH} levels)",
                         hint=hint or "The file is damaged or not a hiposeg file: restore or rewrite it.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer of > 4300 digits
         raise UserError(f"{source} is not valid JSON: {e}",
                         hint=hint or "Fix the file (a JSON linter shows the exact spot) or restore it.") from None
     check_depth(data, source, hint=hint)
@@ -50,7 +50,7 @@ def load_yaml(text: str, source: str, *, hint: str | None = None) -> Any:
     _check_yaml_graph(node, source, fix)
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as e:  # e.g. a python/object tag: safe_load refuses to construct it
+    except (yaml.YAMLError, ValueError) as e:  # a python/object tag; an integer of > 4300 digits
         raise UserError(f"{source} is not valid YAML for hiposeg: {e}", hint=fix) from None
     return data
 

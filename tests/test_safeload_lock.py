@@ -86,3 +86,27 @@ def test_second_owner_is_refused_naming_the_holder_and_a_killed_holder_frees_the
         assert lock.held
         assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert not lock.held
+
+
+def test_integers_beyond_python_s_digit_limit_are_a_user_error():
+    big = "9" * 5000
+    with pytest.raises(UserError, match=r"h\.json is not valid JSON: .*4300"):
+        load_json(f'{{"id": {big}}}', "h.json")
+    with pytest.raises(UserError, match=r"c\.yaml is not valid YAML for hiposeg: .*4300"):
+        load_yaml(f"optim:\n  iters: {big}\n", "c.yaml")
+
+
+def test_a_lock_file_that_is_a_hard_link_or_a_fifo_is_refused_and_left_unchanged(tmp_path):
+    victim = tmp_path / "important.txt"
+    victim.write_text("important\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(victim, out / LOCK_NAME)
+    with pytest.raises(UserError, match="is a hard link to another file"):
+        DirectoryLock(out, "prepared dataset").acquire()
+    assert victim.read_text() == "important\n"
+    fifo_dir = tmp_path / "fifo"
+    fifo_dir.mkdir()
+    os.mkfifo(fifo_dir / LOCK_NAME)
+    with pytest.raises(UserError, match="is not a regular file"):
+        DirectoryLock(fifo_dir, "run directory").acquire()
