@@ -137,7 +137,7 @@ def test_unusual_but_valid_jpegs_are_accepted(tmp_path):
     """Strict decoding refuses damaged data only: CMYK, grayscale and progressive JPEGs pass the probe."""
     from PIL import Image
 
-    from hiposeg.data.prepare import probe_image
+    from hiposeg.data.codecs import probe_image
 
     rgb = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
     Image.fromarray(np.dstack([rgb, rgb[..., :1]]), mode="CMYK").save(tmp_path / "cmyk.jpg")
@@ -152,7 +152,7 @@ def test_unusual_but_valid_jpegs_are_accepted(tmp_path):
 def test_jpeg_with_a_broken_huffman_table_is_refused(tmp_path):
     """simplejpeg cannot open it (no strict verdict) and OpenCV cannot decode it: refused, not
     left to crash a data loader worker in the middle of training."""
-    from hiposeg.data.prepare import BadFile, probe_image
+    from hiposeg.data.codecs import BadFile, probe_image
 
     data = bytearray(cv2.imencode(".jpg", np.full((32, 32, 3), 90, np.uint8))[1])
     dht = data.index(b"\xff\xc4")

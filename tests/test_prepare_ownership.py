@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from faults import kill, start, wait_for
 from hiposeg.cli import app
 from hiposeg.data.cityscapes import Cityscapes
-from hiposeg.data.prepare import JOURNAL_NAME, prepare
+from hiposeg.data.layout import JOURNAL_NAME
+from hiposeg.data.prepare import prepare
 from hiposeg.data.synthetic import generate
 from hiposeg.errors import UserError
 from hiposeg.lock import DirectoryLock

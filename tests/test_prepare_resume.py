@@ -15,9 +15,11 @@ import cv2
 import numpy as np
 import pytest
 
-import hiposeg.data.prepare as prep
+import hiposeg.data.convert as convert
+import hiposeg.data.pool as pool
 from hiposeg.data.cityscapes import Cityscapes
-from hiposeg.data.prepare import JOURNAL_NAME, prepare
+from hiposeg.data.layout import JOURNAL_NAME
+from hiposeg.data.prepare import prepare
 from hiposeg.errors import UserError
 from hiposeg.lock import LOCK_NAME
 
@@ -68,7 +70,7 @@ def small(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_interrupted_run_resumes_to_identical_outputs(small, tmp_path, monkeypatch):
     raw, ref = small
-    real = prep.convert_item
+    real = convert.convert_item
     calls = {"n": 0}
 
     def interrupted_on_third(job, item):
@@ -77,11 +79,11 @@ def test_interrupted_run_resumes_to_identical_outputs(small, tmp_path, monkeypat
             raise KeyboardInterrupt  # Ctrl-C while the third file is in flight
         return real(job, item)
 
-    monkeypatch.setattr(prep, "convert_item", interrupted_on_third)
+    monkeypatch.setattr(convert, "convert_item", interrupted_on_third)
     with pytest.raises(UserError, match="interrupted after 2 of 10 files"):
         prepare(Cityscapes(), raw, tmp_path / "out", workers=1, quiet=True)
     assert not (tmp_path / "out/manifest.json").exists()
-    monkeypatch.setattr(prep, "convert_item", real)
+    monkeypatch.setattr(convert, "convert_item", real)
     m = prepare(Cityscapes(), raw, tmp_path / "out", workers=1, quiet=True)
     assert m["_run"] == {**m["_run"], "converted": 8, "reused": 2}
     assert outputs(tmp_path / "out") == outputs(ref)
@@ -241,9 +243,9 @@ def test_default_workers_follows_the_usable_cpus():
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this platform")
     cpus = os.sched_getaffinity(0)
-    assert prep.default_workers() == len(cpus)
+    assert pool.default_workers() == len(cpus)
     try:
         os.sched_setaffinity(0, {min(cpus)})  # this thread pinned to one core
-        assert prep.default_workers() == 1
+        assert pool.default_workers() == 1
     finally:
         os.sched_setaffinity(0, cpus)

@@ -61,7 +61,8 @@ def test_full_disk_while_preparing_keeps_finished_files_and_resumes(tmp_path, mo
     from test_prepare_resume import make_raw, manifest_body, outputs
 
     from hiposeg.data.cityscapes import Cityscapes
-    from hiposeg.data.prepare import JOURNAL_NAME, prepare
+    from hiposeg.data.layout import JOURNAL_NAME
+    from hiposeg.data.prepare import prepare
 
     raw, ref, out = tmp_path / "raw", tmp_path / "ref", tmp_path / "out"
     make_raw(raw, 6, 2)
@@ -97,7 +98,8 @@ def test_full_disk_while_journaling_a_finished_file(tmp_path, monkeypatch):
     from test_prepare_resume import make_raw, outputs
 
     from hiposeg.data.cityscapes import Cityscapes
-    from hiposeg.data.prepare import JOURNAL_NAME, prepare
+    from hiposeg.data.layout import JOURNAL_NAME
+    from hiposeg.data.prepare import prepare
 
     raw, ref, out = tmp_path / "raw", tmp_path / "ref", tmp_path / "out"
     make_raw(raw, 4, 1)

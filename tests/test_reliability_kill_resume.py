@@ -151,7 +151,8 @@ def test_prepare_killed_mid_png_write_redoes_only_unrecorded_files(tmp_path):
     from test_prepare_resume import make_raw, manifest_body, outputs
 
     from hiposeg.data.cityscapes import Cityscapes
-    from hiposeg.data.prepare import JOURNAL_NAME, prepare
+    from hiposeg.data.layout import JOURNAL_NAME
+    from hiposeg.data.prepare import prepare
 
     rng = random.Random(7)
     raw, ref, out = tmp_path / "raw", tmp_path / "ref", tmp_path / "out"

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hiposeg.cli import app
-from hiposeg.data.prepare import JOURNAL_NAME
+from hiposeg.data.layout import JOURNAL_NAME
 from hiposeg.data.synthetic import generate
 from hiposeg.lock import LOCK_NAME
 from hiposeg.hierarchy import Hierarchy

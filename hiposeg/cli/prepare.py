@@ -38,7 +38,7 @@ PrepQuiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.
 
 
 def _prepare_unknown_option():  # type: ignore[no-untyped-def]
-    from hiposeg.data.prepare import UnknownPolicy
+    from hiposeg.data.options import UnknownPolicy
 
     return Annotated[UnknownPolicy, typer.Option(
         "--unknown", help="Raw label values the hierarchy does not list: stop with an error, or map them to ignore "
@@ -51,7 +51,8 @@ PrepUnknown = _prepare_unknown_option()
 def _prepare_run(source: "Source", raw: Path, out: Optional[Path], dataset: str, *,  # noqa: F821
                  hierarchy: Optional[str], workers: Optional[int], limit: Optional[int], copy: bool, overwrite: bool,
                  unknown: str, skip_bad: bool, quiet: bool, ignore_unevaluated: bool = False) -> None:
-    from hiposeg.data.prepare import prepare, print_summary
+    from hiposeg.data.manifest import print_summary
+    from hiposeg.data.prepare import prepare
 
     out = out or Path("data") / dataset
     manifest = prepare(source, raw, out, hierarchy=hierarchy, workers=workers, limit=limit, copy=copy,
@@ -201,7 +202,8 @@ def prepare_synthetic(
     texture bank (body, glass, dark, stripe), so a part's label depends on the
     object around it. The same --seed gives byte-identical files.
     """
-    from hiposeg.data.prepare import kept_note, print_summary
+    from hiposeg.data.manifest import print_summary
+    from hiposeg.data.output import kept_note
     from hiposeg.data.synthetic import generate
 
     made = generate(out, train=train, val=val, size=size, seed=seed, workers=workers, overwrite=overwrite, quiet=quiet)

@@ -12,7 +12,7 @@ from hiposeg.data.cityscapes import Cityscapes
 from hiposeg.data.folder import Folder
 from hiposeg.data.mapillary import Mapillary
 from hiposeg.data.pascal_part import PascalPart
-from hiposeg.data.prepare import Source
+from hiposeg.data.sources import Source
 
 SOURCES: dict[str, type[Source]] = {s.name: s for s in (Cityscapes, ADE20K, Mapillary, PascalPart, Folder)}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.prepare import (Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in,
+from hiposeg.data.sources import (Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in,
                                   split_folders)
 from hiposeg.errors import UserError
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.prepare import (Discovery, Source, add_unique, check_dir, describe_dir, list_files, list_subdirs,
+from hiposeg.data.sources import (Discovery, Source, add_unique, check_dir, describe_dir, list_files, list_subdirs,
                                   pair_by_stem, split_folders)
 from hiposeg.errors import UserError
 

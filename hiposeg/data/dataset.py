@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from hiposeg.data.prepare import BadFile, JOURNAL_NAME, encode_png, read_label_file
+from hiposeg.data.codecs import BadFile, encode_png, read_label_file
+from hiposeg.data.layout import JOURNAL_NAME
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.atomic import atomic_write_bytes

@@ -31,10 +31,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from hiposeg.data.prepare import (
-    IMAGE_EXTS, BadFile, Decoded, Discovery, Item, Source, check_dir, describe_dir, list_files, list_subdirs,
-    pair_by_stem, partner_in, read_label_file,
-)
+from hiposeg.data.codecs import IMAGE_EXTS, BadFile, read_label_file
+from hiposeg.data.sources import (Decoded, Discovery, Item, Source, check_dir, describe_dir, list_files, list_subdirs,
+                                  pair_by_stem, partner_in)
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import MAX_RAW_VALUE, Hierarchy
 

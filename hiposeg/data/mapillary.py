@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.prepare import (BadFile, Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem,
-                                  partner_in, read_regular_bytes)
+from hiposeg.data.codecs import BadFile, read_regular_bytes
+from hiposeg.data.sources import Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.safeload import load_json

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from hiposeg.data.prepare import (
-    IMAGE_EXTS, BadFile, Discovery, Item, Source, check_dir, describe_dir, list_files, open_regular, pair_by_stem,
-    partner_in, png_header, read_regular_bytes, split_folders,
-)
+from hiposeg.data.codecs import IMAGE_EXTS, BadFile, open_regular, png_header, read_regular_bytes
+from hiposeg.data.sources import (Discovery, Item, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in,
+                                  split_folders)
 from hiposeg.errors import UserError
 
 VOC_ID = re.compile(r"^\d{4}_\d{6}$")
