@@ -25,6 +25,17 @@ EXPECTED = ("RAW/images/{training,validation}/*.jpg and RAW/annotations/{trainin
 
 
 class ADE20K(Source):
+    """ADE20K SceneParsing (150 classes).
+
+    Expected layout (RAW = the ADEChallengeData2016 folder):
+
+      RAW/images/{training,validation}/ADE_*.jpg
+      RAW/annotations/{training,validation}/ADE_*.png
+
+    Annotation value 0 (other) -> 255 (ignore), 1..150 -> classes 0..149.
+    Output splits: train, val.
+    """
+
     name: ClassVar[str] = "ade20k"
     default_hierarchy: ClassVar[str] = "ade20k"
     label_expected: ClassVar[str] = "ADE20K annotations: 8-bit grayscale, 0 = other, 1..150 = classes"

@@ -28,6 +28,17 @@ EXPECTED = (f"RAW/leftImg8bit/{{train,val}}/CITY/*{IMAGE_SUFFIX} and RAW/gtFine/
 
 
 class Cityscapes(Source):
+    """Cityscapes gtFine: 19 classes (trainIds) in 7 categories.
+
+    Expected layout (leftImg8bit_trainvaltest.zip + gtFine_trainvaltest.zip unpacked into RAW):
+
+      RAW/leftImg8bit/{train,val}/CITY/*_leftImg8bit.png
+      RAW/gtFine/{train,val}/CITY/*_gtFine_labelIds.png
+
+    The 8-bit labelIds are mapped to trainIds (fine) and categories (coarse);
+    ids without a trainId become 255 (ignore).
+    """
+
     name: ClassVar[str] = "cityscapes"
     default_hierarchy: ClassVar[str] = "cityscapes"
     label_expected: ClassVar[str] = f"Cityscapes *{LABEL_SUFFIX}: 8-bit label ids 0..33, not the *_gtFine_color.png"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from hiposeg.data.codecs import BadFile, read_regular_bytes
+from hiposeg.data.options import COMMON_FLAGS, Flag
 from hiposeg.data.sources import Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
@@ -33,9 +34,25 @@ EXPECTED = (f"RAW/{CONFIG}, RAW/{{training,validation}}/images/*.jpg and "
 
 
 class Mapillary(Source):
+    """Mapillary Vistas 2.0 (124 classes).
+
+    Expected layout:
+
+      RAW/config_v2.0.json
+      RAW/{training,validation}/images/KEY.jpg
+      RAW/{training,validation}/v2.0/labels/KEY.png
+
+    Labels are palette PNGs whose palette index is the class id (read as
+    indices, never as colours). The config's label names and order must match
+    the hierarchy. Output splits: train, val.
+    """
+
     name: ClassVar[str] = "mapillary"
     default_hierarchy: ClassVar[str] = "mapillary_v2"
     label_expected: ClassVar[str] = "Mapillary v2.0/labels: 8-bit palette PNG whose indices are the class ids"
+    flags: ClassVar[tuple[Flag, ...]] = (*COMMON_FLAGS, Flag(
+        "ignore_unevaluated", bool, 'Map the classes the benchmark does not score ("evaluate": false) to ignore.',
+        default=False, decls=("--ignore-unevaluated",), target="prepare"))
 
     def check(self, raw: Path, hierarchy: Hierarchy) -> None:
         self._reject_v12(raw)

@@ -1,7 +1,8 @@
 """What a converter is: the `Source` base class, the items it discovers, and the helpers that find them.
 
 One converter module per release (`cityscapes.py`, `ade20k.py`, ...) subclasses `Source`: it
-*discovers* the (image, label) pairs of its layout and says how its label files are decoded. The
+*discovers* the (image, label) pairs of its layout, says how its label files are decoded, and
+declares its `hiposeg prepare` sub-command (its docstring is the help, `flags` its options). The
 helpers below turn what a person can get wrong in a RAW tree (a missing half of a split, two files
 with one stem, a symlink loop) into a UserError naming the path and the fix.
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 from hiposeg.data.codecs import BadFile, read_label_file
 from hiposeg.data.layout import plain_name
+from hiposeg.data.options import COMMON_FLAGS, Flag
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 
@@ -169,12 +171,17 @@ class IndexLabelReader:
 
 
 class Source:
-    """A release layout. Subclasses set the class attributes and implement `discover`."""
+    """A release layout. Subclasses set the class attributes and implement `discover`.
+
+    A subclass is also its `hiposeg prepare NAME` sub-command: its own docstring is the command's
+    help (the expected layout), `flags` its options after RAW, in the order `--help` lists them
+    (flags with `target="source"` are passed to the subclass's constructor)."""
 
     name: ClassVar[str]  # converter name (CLI command, manifest "source")
     default_hierarchy: ClassVar[str]  # built-in hierarchy name
     splits: ClassVar[tuple[str, ...]] = ("train", "val")  # output splits a full release has
     label_expected: ClassVar[str] = "one-channel PNG of label ids"
+    flags: ClassVar[tuple[Flag, ...]] = COMMON_FLAGS
 
     def discover(self, raw: Path) -> Discovery:
         raise NotImplementedError
@@ -191,3 +198,7 @@ class Source:
 
     def command(self, raw: Path | str, out: Path | str) -> str:
         return f"hiposeg prepare {self.name} {raw} --out {out}"
+
+    def default_out(self, raw: Path) -> Path:
+        """--out when it is not given: data/NAME, where `train --dataset NAME` looks."""
+        return Path("data") / self.name
