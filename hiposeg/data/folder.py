@@ -36,7 +36,8 @@ from hiposeg.data.options import COMMON_FLAGS, HIERARCHY, OUT, Flag
 from hiposeg.data.sources import (Decoded, Discovery, Item, Source, check_dir, describe_dir, list_files, list_subdirs,
                                   pair_by_stem, partner_in)
 from hiposeg.errors import UserError
-from hiposeg.hierarchy import MAX_RAW_VALUE, Hierarchy
+from hiposeg.hierarchy import Hierarchy
+from hiposeg.hierarchy_spec import MAX_RAW_VALUE
 
 MASK_DIRS = ("masks", "labels", "annotations")
 EXPECTED = ("RAW/{train,val,...}/images/* + RAW/{train,val,...}/masks/*.png, or RAW/images/* + RAW/masks/*.png "
