@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.sources import (Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in,
+from hiposeg.data.sources import (Discovery, Source, check_dir, describe_dir, list_files, partner_in,
                                   split_folders)
 from hiposeg.errors import UserError
 
@@ -57,9 +57,7 @@ class ADE20K(Source):
             labels = list_files(ann_dir, [".png"])
             if not images and not labels:
                 raise UserError(f"{img_dir} and {ann_dir} hold no images/annotations", hint=f"Expected {EXPECTED}.")
-            items, orphans = pair_by_stem(split, images, labels, partner_in(ann_dir, ".png"), partner_in(img_dir, ".jpg"))
-            found.items[split] = items
-            found.orphans += orphans
+            found.add_split(split, images, labels, partner_in(ann_dir, ".png"), partner_in(img_dir, ".jpg"))
         if not found.items:
             raise UserError(f"{img_root} has neither training/ nor validation/: expected {EXPECTED}",
                             hint=f"Found in {img_root}: {describe_dir(img_root)}.")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from hiposeg.data.sources import (Discovery, Source, add_unique, check_dir, describe_dir, list_files, list_subdirs,
-                                  pair_by_stem, split_folders)
+                                  split_folders)
 from hiposeg.errors import UserError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -63,12 +63,10 @@ class Cityscapes(Source):
             if not split_folders(found, split, img_dir, gt_dir, raw, EXPECTED):
                 continue
             images, labels = self._split_files(img_dir, gt_dir)
-            items, orphans = pair_by_stem(
+            found.add_split(
                 split, images, labels,
                 label_for=lambda p: gt_dir / p.parent.name / p.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX),
                 image_for=lambda p: img_dir / p.parent.name / p.name.replace(LABEL_SUFFIX, IMAGE_SUFFIX))
-            found.items[split] = items
-            found.orphans += orphans
         if not found.items:
             raise UserError(f"neither {img_root}/train nor {img_root}/val exists: expected {EXPECTED}",
                             hint=f"Found in {img_root}: {describe_dir(img_root)}.")

@@ -116,11 +116,8 @@ class Folder(Source):
             mask_dir = _mask_dir(sub)
             if not check_dir(sub / "images", f"{sub.name}/images") or mask_dir is None:
                 continue
-            items, orphans = pair_by_stem(sub.name, list_files(sub / "images", IMAGE_EXTS),
-                                          list_files(mask_dir, [".png"]), partner_in(mask_dir, ".png"),
-                                          partner_in(sub / "images", ".*"))
-            found.items[sub.name] = items
-            found.orphans += orphans
+            found.add_split(sub.name, list_files(sub / "images", IMAGE_EXTS), list_files(mask_dir, [".png"]),
+                            partner_in(mask_dir, ".png"), partner_in(sub / "images", ".*"))
         if not found.items:
             raise UserError(f"no images/masks folders in {raw}: expected {EXPECTED}; found: {describe_dir(raw)}",
                             hint="Put each split's images in RAW/SPLIT/images and its masks (same file stems, .png) "

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 from hiposeg.data.codecs import BadFile, read_regular_bytes
 from hiposeg.data.options import COMMON_FLAGS, Flag
-from hiposeg.data.sources import Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in
+from hiposeg.data.sources import Discovery, Source, check_dir, describe_dir, list_files, partner_in
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.safeload import load_json
@@ -93,9 +93,7 @@ class Mapillary(Source):
                                 f"{raw / release}: {describe_dir(raw / release)}.")
             images = list_files(img_dir, [".jpg", ".jpeg", ".png"])
             labels = list_files(lbl_dir, [".png"])
-            items, orphans = pair_by_stem(split, images, labels, partner_in(lbl_dir, ".png"), partner_in(img_dir, ".jpg"))
-            found.items[split] = items
-            found.orphans += orphans
+            found.add_split(split, images, labels, partner_in(lbl_dir, ".png"), partner_in(img_dir, ".jpg"))
         if not found.items:
             raise UserError(f"no Mapillary Vistas split in {raw}: expected {EXPECTED}; found: {describe_dir(raw)}",
                             hint="RAW is the folder that contains training/, validation/ and config_v2.0.json.")

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Optional
 
 from hiposeg.data.codecs import IMAGE_EXTS, BadFile, open_regular, png_header, read_regular_bytes
 from hiposeg.data.options import COMMON_FLAGS, Flag
-from hiposeg.data.sources import (Discovery, Item, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in,
+from hiposeg.data.sources import (Discovery, Item, Source, check_dir, describe_dir, list_files, partner_in,
                                   split_folders)
 from hiposeg.errors import UserError
 
@@ -89,10 +89,8 @@ class PascalPart(Source):
             img_dir, ann_dir = raw / "img_dir" / split, raw / "ann108_dir" / split
             if not split_folders(found, split, img_dir, ann_dir, raw, EXPECTED):
                 continue
-            items, orphans = pair_by_stem(split, list_files(img_dir, IMAGE_EXTS), list_files(ann_dir, [".png"]),
-                                          partner_in(ann_dir, ".png"), partner_in(img_dir, ".jpg"))
-            found.items[split] = items
-            found.orphans += orphans
+            found.add_split(split, list_files(img_dir, IMAGE_EXTS), list_files(ann_dir, [".png"]),
+                            partner_in(ann_dir, ".png"), partner_in(img_dir, ".jpg"))
         if not found.items:
             raise UserError(f"{raw}/img_dir and ann108_dir have no train/ or val/ folder", hint=f"Expected {EXPECTED}.")
         return found

@@ -50,6 +50,13 @@ class Discovery:
     orphans: list[BadFile] = field(default_factory=list)  # files without their partner
     notes: list[str] = field(default_factory=list)  # e.g. which layout was detected
 
+    def add_split(self, split: str, images: dict[str, Path], labels: dict[str, Path],
+                  label_for: Callable[[Path], Path], image_for: Callable[[Path], Path]) -> None:
+        """Pair a split's files by stem (see `pair_by_stem`): its items, and its files without a partner."""
+        items, orphans = pair_by_stem(split, images, labels, label_for, image_for)
+        self.items[split] = items
+        self.orphans += orphans
+
 
 def split_folders(found: Discovery, split: str, image_dir: Path, label_dir: Path, raw: Path, expected: str) -> bool:
     """Whether a split's image and label folders both exist. A split with neither is recorded as
