@@ -15,7 +15,7 @@ Layouts (masks are matched to images by file stem; sub-folders below these are n
   class colour c when it stores c * 257 (the exact 16-bit form of c, as image editors save it).
 
 A grey+alpha PNG is an index map with an alpha channel: read as its grey values when every pixel is
-opaque, else refused (see `prepare.read_label_file`).
+opaque, else refused (see `codecs.read_label_file`).
 
 With a flat layout, `--val-fraction F` (default 0.1) sends each image to `val` with probability F,
 decided by a hash of (seed, stem): the same files always land in the same split, and adding files

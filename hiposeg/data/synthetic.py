@@ -30,7 +30,7 @@ Design (`hierarchies/synthetic.json`: 15 parts -> 5 objects)
   alone, so the files are byte-identical for a seed whatever the worker count.
 
 `generate()` writes a prepared dataset directly (README "Preparing data"; real PNG images, manifest source
-"synthetic"), with the same rules for the output folder as `hiposeg prepare` (`prepare.py`): one
+"synthetic"), with the same rules for the output folder as `hiposeg prepare` (`output.py`): one
 process at a time (a lock), a journal header first (the folder is then recognisably hiposeg's),
 the manifest last (an interrupted run is not taken for a finished set; the rerun makes it again),
 and never into a folder that is not hiposeg's. 500 train / 100 val images of 128x128 take a few
