@@ -40,9 +40,9 @@ def parameter(flag: Flag) -> inspect.Parameter:
     return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typer_option(flag))
 
 
-def add_source_command(source_cls: type[Source]) -> None:
-    """Register `hiposeg prepare NAME RAW [flags]`: the flags go to the source's constructor or to
-    `prepare()`, as each declares; the summary table is printed at the end."""
+def add_source_command(source_cls: type[Source], group: typer.Typer = prepare_app) -> None:
+    """Register `hiposeg prepare NAME RAW [flags]` (in `group`): the flags go to the source's
+    constructor or to `prepare()`, as each declares; the summary table is printed at the end."""
 
     def run(raw: Path, **values: Any) -> None:
         from hiposeg.data.manifest import print_summary
@@ -55,7 +55,7 @@ def add_source_command(source_cls: type[Source]) -> None:
 
     raw = inspect.Parameter("raw", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=PrepRaw)
     run.__signature__ = inspect.Signature([raw, *map(parameter, source_cls.flags)])  # type: ignore[attr-defined]
-    prepare_app.command(source_cls.name, help=source_cls.__doc__)(run)
+    group.command(source_cls.name, help=source_cls.__doc__)(run)
 
 
 for _source in SOURCES.values():
