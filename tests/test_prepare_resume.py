@@ -197,12 +197,15 @@ def test_limit_then_full_run_reuses_the_first_files(small, tmp_path):
 
 
 def test_copy_writes_real_files(small, tmp_path):
+    """Every train image (7 frames in RAW) is a regular file with the raw image's bytes."""
     raw, _ = small
     prepare(Cityscapes(), raw, tmp_path / "out", workers=1, quiet=True, copy=True)
-    for p in (tmp_path / "out/train/images").iterdir():
+    sources = {p.name.replace("_leftImg8bit.png", ".png"): p for p in raw.glob("leftImg8bit/train/*/*_leftImg8bit.png")}
+    images = sorted((tmp_path / "out/train/images").iterdir())
+    assert len(sources) == 7 and [p.name for p in images] == sorted(sources)
+    for p in images:
         assert p.is_file() and not p.is_symlink()
-        src = next(raw.glob(f"leftImg8bit/train/*/{p.stem}_leftImg8bit.png"))
-        assert p.read_bytes() == src.read_bytes()
+        assert p.read_bytes() == sources[p.name].read_bytes()
 
 
 def test_never_writes_under_raw_and_never_into_foreign_folders(small, tmp_path):
