@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from faults import kill, start, wait_for
 import hiposeg.data.convert as convert
 import hiposeg.data.pool as pool
 from hiposeg.data.cityscapes import Cityscapes
@@ -166,6 +168,46 @@ def test_process_killed_mid_run_resumes_to_identical_outputs(tmp_path):
     assert m["_run"]["reused"] >= done_before and m["_run"]["converted"] + m["_run"]["reused"] == 48
     assert outputs(out) == outputs(tmp_path / "ref")
     assert manifest_body(out) == manifest_body(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_prepare_killed_mid_png_write_redoes_only_unrecorded_files(tmp_path):
+    """SIGKILL while a label PNG is half-written (pinned inside the write by tests/faults.py): no
+    partial PNG under a final name, the rerun converts exactly the files the journal had not
+    recorded, and the outputs are byte-identical. The kill point is drawn from a seeded RNG."""
+    rng = random.Random(7)
+    raw, ref, out = tmp_path / "raw", tmp_path / "ref", tmp_path / "out"
+    make_raw(raw, 12, 4)
+    prepare(Cityscapes(), raw, ref, workers=1, quiet=True)
+    total = 16
+
+    # Each of the 2 worker processes stalls on its n-th PNG after 40 bytes; then SIGKILL all.
+    nth, ready, log = rng.randint(3, 6), tmp_path / "stalled", tmp_path / "log.txt"
+    proc = start(["prepare", "cityscapes", str(raw), "--out", str(out), "--workers", "2", "-q"], log,
+                 inject=["stall-write", "*.png", str(nth), "40", str(ready)])
+    wait_for(ready.exists, proc, log, "a PNG write to stall")
+    kill(proc)
+
+    assert not (out / "manifest.json").exists()
+    journal = (out / JOURNAL_NAME).read_text().split("\n")[1:-1]  # complete records after the header
+    recorded = {(r["split"], r["stem"]) for r in map(json.loads, journal)}
+    assert 0 < len(recorded) < total
+    # No partial PNG under a final name: every visible output is complete (= the reference bytes).
+    pngs = [p for p in out.rglob("*.png") if not p.name.startswith(".tmp-")]
+    for p in pngs:
+        assert p.read_bytes() == (ref / p.relative_to(out)).read_bytes(), f"partial or wrong output {p}"
+    torn = [p for p in out.rglob(".tmp-*") if p.is_file() and not p.is_symlink()]
+    assert any(p.stat().st_size == 40 for p in torn), "the kill did not land inside a PNG write"
+    mtimes = {p: p.stat().st_mtime_ns for p in pngs}
+
+    m = prepare(Cityscapes(), raw, out, workers=1, quiet=True)
+    # Only what the journal had not recorded is converted again; recorded outputs are not touched.
+    assert m["_run"]["reused"] == len(recorded) and m["_run"]["converted"] == total - len(recorded)
+    rewritten = {p for p, t in mtimes.items() if p.stat().st_mtime_ns != t}
+    assert all((p.parent.parent.name, p.stem) not in recorded for p in rewritten)
+    assert outputs(out) == outputs(ref)
+    assert manifest_body(out) == manifest_body(ref)
+    assert not list(out.rglob(".tmp-*"))
 
 
 def test_rerun_with_other_options_needs_overwrite(small, tmp_path):
