@@ -1,5 +1,7 @@
-"""Shared test helpers: the real-format sample files, and a palette-PNG writer (cv2 cannot write
-colour-type-3 PNGs, so it is written by hand with zlib + struct)."""
+"""Shared test helpers: the real-format sample files, a palette-PNG writer (cv2 cannot write
+colour-type-3 PNGs, so it is written by hand with zlib + struct), the tiny prepared dataset, and
+running the CLI (`cli`, `fails_with`, `squash`; tests import the plain functions with
+`from conftest import ...`)."""
 
 from __future__ import annotations
 
@@ -16,10 +18,36 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REAL_FIXTURES = Path(os.environ.get("HIPOSEG_REAL_FIXTURES", Path(__file__).resolve().parents[2] / "shared/fixtures/real"))
+
+
+def squash(text: str) -> str:
+    """Rich wraps long lines (even inside paths): compare with all whitespace removed."""
+    return "".join(text.split())
+
+
+@pytest.fixture
+def cli() -> CliRunner:
+    """A CliRunner: `cli.invoke(app, [...])` runs `hiposeg ...` in this process."""
+    return CliRunner()
+
+
+def fails_with(args: list, *needles: str | Path) -> str:
+    """Run `hiposeg ARGS`: it must exit with code 2 and one clear message (no traceback, nothing
+    re-raised from a DataLoader worker) that holds every needle, whitespace aside. Returns the output."""
+    from hiposeg.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 2, r.output
+    for bad in ("Traceback", "DataLoader worker", "Caught UserError"):
+        assert bad not in r.output, r.output
+    for needle in needles:
+        assert squash(str(needle)) in squash(r.output), (needle, r.output)
+    return r.output
 
 
 @pytest.fixture(scope="session")

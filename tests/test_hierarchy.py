@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import hiposeg
+from conftest import squash
 from hiposeg.cli import app
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy, builtin_names
@@ -489,12 +489,12 @@ def test_an_id_that_is_a_boolean_is_not_taken_for_a_duplicate(tmp_path):
     assert "got true (a boolean)" in msg and "duplicate" not in msg
 
 
-def test_deeply_nested_json_is_one_clear_error(tmp_path):
+def test_deeply_nested_json_is_one_clear_error(tmp_path, cli):
     p = tmp_path / "deep.json"
     p.write_text('{"name": ' + "[" * 100_000 + "]" * 100_000 + "}")
-    r = runner.invoke(app, ["hierarchy", "validate", str(p)])
+    r = cli.invoke(app, ["hierarchy", "validate", str(p)])
     assert r.exit_code == 2, r.output
-    assert "".join(f"hierarchy file {p} nests its values too deeply".split()) in "".join(r.output.split())
+    assert squash(f"hierarchy file {p} nests its values too deeply") in squash(r.output)
 
 
 def test_a_folder_or_device_given_as_hierarchy_file_is_refused(tmp_path):
@@ -512,14 +512,14 @@ def one_parent(n: int) -> dict:
         {"name": "top", "classes": [{"id": 0, "name": "all", "color": [0, 0, 0]}]}]}
 
 
-def test_a_level_must_fit_the_16_bit_label_maps_below_the_ignore_value(tmp_path):
+def test_a_level_must_fit_the_16_bit_label_maps_below_the_ignore_value(tmp_path, cli):
     """65535 classes: ids 0..65534, ignore 65535 (fits). 65536: the last id would be the ignore value,
     and more would wrap around in 16-bit PNGs, so `hierarchy validate` refuses it."""
     h = Hierarchy.from_dict(one_parent(65535))
     assert h.ignore_index == 65535 and h.label_dtype == np.uint16 and h.num_fine - 1 < h.ignore_index
     path = tmp_path / "huge.json"
     path.write_text(json.dumps(one_parent(65536)))
-    r = runner.invoke(app, ["hierarchy", "validate", str(path)])
+    r = cli.invoke(app, ["hierarchy", "validate", str(path)])
     assert r.exit_code == 2, r.output
     assert ("levels[0] ('leaf'): 65536 classes, but prepared label maps are 16-bit PNGs in which 65535 means "
             "ignore, so a level holds at most 65535 classes (ids 0..65534)") in flat(r.output)
@@ -661,11 +661,9 @@ def test_exactly_255_classes_still_fit_8_bit():
 # CLI
 # ============================================================================================
 
-runner = CliRunner()
 
-
-def test_cli_show_cityscapes():
-    result = runner.invoke(app, ["hierarchy", "show", "cityscapes"])
+def test_cli_show_cityscapes(cli):
+    result = cli.invoke(app, ["hierarchy", "show", "cityscapes"])
     assert result.exit_code == 0, result.output
     out = flat(result.output)
     for name in [n for n, _, t, _, _ in CITYSCAPES_LABELS if t != 255] + CITYSCAPES_CATEGORIES:
@@ -674,48 +672,48 @@ def test_cli_show_cityscapes():
     assert "fine = class, coarse = category" in out
 
 
-def test_cli_show_json_is_the_normalised_form():
-    result = runner.invoke(app, ["hierarchy", "show", "cityscapes", "--json"])
+def test_cli_show_json_is_the_normalised_form(cli):
+    result = cli.invoke(app, ["hierarchy", "show", "cityscapes", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == Hierarchy.load("cityscapes").to_dict()
 
 
-def test_cli_show_three_levels():
-    result = runner.invoke(app, ["hierarchy", "show", "mapillary_v2"])
+def test_cli_show_three_levels(cli):
+    result = cli.invoke(app, ["hierarchy", "show", "mapillary_v2"])
     assert result.exit_code == 0, result.output
     out = flat(result.output)
     assert "124 class -> 17 group -> 7 category" in out
     assert "construction--barrier--wall" in out and "not evaluated" in out
 
 
-def test_cli_validate_good_file(tmp_path):
+def test_cli_validate_good_file(tmp_path, cli):
     p = tmp_path / "good.json"
     p.write_text(json.dumps(minimal()))
-    result = runner.invoke(app, ["hierarchy", "validate", str(p)])
+    result = cli.invoke(app, ["hierarchy", "validate", str(p)])
     assert result.exit_code == 0, result.output
     assert "valid" in result.output and "3 fine -> 2 coarse" in flat(result.output)
 
 
-def test_cli_validate_bad_file(tmp_path):
+def test_cli_validate_bad_file(tmp_path, cli):
     p = tmp_path / "bad.json"
     p.write_text(json.dumps(mutate(lambda d: _set(d, ["levels", 0, "classes", 2, "parent"], "Z"))))
-    result = runner.invoke(app, ["hierarchy", "validate", str(p)])
+    result = cli.invoke(app, ["hierarchy", "validate", str(p)])
     assert result.exit_code == 2
     out = flat(result.output)
     assert "parent 'Z' is not a class of level 'coarse'" in out
     assert "Traceback" not in result.output
 
 
-def test_cli_validate_malformed_json(tmp_path):
+def test_cli_validate_malformed_json(tmp_path, cli):
     p = tmp_path / "broken.json"
     p.write_text('{"name": "x",,}')
-    result = runner.invoke(app, ["hierarchy", "validate", str(p)])
+    result = cli.invoke(app, ["hierarchy", "validate", str(p)])
     assert result.exit_code == 2
     assert "line 1 column 14" in flat(result.output)
     assert "Traceback" not in result.output
 
 
-def test_cli_prints_names_with_rich_markup_as_text(tmp_path):
+def test_cli_prints_names_with_rich_markup_as_text(tmp_path, cli):
     """Level and class names (and file names) are data: `[/x]` or `[bold]` in them is printed as
     written, never parsed as Rich markup (an unmatched closing tag used to end in MarkupError)."""
     spec = mutate(lambda d: (_set(d, ["levels", 0, "name"], "[/fine]"), _set(d, ["levels", 1, "name"], "[bold]top"),
@@ -725,21 +723,21 @@ def test_cli_prints_names_with_rich_markup_as_text(tmp_path):
     p.write_text(json.dumps(spec))
     printed = {}
     for command in ("validate", "show"):
-        result = runner.invoke(app, ["hierarchy", command, str(p)])
+        result = cli.invoke(app, ["hierarchy", command, str(p)])
         assert result.exit_code == 0, (command, result.output, result.exception)
-        printed[command] = "".join(result.output.split())
+        printed[command] = squash(result.output)
         assert "[/fine]" in printed[command] and "[bold]top" in printed[command], (command, result.output)
     assert "[red]h.json" in printed["validate"] and "a[/]" in printed["show"]
 
 
-def test_cli_show_unknown_name():
-    result = runner.invoke(app, ["hierarchy", "show", "no_such_dataset"])
+def test_cli_show_unknown_name(cli):
+    result = cli.invoke(app, ["hierarchy", "show", "no_such_dataset"])
     assert result.exit_code == 2
     assert "unknown hierarchy" in flat(result.output)
     assert "Traceback" not in result.output
 
 
-def test_cli_version():
-    result = runner.invoke(app, ["--version"])
+def test_cli_version(cli):
+    result = cli.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"hiposeg {hiposeg.__version__}"

@@ -15,23 +15,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from conftest import fails_with, squash
 from faults import kill, start, wait_for
 from hiposeg.cli import app
 from hiposeg.data.cityscapes import Cityscapes
-from hiposeg.data.prepare import JOURNAL_NAME, prepare
+from hiposeg.data.layout import JOURNAL_NAME
+from hiposeg.data.prepare import prepare
 from hiposeg.data.synthetic import generate
 from hiposeg.errors import UserError
 from hiposeg.lock import DirectoryLock
 from test_prepare_resume import make_raw
-
-runner = CliRunner()
-
-
-def squash(text: str) -> str:
-    return "".join(text.split())
-
 
 def snapshot(root: Path) -> dict[str, bytes | str]:
     """Every entry under `root` (hidden ones too): file bytes, link targets, folders."""
@@ -42,19 +36,22 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
     return found
 
 
-def cli(*args: str | Path) -> tuple[int, str]:
-    r = runner.invoke(app, [*map(str, args), "--workers", "1", "-q"])
-    assert "Traceback" not in r.output, r.output
-    return r.exit_code, r.output
+@pytest.fixture
+def run(cli):
+    """`run(*args)` -> (exit code, output) of `hiposeg ARGS --workers 1 -q`; never a traceback."""
+
+    def invoke(*args: str | Path) -> tuple[int, str]:
+        r = cli.invoke(app, [*map(str, args), "--workers", "1", "-q"])
+        assert "Traceback" not in r.output, r.output
+        return r.exit_code, r.output
+
+    return invoke
 
 
 def refused(args: tuple, folder: Path, *needles: str | Path) -> None:
     """The command exits 2 naming `needles`, and `folder` is byte-identical afterwards (no lock file either)."""
     before = snapshot(folder)
-    code, out = cli(*args)
-    assert code == 2, out
-    for n in needles:
-        assert squash(str(n)) in squash(out), (n, out)
+    fails_with([*args, "--workers", "1", "-q"], *needles)
     assert snapshot(folder) == before
 
 
@@ -103,12 +100,12 @@ def add_user_files(out: Path) -> dict[str, bytes]:
     return files
 
 
-def test_overwrite_removes_only_what_prepare_wrote(raw, tmp_path):
+def test_overwrite_removes_only_what_prepare_wrote(raw, tmp_path, run):
     out = tmp_path / "out"
     prepare(Cityscapes(), raw, out, workers=1, quiet=True)
     written = {str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()}
     mine = add_user_files(out)
-    code, text = cli("prepare", "cityscapes", raw, "--out", out, "--overwrite", "--copy")
+    code, text = run("prepare", "cityscapes", raw, "--out", out, "--overwrite", "--copy")
     assert code == 0, text
     assert {rel: (out / rel).read_bytes() for rel in mine} == mine
     assert "--overwrite kept 5 file(s)" in " ".join(text.split()) and "notes.txt" in text
@@ -137,7 +134,7 @@ def journal_with(out: Path, raw: Path, *records: dict) -> None:
 
 
 @pytest.mark.parametrize("escape", ["relative", "absolute"])
-def test_split_names_in_a_journal_never_reach_outside_out(raw, tmp_path, escape):
+def test_split_names_in_a_journal_never_reach_outside_out(raw, tmp_path, escape, run):
     victim = tmp_path / "victim"
     for d in ("images", "fine", "coarse"):
         (victim / d).mkdir(parents=True)
@@ -150,9 +147,9 @@ def test_split_names_in_a_journal_never_reach_outside_out(raw, tmp_path, escape)
               "pixels": {"fine": {}, "coarse": {}, "ignore": 0}, "unknown": {}}
     journal_with(out, raw, record)
     before = snapshot(victim)
-    code, text = cli("prepare", "cityscapes", raw, "--out", out)
+    code, text = run("prepare", "cityscapes", raw, "--out", out)
     assert code == 2 and f"{out / JOURNAL_NAME},line7" in squash(text) and "notaplainfolderorfilename" in squash(text)
-    code, text = cli("prepare", "cityscapes", raw, "--out", out, "--overwrite")
+    code, text = run("prepare", "cityscapes", raw, "--out", out, "--overwrite")
     assert code == 0, text
     assert snapshot(victim) == before
 
@@ -196,7 +193,7 @@ def test_a_prepared_dataset_without_its_journal_is_not_cleared(raw, tmp_path):
             "without its journal", "cannot tell which of the files there it wrote", "Remove")
 
 
-def test_a_second_prepare_started_at_the_same_moment_is_refused_naming_the_first(raw, tmp_path):
+def test_a_second_prepare_started_at_the_same_moment_is_refused_naming_the_first(raw, tmp_path, run):
     """The first run stalls while it writes its journal's first line (the moment the old code had
     already written hierarchy.json, and the second run called the folder foreign). The second is
     refused naming the first; once the first is killed, its lock is free and a rerun completes."""
@@ -206,15 +203,15 @@ def test_a_second_prepare_started_at_the_same_moment_is_refused_naming_the_first
     try:
         wait_for(ready.exists, proc, log, "the journal write to stall")
         before = snapshot(out)
-        code, text = cli("prepare", "cityscapes", raw, "--out", out)
+        code, text = run("prepare", "cityscapes", raw, "--out", out)
         assert code == 2, text
         assert f"prepareddatasetfolder{squash(str(out))}isinusebyanotherhiposegprocess(pid{proc.pid}" in squash(text)
-        code, text = cli("prepare", "synthetic", "--out", out, "--overwrite", "--train", "2", "--val", "1")
+        code, text = run("prepare", "synthetic", "--out", out, "--overwrite", "--train", "2", "--val", "1")
         assert code == 2 and f"(pid{proc.pid}" in squash(text), text
         assert snapshot(out) == before
     finally:
         kill(proc)
-    code, text = cli("prepare", "cityscapes", raw, "--out", out)
+    code, text = run("prepare", "cityscapes", raw, "--out", out)
     assert code == 0, text
     assert (out / "manifest.json").is_file()
 
@@ -244,7 +241,7 @@ def test_a_worker_forked_by_the_owner_does_not_keep_the_lock(tmp_path):
 
 
 @pytest.mark.parametrize("link", ["split folder", "journal", "lock file"])
-def test_symlinks_in_out_never_lead_writes_outside_it(raw, tmp_path, link):
+def test_symlinks_in_out_never_lead_writes_outside_it(raw, tmp_path, link, run):
     """A link inside a hiposeg folder that points elsewhere: hiposeg refuses it rather than write
     (or append, or truncate) through it; the target is untouched."""
     out, victim = tmp_path / "out", tmp_path / "victim"
@@ -264,18 +261,18 @@ def test_symlinks_in_out_never_lead_writes_outside_it(raw, tmp_path, link):
         os.symlink(victim / name, out / name)
         needles = [out / name, "is a symlink" if link == "journal" else "is a symbolic link"]
     before = snapshot(victim)
-    code, text = cli("prepare", "cityscapes", raw, "--out", out)
+    code, text = run("prepare", "cityscapes", raw, "--out", out)
     assert code == 2, text
     for n in needles:
         assert squash(str(n)) in squash(text), (n, text)
     assert snapshot(victim) == before
     if link == "split folder":
-        code, text = cli("prepare", "synthetic", "--out", tmp_path / "syn", "--train", "2", "--val", "1")
+        code, text = run("prepare", "synthetic", "--out", tmp_path / "syn", "--train", "2", "--val", "1")
         assert code == 0, text
         os.symlink(victim, tmp_path / "syn/val.new")
         os.rename(tmp_path / "syn/val", tmp_path / "val.old")
         os.rename(tmp_path / "syn/val.new", tmp_path / "syn/val")
-        code, text = cli("prepare", "synthetic", "--out", tmp_path / "syn", "--train", "2", "--val", "1", "--seed", "3",
+        code, text = run("prepare", "synthetic", "--out", tmp_path / "syn", "--train", "2", "--val", "1", "--seed", "3",
                          "--overwrite")
         assert code == 2 and "leadsoutside--out" in squash(text), text
         assert snapshot(victim) == before

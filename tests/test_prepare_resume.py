@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,9 +16,12 @@ import cv2
 import numpy as np
 import pytest
 
-import hiposeg.data.prepare as prep
+from faults import kill, start, wait_for
+import hiposeg.data.convert as convert
+import hiposeg.data.pool as pool
 from hiposeg.data.cityscapes import Cityscapes
-from hiposeg.data.prepare import JOURNAL_NAME, prepare
+from hiposeg.data.layout import JOURNAL_NAME
+from hiposeg.data.prepare import prepare
 from hiposeg.errors import UserError
 from hiposeg.lock import LOCK_NAME
 
@@ -68,7 +72,7 @@ def small(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_interrupted_run_resumes_to_identical_outputs(small, tmp_path, monkeypatch):
     raw, ref = small
-    real = prep.convert_item
+    real = convert.convert_item
     calls = {"n": 0}
 
     def interrupted_on_third(job, item):
@@ -77,11 +81,11 @@ def test_interrupted_run_resumes_to_identical_outputs(small, tmp_path, monkeypat
             raise KeyboardInterrupt  # Ctrl-C while the third file is in flight
         return real(job, item)
 
-    monkeypatch.setattr(prep, "convert_item", interrupted_on_third)
+    monkeypatch.setattr(convert, "convert_item", interrupted_on_third)
     with pytest.raises(UserError, match="interrupted after 2 of 10 files"):
         prepare(Cityscapes(), raw, tmp_path / "out", workers=1, quiet=True)
     assert not (tmp_path / "out/manifest.json").exists()
-    monkeypatch.setattr(prep, "convert_item", real)
+    monkeypatch.setattr(convert, "convert_item", real)
     m = prepare(Cityscapes(), raw, tmp_path / "out", workers=1, quiet=True)
     assert m["_run"] == {**m["_run"], "converted": 8, "reused": 2}
     assert outputs(tmp_path / "out") == outputs(ref)
@@ -166,6 +170,46 @@ def test_process_killed_mid_run_resumes_to_identical_outputs(tmp_path):
     assert manifest_body(out) == manifest_body(tmp_path / "ref")
 
 
+@pytest.mark.slow
+def test_prepare_killed_mid_png_write_redoes_only_unrecorded_files(tmp_path):
+    """SIGKILL while a label PNG is half-written (pinned inside the write by tests/faults.py): no
+    partial PNG under a final name, the rerun converts exactly the files the journal had not
+    recorded, and the outputs are byte-identical. The kill point is drawn from a seeded RNG."""
+    rng = random.Random(7)
+    raw, ref, out = tmp_path / "raw", tmp_path / "ref", tmp_path / "out"
+    make_raw(raw, 12, 4)
+    prepare(Cityscapes(), raw, ref, workers=1, quiet=True)
+    total = 16
+
+    # Each of the 2 worker processes stalls on its n-th PNG after 40 bytes; then SIGKILL all.
+    nth, ready, log = rng.randint(3, 6), tmp_path / "stalled", tmp_path / "log.txt"
+    proc = start(["prepare", "cityscapes", str(raw), "--out", str(out), "--workers", "2", "-q"], log,
+                 inject=["stall-write", "*.png", str(nth), "40", str(ready)])
+    wait_for(ready.exists, proc, log, "a PNG write to stall")
+    kill(proc)
+
+    assert not (out / "manifest.json").exists()
+    journal = (out / JOURNAL_NAME).read_text().split("\n")[1:-1]  # complete records after the header
+    recorded = {(r["split"], r["stem"]) for r in map(json.loads, journal)}
+    assert 0 < len(recorded) < total
+    # No partial PNG under a final name: every visible output is complete (= the reference bytes).
+    pngs = [p for p in out.rglob("*.png") if not p.name.startswith(".tmp-")]
+    for p in pngs:
+        assert p.read_bytes() == (ref / p.relative_to(out)).read_bytes(), f"partial or wrong output {p}"
+    torn = [p for p in out.rglob(".tmp-*") if p.is_file() and not p.is_symlink()]
+    assert any(p.stat().st_size == 40 for p in torn), "the kill did not land inside a PNG write"
+    mtimes = {p: p.stat().st_mtime_ns for p in pngs}
+
+    m = prepare(Cityscapes(), raw, out, workers=1, quiet=True)
+    # Only what the journal had not recorded is converted again; recorded outputs are not touched.
+    assert m["_run"]["reused"] == len(recorded) and m["_run"]["converted"] == total - len(recorded)
+    rewritten = {p for p, t in mtimes.items() if p.stat().st_mtime_ns != t}
+    assert all((p.parent.parent.name, p.stem) not in recorded for p in rewritten)
+    assert outputs(out) == outputs(ref)
+    assert manifest_body(out) == manifest_body(ref)
+    assert not list(out.rglob(".tmp-*"))
+
+
 def test_rerun_with_other_options_needs_overwrite(small, tmp_path):
     raw, ref = small
     out = tmp_path / "out"
@@ -195,12 +239,15 @@ def test_limit_then_full_run_reuses_the_first_files(small, tmp_path):
 
 
 def test_copy_writes_real_files(small, tmp_path):
+    """Every train image (7 frames in RAW) is a regular file with the raw image's bytes."""
     raw, _ = small
     prepare(Cityscapes(), raw, tmp_path / "out", workers=1, quiet=True, copy=True)
-    for p in (tmp_path / "out/train/images").iterdir():
+    sources = {p.name.replace("_leftImg8bit.png", ".png"): p for p in raw.glob("leftImg8bit/train/*/*_leftImg8bit.png")}
+    images = sorted((tmp_path / "out/train/images").iterdir())
+    assert len(sources) == 7 and [p.name for p in images] == sorted(sources)
+    for p in images:
         assert p.is_file() and not p.is_symlink()
-        src = next(raw.glob(f"leftImg8bit/train/*/{p.stem}_leftImg8bit.png"))
-        assert p.read_bytes() == src.read_bytes()
+        assert p.read_bytes() == sources[p.name].read_bytes()
 
 
 def test_never_writes_under_raw_and_never_into_foreign_folders(small, tmp_path):
@@ -241,9 +288,9 @@ def test_default_workers_follows_the_usable_cpus():
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this platform")
     cpus = os.sched_getaffinity(0)
-    assert prep.default_workers() == len(cpus)
+    assert pool.default_workers() == len(cpus)
     try:
         os.sched_setaffinity(0, {min(cpus)})  # this thread pinned to one core
-        assert prep.default_workers() == 1
+        assert pool.default_workers() == 1
     finally:
         os.sched_setaffinity(0, cpus)

@@ -1,17 +1,13 @@
 """Reliability: bad files reach the user as one clear message (file, value, fix) with exit code 2.
 
-tests/test_prepare_errors.py already covers, for `hiposeg prepare`: truncated / corrupt / empty /
-non-PNG label files, empty and truncated JPEG images, unknown (out-of-range) 8-bit label values,
-an RGB label where an index map is expected, image/label size mismatches, missing partners and
-symlink loops in RAW's folders and label files. This file adds the cases it does not have, and the
-same faults arriving *after* `prepare`: at training time (inside DataLoader worker processes) and
-when scoring predictions.
+Bad input to `hiposeg prepare` is tested in tests/test_prepare_errors.py. This file has the same
+faults arriving *after* `prepare`: at training time (inside DataLoader worker processes) and when
+scoring predictions, and a split the raw release did not have.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,26 +16,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import fails_with, squash
 from faults import make_tiny_data, one_thread, run, train_args  # noqa: F401
 from hiposeg.cli import app
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def squash(text: str) -> str:
-    """Rich wraps long lines (even inside paths): compare with all whitespace removed."""
-    return "".join(text.split())
-
-
-def fails_with(args: list, *needles: str | Path) -> str:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 2, r.output
-    for bad in ("Traceback", "DataLoader worker", "Caught UserError"):
-        assert bad not in r.output, r.output
-    for needle in needles:
-        assert squash(str(needle)) in squash(r.output), (needle, r.output)
-    return r.output
 
 
 @pytest.fixture
@@ -54,34 +36,8 @@ def prepare_args(raw: Path, out: Path) -> list:
 
 
 # ------------------------------------------------------------------------------------------
-# prepare: the cases tests/test_prepare_errors.py does not have
+# a split the raw release did not have
 # ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("damage, reason", [
-    ("truncated", "truncated or corrupt PNG image (no IEND chunk at the end)"),
-    ("empty", "empty file (0 bytes)"),
-    ("loop", "symlink loop"),
-])
-def test_unreadable_png_images(city, tmp_path, damage, reason):
-    raw, pairs = city
-    image = pairs[1][0]
-    if damage == "truncated":
-        image.write_bytes(image.read_bytes()[:40])
-    elif damage == "empty":
-        image.write_bytes(b"")
-    else:
-        image.unlink()
-        os.symlink(image, image)  # absolute link to itself
-    fails_with(prepare_args(raw, tmp_path / "o"), "1 input file cannot be prepared", image, reason, "--skip-bad")
-
-
-def test_sixteen_bit_label_values_beyond_the_hierarchy_are_named(city, tmp_path):
-    raw, pairs = city
-    lab = np.full((16, 32), 7, np.uint16)
-    lab[0, :5] = 40000
-    cv2.imwrite(str(pairs[0][1]), lab)
-    fails_with(prepare_args(raw, tmp_path / "o"), "does not know: 40000 (5 px)", pairs[0][1], "--unknown ignore")
 
 
 def test_missing_split_is_named_when_training_and_scoring(city, tmp_path):

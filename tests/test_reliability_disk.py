@@ -3,13 +3,13 @@
 The fault is a file whose writes raise OSError(ENOSPC) once a byte budget is spent, built like the
 file `open()` returns (a BufferedWriter over a raw file), and handed out by `os.fdopen` for the
 targeted file only (tests/faults.py: `install_full_disk`). So the error reaches torch.save's zip
-writer and cv2-encoded PNG writes exactly where a real full disk would raise it.
+writer exactly where a real full disk would raise it. A full disk while `hiposeg prepare` writes
+its PNGs or journal is tested in tests/test_prepare_output.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
@@ -55,65 +55,6 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tiny,
     assert hashlib.sha256(last.read_bytes()).hexdigest() == snapshot["sha"]
     assert load_checkpoint(last)["iteration"] == 2
     assert not temp_files(last.parent), "the partial checkpoint was left behind"
-
-
-def test_full_disk_while_preparing_keeps_finished_files_and_resumes(tmp_path, monkeypatch):
-    from test_prepare_resume import make_raw, manifest_body, outputs
-
-    from hiposeg.data.cityscapes import Cityscapes
-    from hiposeg.data.prepare import JOURNAL_NAME, prepare
-
-    raw, ref, out = tmp_path / "raw", tmp_path / "ref", tmp_path / "out"
-    make_raw(raw, 6, 2)
-    prepare(Cityscapes(), raw, ref, workers=1, quiet=True)
-    seen = install_full_disk(monkeypatch, "*.png", budget=30, nth=7)  # the 4th pair's fine map; then all full
-    r = runner.invoke(app, ["prepare", "cityscapes", str(raw), "--out", str(out), "--workers", "1", "-q"])
-    monkeypatch.undo()
-    assert seen["failed"] >= 1, "the full-disk fault was never reached"
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output
-    msg = squash(r.output)
-    for needle in (str(out / "train" / "fine"), "No space left on device", "3 files finished so far are kept",
-                   "rerun the same command to resume"):
-        assert squash(needle) in msg, (needle, r.output)
-    # the finished files are intact and recorded, nothing partial is left, no manifest claims "done"
-    records = [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines()[1:]]
-    assert len(records) == 3
-    for rec in records:
-        for level in ("fine", "coarse"):
-            rel = Path(rec["split"]) / level / f"{rec['stem']}.png"
-            assert (out / rel).read_bytes() == (ref / rel).read_bytes()
-    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
-    assert not (out / "manifest.json").exists()
-    # space freed: the same command finishes the job, byte-identical to an undisturbed run
-    m = prepare(Cityscapes(), raw, out, workers=1, quiet=True)
-    assert m["_run"]["reused"] == 3 and m["_run"]["converted"] == 5
-    assert outputs(out) == outputs(ref) and manifest_body(out) == manifest_body(ref)
-
-
-def test_full_disk_while_journaling_a_finished_file(tmp_path, monkeypatch):
-    """The journal append fails (then the disk stays full): one clear error, and the rerun redoes
-    exactly the files whose record was lost."""
-    from test_prepare_resume import make_raw, outputs
-
-    from hiposeg.data.cityscapes import Cityscapes
-    from hiposeg.data.prepare import JOURNAL_NAME, prepare
-
-    raw, ref, out = tmp_path / "raw", tmp_path / "ref", tmp_path / "out"
-    make_raw(raw, 4, 1)
-    prepare(Cityscapes(), raw, ref, workers=1, quiet=True)
-    # the journal is opened twice: written with its header (atomically), then opened for appending;
-    # the append file holds 3 records before the disk is full
-    first_three = 3 * len((ref / JOURNAL_NAME).read_text().splitlines()[1]) + 3
-    seen = install_full_disk(monkeypatch, JOURNAL_NAME, budget=first_three, nth=2)
-    r = runner.invoke(app, ["prepare", "cityscapes", str(raw), "--out", str(out), "--workers", "1", "-q"])
-    monkeypatch.undo()
-    assert seen["failed"] == 1
-    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
-    assert squash(f"cannot write {out / JOURNAL_NAME}: No space left on device") in squash(r.output), r.output
-    m = prepare(Cityscapes(), raw, out, workers=1, quiet=True)
-    assert m["_run"]["converted"] + m["_run"]["reused"] == 5 and m["_run"]["converted"] >= 2
-    assert outputs(out) == outputs(ref)
 
 
 def test_full_disk_while_logging_metrics_is_one_clear_error(tiny, tmp_path, monkeypatch):

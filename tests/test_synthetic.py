@@ -10,15 +10,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from conftest import squash
 from hiposeg.cli import app
-from hiposeg.data.prepare import JOURNAL_NAME
+from hiposeg.data.layout import JOURNAL_NAME
 from hiposeg.data.synthetic import generate
 from hiposeg.lock import LOCK_NAME
 from hiposeg.hierarchy import Hierarchy
-
-runner = CliRunner()
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -117,36 +115,36 @@ def test_scenes_vary_in_scale_and_content(scenes):
     assert min(per_image) >= 1 and max(per_image) >= 3
 
 
-def test_cli_prepare_synthetic(tmp_path):
+def test_cli_prepare_synthetic(tmp_path, cli):
     args = ["prepare", "synthetic", "--out", str(tmp_path / "syn"), "--train", "3", "--val", "2", "--size", "40",
             "--workers", "1", "-q"]
-    r = runner.invoke(app, args)
+    r = cli.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "syn/train/images/synthetic_train_00002.png").is_file()
-    r = runner.invoke(app, args)
+    r = cli.invoke(app, args)
     assert r.exit_code == 0 and "nothing to do" in r.output
-    r = runner.invoke(app, [*args[:-3], "--seed", "5", "--workers", "1", "-q"])
+    r = cli.invoke(app, [*args[:-3], "--seed", "5", "--workers", "1", "-q"])
     assert r.exit_code == 2 and "--overwrite" in r.output and "Traceback" not in r.output
-    r = runner.invoke(app, [*args[:-3], "--seed", "5", "--workers", "1", "-q", "--overwrite"])
+    r = cli.invoke(app, [*args[:-3], "--seed", "5", "--workers", "1", "-q", "--overwrite"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "syn/manifest.json").read_text())["options"]["seed"] == 5
     (tmp_path / "other").mkdir()
     (tmp_path / "other/mine.txt").write_text("keep")
-    r = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "other"), "--overwrite", "-q"])
+    r = cli.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "other"), "--overwrite", "-q"])
     assert r.exit_code == 2 and "holds no hiposeg prepared dataset" in r.output
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["mine.txt"]
 
 
-def test_cli_prepare_synthetic_shows_progress_and_summary(tmp_path):
+def test_cli_prepare_synthetic_shows_progress_and_summary(tmp_path, cli):
     """Without -q: a progress bar on stderr ending at all files done, the summary table on stdout."""
     out = tmp_path / "syn"
-    r = runner.invoke(app, ["prepare", "synthetic", "--out", str(out), "--train", "3", "--val", "2", "--size", "40"])
+    r = cli.invoke(app, ["prepare", "synthetic", "--out", str(out), "--train", "3", "--val", "2", "--size", "40"])
     assert r.exit_code == 0, r.output
     assert re.search(r"synthetic\b.*\b5/5\b", r.stderr), r.stderr
-    table = "".join(r.stdout.split())  # a long tmp path may still wrap
-    assert "preparedsynthetic->" + "".join(str(out).split()) in table, r.stdout
+    table = squash(r.stdout)  # a long tmp path may still wrap
+    assert squash(f"prepared synthetic -> {out}") in table, r.stdout
     assert re.search(r"train\W+3\W+0\W", table) and re.search(r"val\W+2\W+0\W", table), r.stdout
     assert "datasetready:" in table and (out / "val/fine/synthetic_val_00001.png").is_file()
-    quiet = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "q"), "--train", "3", "--val", "2",
-                                "--size", "40", "-q"])
+    quiet = cli.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "q"), "--train", "3", "--val", "2",
+                             "--size", "40", "-q"])
     assert quiet.exit_code == 0 and "5/5" not in quiet.stderr

@@ -12,6 +12,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from hiposeg.cli.app import app, console
+from hiposeg.data.registry import builtin_hierarchy_names
 
 
 # ------------------------------------------------------------------------------------------
@@ -28,8 +29,8 @@ def _swatch(rgb: tuple[int, int, int]) -> Text:
 
 @hierarchy_app.command("show")
 def hierarchy_show(
-    name: Annotated[str, typer.Argument(help="Built-in name (cityscapes, ade20k, mapillary_v2, pascal_part_108, "
-                                             "synthetic) or a path to a JSON file.")],
+    name: Annotated[str, typer.Argument(help=f"Built-in name ({', '.join(builtin_hierarchy_names())}) or a path to "
+                                             "a JSON file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the normalised JSON instead of a tree.")] = False,
 ) -> None:
     """Draw a hierarchy as a tree with ids, colour swatches and per-level counts."""

@@ -1,19 +1,20 @@
-"""Data: `hiposeg prepare` converters (one module per release), the built-in synthetic set, and
-loading of prepared datasets for training (`dataset.py`, `transforms.py`).
+"""Data: raw releases -> prepared datasets (`hiposeg prepare`), and loading them for training.
 
-`SOURCES` maps each `hiposeg prepare` sub-command to its converter class; the prepared format
-they all write is described in README "Preparing data" and `prepare.py`.
+    registry.py     the sources `hiposeg prepare` knows (one converter module per release)
+    sources.py      what a converter is: `Source`, `Item`, discovery helpers, label readers
+    cityscapes.py ade20k.py mapillary.py pascal_part.py folder.py   the converters
+    options.py      the flags of the `prepare` sub-commands, declared as data
+    prepare.py      the driver: check, convert, journal, manifest
+    convert.py      the per-item work in the worker processes
+    pool.py         worker pool + progress bar
+    journal.py      the resumable journal
+    manifest.py     manifest.json: build, recognise, print
+    output.py       the output folder: whose it is, what hiposeg wrote there
+    layout.py       the prepared format's paths and plain-name checks
+    codecs.py       PNG/JPEG decoding and checks, label reading, PNG encoding
+    synthetic.py    the built-in synthetic set
+    dataset.py transforms.py   loading a prepared dataset for training and evaluation
+
+The prepared format is described in README "Preparing data". Nothing is imported here, so loading
+a prepared dataset does not import the converters.
 """
-
-from __future__ import annotations
-
-from hiposeg.data.ade20k import ADE20K
-from hiposeg.data.cityscapes import Cityscapes
-from hiposeg.data.folder import Folder
-from hiposeg.data.mapillary import Mapillary
-from hiposeg.data.pascal_part import PascalPart
-from hiposeg.data.prepare import Source
-
-SOURCES: dict[str, type[Source]] = {s.name: s for s in (Cityscapes, ADE20K, Mapillary, PascalPart, Folder)}
-
-__all__ = ["SOURCES", "ADE20K", "Cityscapes", "Folder", "Mapillary", "PascalPart", "Source"]

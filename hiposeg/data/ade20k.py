@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.prepare import (Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem, partner_in,
+from hiposeg.data.sources import (Discovery, Source, check_dir, describe_dir, list_files, partner_in,
                                   split_folders)
 from hiposeg.errors import UserError
 
@@ -25,6 +25,17 @@ EXPECTED = ("RAW/images/{training,validation}/*.jpg and RAW/annotations/{trainin
 
 
 class ADE20K(Source):
+    """ADE20K SceneParsing (150 classes).
+
+    Expected layout (RAW = the ADEChallengeData2016 folder):
+
+      RAW/images/{training,validation}/ADE_*.jpg
+      RAW/annotations/{training,validation}/ADE_*.png
+
+    Annotation value 0 (other) -> 255 (ignore), 1..150 -> classes 0..149.
+    Output splits: train, val.
+    """
+
     name: ClassVar[str] = "ade20k"
     default_hierarchy: ClassVar[str] = "ade20k"
     label_expected: ClassVar[str] = "ADE20K annotations: 8-bit grayscale, 0 = other, 1..150 = classes"
@@ -46,9 +57,7 @@ class ADE20K(Source):
             labels = list_files(ann_dir, [".png"])
             if not images and not labels:
                 raise UserError(f"{img_dir} and {ann_dir} hold no images/annotations", hint=f"Expected {EXPECTED}.")
-            items, orphans = pair_by_stem(split, images, labels, partner_in(ann_dir, ".png"), partner_in(img_dir, ".jpg"))
-            found.items[split] = items
-            found.orphans += orphans
+            found.add_split(split, images, labels, partner_in(ann_dir, ".png"), partner_in(img_dir, ".jpg"))
         if not found.items:
             raise UserError(f"{img_root} has neither training/ nor validation/: expected {EXPECTED}",
                             hint=f"Found in {img_root}: {describe_dir(img_root)}.")

@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.prepare import (Discovery, Source, add_unique, check_dir, describe_dir, list_files, list_subdirs,
-                                  pair_by_stem, split_folders)
+from hiposeg.data.sources import (Discovery, Source, add_unique, check_dir, describe_dir, list_files, list_subdirs,
+                                  split_folders)
 from hiposeg.errors import UserError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -28,6 +28,17 @@ EXPECTED = (f"RAW/leftImg8bit/{{train,val}}/CITY/*{IMAGE_SUFFIX} and RAW/gtFine/
 
 
 class Cityscapes(Source):
+    """Cityscapes gtFine: 19 classes (trainIds) in 7 categories.
+
+    Expected layout (leftImg8bit_trainvaltest.zip + gtFine_trainvaltest.zip unpacked into RAW):
+
+      RAW/leftImg8bit/{train,val}/CITY/*_leftImg8bit.png
+      RAW/gtFine/{train,val}/CITY/*_gtFine_labelIds.png
+
+    The 8-bit labelIds are mapped to trainIds (fine) and categories (coarse);
+    ids without a trainId become 255 (ignore).
+    """
+
     name: ClassVar[str] = "cityscapes"
     default_hierarchy: ClassVar[str] = "cityscapes"
     label_expected: ClassVar[str] = f"Cityscapes *{LABEL_SUFFIX}: 8-bit label ids 0..33, not the *_gtFine_color.png"
@@ -52,12 +63,10 @@ class Cityscapes(Source):
             if not split_folders(found, split, img_dir, gt_dir, raw, EXPECTED):
                 continue
             images, labels = self._split_files(img_dir, gt_dir)
-            items, orphans = pair_by_stem(
+            found.add_split(
                 split, images, labels,
                 label_for=lambda p: gt_dir / p.parent.name / p.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX),
                 image_for=lambda p: img_dir / p.parent.name / p.name.replace(LABEL_SUFFIX, IMAGE_SUFFIX))
-            found.items[split] = items
-            found.orphans += orphans
         if not found.items:
             raise UserError(f"neither {img_root}/train nor {img_root}/val exists: expected {EXPECTED}",
                             hint=f"Found in {img_root}: {describe_dir(img_root)}.")

@@ -21,15 +21,14 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from hiposeg.data.prepare import BadFile, JOURNAL_NAME, encode_png, read_label_file
+from hiposeg.data.codecs import BadFile, encode_png, read_label_file
+from hiposeg.data.layout import JOURNAL_NAME
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.atomic import atomic_write_bytes
 from hiposeg.safeload import load_json
 
 LEVELS = ("fine", "coarse")
-BUILTIN_COMMANDS = {"cityscapes": "cityscapes", "ade20k": "ade20k", "mapillary": "mapillary",
-                    "pascal-part": "pascal-part", "pascal_part": "pascal-part", "synthetic": "synthetic"}
 
 
 # ---- label and image files -------------------------------------------------------------------
@@ -71,6 +70,8 @@ def read_image(path: Path) -> np.ndarray:
 def prepare_command(root: Path, dataset: str | None = None) -> str:
     """The command that (re)creates `root`, from its unfinished journal, else the recipe's `dataset`
     name (`train --dataset ade20k --data DIR`), else the folder name."""
+    from hiposeg.data.registry import SOURCES, SYNTHETIC, command_for_dataset
+
     journal = root / JOURNAL_NAME
     if journal.exists():
         try:
@@ -79,12 +80,12 @@ def prepare_command(root: Path, dataset: str | None = None) -> str:
             return f"hiposeg prepare {header['source']} {header['raw_root']} --out {root}"
         except (OSError, ValueError, KeyError, TypeError, UserError):
             pass
-    name = BUILTIN_COMMANDS.get(dataset or "") or BUILTIN_COMMANDS.get(root.name)
-    if name == "synthetic":
+    name = command_for_dataset(dataset or "") or command_for_dataset(root.name)
+    if name == SYNTHETIC:
         return "hiposeg prepare synthetic" + ("" if root == Path("data/synthetic") else f" --out {root}")
     if name is not None:
         return f"hiposeg prepare {name} RAW --out {root}"
-    return f"hiposeg prepare {{cityscapes,ade20k,mapillary,pascal-part,folder}} RAW --out {root}"
+    return f"hiposeg prepare {{{','.join(SOURCES)}}} RAW --out {root}"
 
 
 def open_prepared(root: Path, split: str | None = None, dataset: str | None = None) -> tuple[Hierarchy, dict[str, Any]]:

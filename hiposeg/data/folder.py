@@ -15,7 +15,7 @@ Layouts (masks are matched to images by file stem; sub-folders below these are n
   class colour c when it stores c * 257 (the exact 16-bit form of c, as image editors save it).
 
 A grey+alpha PNG is an index map with an alpha channel: read as its grey values when every pixel is
-opaque, else refused (see `prepare.read_label_file`).
+opaque, else refused (see `codecs.read_label_file`).
 
 With a flat layout, `--val-fraction F` (default 0.1) sends each image to `val` with probability F,
 decided by a hash of (seed, stem): the same files always land in the same split, and adding files
@@ -25,18 +25,19 @@ does not move the others.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 
-from hiposeg.data.prepare import (
-    IMAGE_EXTS, BadFile, Decoded, Discovery, Item, Source, check_dir, describe_dir, list_files, list_subdirs,
-    pair_by_stem, partner_in, read_label_file,
-)
+from hiposeg.data.codecs import IMAGE_EXTS, BadFile, read_label_file
+from hiposeg.data.options import COMMON_FLAGS, HIERARCHY, OUT, Flag
+from hiposeg.data.sources import (Decoded, Discovery, Item, Source, check_dir, describe_dir, list_files, list_subdirs,
+                                  pair_by_stem, partner_in)
 from hiposeg.errors import UserError
-from hiposeg.hierarchy import MAX_RAW_VALUE, Hierarchy
+from hiposeg.hierarchy import Hierarchy
+from hiposeg.hierarchy_spec import MAX_RAW_VALUE
 
 MASK_DIRS = ("masks", "labels", "annotations")
 EXPECTED = ("RAW/{train,val,...}/images/* + RAW/{train,val,...}/masks/*.png, or RAW/images/* + RAW/masks/*.png "
@@ -45,6 +46,20 @@ EXPECTED = ("RAW/{train,val,...}/images/* + RAW/{train,val,...}/masks/*.png, or 
 
 @dataclass
 class Folder(Source):
+    """Your own images + masks, with your hierarchy.
+
+    Expected layout (masks pair with images by file stem):
+
+      RAW/SPLIT/images/* + RAW/SPLIT/masks/*.png   one split per folder
+      RAW/images/*       + RAW/masks/*.png         split by --val-fraction
+
+    ("labels/" or "annotations/" may stand for "masks/".) A mask is either an
+    index PNG (8/16-bit gray, or a palette PNG read as indices) holding the
+    hierarchy's raw values (its leaf ids if it lists none), or a colour PNG
+    whose colours are the hierarchy's leaf colours. Any other value or colour
+    is an error naming it (--unknown ignore maps it to ignore).
+    """
+
     val_fraction: float | None = None  # flat layout only; None -> 0.1
     seed: int = 0
 
@@ -52,6 +67,15 @@ class Folder(Source):
     default_hierarchy: ClassVar[str] = ""  # required: --hierarchy FILE
     splits: ClassVar[tuple[str, ...]] = ()  # whatever sub-folders RAW has
     DEFAULT_VAL_FRACTION: ClassVar[float] = 0.1
+    flags: ClassVar[tuple[Flag, ...]] = (
+        replace(HIERARCHY, type=str, help="Your hierarchy JSON file (README: 'Hierarchy files').", required=True,
+                show_default=False),
+        replace(OUT, help="Prepared dataset folder (default: data/NAME-OF-RAW)."),
+        Flag("val_fraction", Optional[float], "Flat layout only: share of images sent to val (default 0.1), by a hash "
+                                              "of (seed, file stem).", decls=("--val-fraction",)),
+        Flag("seed", int, "Seed of the --val-fraction split.", default=0),
+        *[f for f in COMMON_FLAGS if f not in (OUT, HIERARCHY)],
+    )
 
     def __post_init__(self) -> None:
         if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
@@ -69,6 +93,10 @@ class Folder(Source):
 
     def command(self, raw: Path | str, out: Path | str) -> str:
         return f"hiposeg prepare folder {raw} --hierarchy FILE --out {out}"
+
+    def default_out(self, raw: Path) -> Path:
+        """data/NAME-OF-RAW: a dataset of your own is named after its folder."""
+        return Path("data") / raw.resolve().name
 
     def reader(self, hierarchy: Hierarchy) -> ColourOrIndexReader:
         return ColourOrIndexReader.for_hierarchy(hierarchy)
@@ -88,11 +116,8 @@ class Folder(Source):
             mask_dir = _mask_dir(sub)
             if not check_dir(sub / "images", f"{sub.name}/images") or mask_dir is None:
                 continue
-            items, orphans = pair_by_stem(sub.name, list_files(sub / "images", IMAGE_EXTS),
-                                          list_files(mask_dir, [".png"]), partner_in(mask_dir, ".png"),
-                                          partner_in(sub / "images", ".*"))
-            found.items[sub.name] = items
-            found.orphans += orphans
+            found.add_split(sub.name, list_files(sub / "images", IMAGE_EXTS), list_files(mask_dir, [".png"]),
+                            partner_in(mask_dir, ".png"), partner_in(sub / "images", ".*"))
         if not found.items:
             raise UserError(f"no images/masks folders in {raw}: expected {EXPECTED}; found: {describe_dir(raw)}",
                             hint="Put each split's images in RAW/SPLIT/images and its masks (same file stems, .png) "

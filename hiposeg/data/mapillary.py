@@ -20,8 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from hiposeg.data.prepare import (BadFile, Discovery, Source, check_dir, describe_dir, list_files, pair_by_stem,
-                                  partner_in, read_regular_bytes)
+from hiposeg.data.codecs import BadFile, read_regular_bytes
+from hiposeg.data.options import COMMON_FLAGS, Flag
+from hiposeg.data.sources import Discovery, Source, check_dir, describe_dir, list_files, partner_in
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.safeload import load_json
@@ -33,9 +34,25 @@ EXPECTED = (f"RAW/{CONFIG}, RAW/{{training,validation}}/images/*.jpg and "
 
 
 class Mapillary(Source):
+    """Mapillary Vistas 2.0 (124 classes).
+
+    Expected layout:
+
+      RAW/config_v2.0.json
+      RAW/{training,validation}/images/KEY.jpg
+      RAW/{training,validation}/v2.0/labels/KEY.png
+
+    Labels are palette PNGs whose palette index is the class id (read as
+    indices, never as colours). The config's label names and order must match
+    the hierarchy. Output splits: train, val.
+    """
+
     name: ClassVar[str] = "mapillary"
     default_hierarchy: ClassVar[str] = "mapillary_v2"
     label_expected: ClassVar[str] = "Mapillary v2.0/labels: 8-bit palette PNG whose indices are the class ids"
+    flags: ClassVar[tuple[Flag, ...]] = (*COMMON_FLAGS, Flag(
+        "ignore_unevaluated", bool, 'Map the classes the benchmark does not score ("evaluate": false) to ignore.',
+        default=False, decls=("--ignore-unevaluated",), target="prepare"))
 
     def check(self, raw: Path, hierarchy: Hierarchy) -> None:
         self._reject_v12(raw)
@@ -76,9 +93,7 @@ class Mapillary(Source):
                                 f"{raw / release}: {describe_dir(raw / release)}.")
             images = list_files(img_dir, [".jpg", ".jpeg", ".png"])
             labels = list_files(lbl_dir, [".png"])
-            items, orphans = pair_by_stem(split, images, labels, partner_in(lbl_dir, ".png"), partner_in(img_dir, ".jpg"))
-            found.items[split] = items
-            found.orphans += orphans
+            found.add_split(split, images, labels, partner_in(lbl_dir, ".png"), partner_in(img_dir, ".jpg"))
         if not found.items:
             raise UserError(f"no Mapillary Vistas split in {raw}: expected {EXPECTED}; found: {describe_dir(raw)}",
                             hint="RAW is the folder that contains training/, validation/ and config_v2.0.json.")

@@ -23,12 +23,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
-from hiposeg.data.prepare import (
-    IMAGE_EXTS, BadFile, Discovery, Item, Source, check_dir, describe_dir, list_files, open_regular, pair_by_stem,
-    partner_in, png_header, read_regular_bytes, split_folders,
-)
+from hiposeg.data.codecs import IMAGE_EXTS, BadFile, open_regular, png_header, read_regular_bytes
+from hiposeg.data.options import COMMON_FLAGS, Flag
+from hiposeg.data.sources import (Discovery, Item, Source, check_dir, describe_dir, list_files, partner_in,
+                                  split_folders)
 from hiposeg.errors import UserError
 
 VOC_ID = re.compile(r"^\d{4}_\d{6}$")
@@ -43,6 +43,17 @@ EXPECTED = ("either (a) the GMNet release: images named by VOC id (e.g. 2008_000
 
 @dataclass
 class PascalPart(Source):
+    """PASCAL-Part-108 (108 parts in 21 objects).
+
+    Expected layout, either
+
+      (a) the GMNet release: images named by VOC id (2008_000045.jpg or .png),
+          one-channel label PNGs with the same names (0..107, 255 = ignore)
+          and split lists train.txt / val.txt, in folders up to 4 levels
+          below RAW (found by content, or named with --images/--labels/--lists)
+      (b) RAW/img_dir/{train,val}/*.jpg + RAW/ann108_dir/{train,val}/*.png
+    """
+
     images: Path | None = None  # GMNet layout: folder of images (relative to RAW or absolute)
     labels: Path | None = None  # GMNet layout: folder of 108-part label PNGs
     lists: Path | None = None  # GMNet layout: folder with train.txt / val.txt
@@ -50,6 +61,12 @@ class PascalPart(Source):
     name: ClassVar[str] = "pascal-part"
     default_hierarchy: ClassVar[str] = "pascal_part_108"
     label_expected: ClassVar[str] = "PASCAL-Part-108 labels: 8-bit one-channel PNG, 0..107 and 255 = ignore"
+    flags: ClassVar[tuple[Flag, ...]] = (
+        *COMMON_FLAGS,
+        Flag("images", Optional[Path], "GMNet layout: the images folder (relative to RAW), if detection is ambiguous."),
+        Flag("labels", Optional[Path], "GMNet layout: the 108-part label folder."),
+        Flag("lists", Optional[Path], "GMNet layout: the folder with train.txt / val.txt."),
+    )
 
     def __post_init__(self) -> None:
         self._layout: dict[str, str] = {}
@@ -72,10 +89,8 @@ class PascalPart(Source):
             img_dir, ann_dir = raw / "img_dir" / split, raw / "ann108_dir" / split
             if not split_folders(found, split, img_dir, ann_dir, raw, EXPECTED):
                 continue
-            items, orphans = pair_by_stem(split, list_files(img_dir, IMAGE_EXTS), list_files(ann_dir, [".png"]),
-                                          partner_in(ann_dir, ".png"), partner_in(img_dir, ".jpg"))
-            found.items[split] = items
-            found.orphans += orphans
+            found.add_split(split, list_files(img_dir, IMAGE_EXTS), list_files(ann_dir, [".png"]),
+                            partner_in(ann_dir, ".png"), partner_in(img_dir, ".jpg"))
         if not found.items:
             raise UserError(f"{raw}/img_dir and ann108_dir have no train/ or val/ folder", hint=f"Expected {EXPECTED}.")
         return found

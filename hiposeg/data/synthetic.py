@@ -30,7 +30,7 @@ Design (`hierarchies/synthetic.json`: 15 parts -> 5 objects)
   alone, so the files are byte-identical for a seed whatever the worker count.
 
 `generate()` writes a prepared dataset directly (README "Preparing data"; real PNG images, manifest source
-"synthetic"), with the same rules for the output folder as `hiposeg prepare` (`prepare.py`): one
+"synthetic"), with the same rules for the output folder as `hiposeg prepare` (`output.py`): one
 process at a time (a lock), a journal header first (the folder is then recognisably hiposeg's),
 the manifest last (an interrupted run is not taken for a finished set; the rerun makes it again),
 and never into a folder that is not hiposeg's. 500 train / 100 val images of 128x128 take a few
@@ -48,11 +48,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from hiposeg.data.prepare import (
-    HIERARCHY_NAME, JOURNAL_FORMAT, JOURNAL_NAME, MANIFEST_NAME, Journal, OutputFolder, WorkerPool, check_may_write,
-    check_split_dirs_inside, class_counts, clear_prepared, default_workers, encode_png, histogram, inspect_output, manifest_dict, output_errors,
-    progress_bar, remove_scratch,
-)
+from hiposeg.data.codecs import encode_png
+from hiposeg.data.convert import class_counts, histogram
+from hiposeg.data.journal import JOURNAL_FORMAT, Journal
+from hiposeg.data.layout import HIERARCHY_NAME, JOURNAL_NAME, MANIFEST_NAME
+from hiposeg.data.manifest import manifest_dict
+from hiposeg.data.output import (OutputFolder, check_may_write, check_split_dirs_inside, clear_prepared, inspect_output,
+                                 output_errors, remove_scratch)
+from hiposeg.data.pool import WorkerPool, default_workers, progress_bar
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.atomic import atomic_write_bytes, atomic_write_json
