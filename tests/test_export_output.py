@@ -1,17 +1,21 @@
 """What `hiposeg export --out FILE` may leave at FILE: a verified model only. An export whose reload
-differs beyond its format's tolerance is never published, and a previous model there survives any
-failure."""
+differs beyond its format's tolerance is never published, a previous model there survives any
+failure, and a file that is not a model hiposeg exported is never replaced."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import fails_with
+from crafted import Payload
 from hiposeg.cli import app
+from hiposeg.export import detect_format, load_inference_model
 
 
 class Shifted(torch.nn.Module):
@@ -76,6 +80,40 @@ def test_a_program_is_published_only_within_its_tolerance(tiny_run, exported_mod
     assert out.exists() == published
     if not published:
         assert "failed its check" in r.output and "Traceback" not in r.output
+
+
+def test_export_never_replaces_a_file_it_did_not_write(tiny_run, tmp_path):
+    """A text file, a training checkpoint, a file whose unpickling would run code, a named pipe and a
+    dangling link at --out: each refused before any work, naming it, and left as it was (the pickle
+    never runs, the pipe is never opened)."""
+    _, run = tiny_run
+    marker = tmp_path / "PAYLOAD-RAN"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    ckpt = Path(shutil.copy(run / "checkpoints" / "best.pt", tmp_path / "best.pt"))
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "hiposeg-model/1", "x": Payload(marker)}, evil)
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.pt"
+    link.symlink_to(tmp_path / "nowhere.pt")
+    for out in (notes, ckpt, evil, fifo):
+        before = out.read_bytes() if out.is_file() else None
+        fails_with(["export", run, "--out", out], f"--out {out} exists and is not a model written by `hiposeg export`",
+                   "Choose another --out")
+        assert (out.read_bytes() if out.is_file() else None) == before
+    assert fifo.is_fifo() and not marker.exists()
+    fails_with(["export", run, "--out", link], f"--out {link} exists and is not a model")
+    assert link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "evil.pt", "link.pt", "notes.txt", "pipe.pt"]
+
+
+def test_a_previous_hiposeg_model_in_any_format_is_replaced(tiny_run, exported_models, tmp_path, cli):
+    _, run = tiny_run
+    out = Path(shutil.copy(exported_models["torch-export"], tmp_path / "model.pt2"))
+    r = cli.invoke(app, ["export", str(run), "--out", str(out), "--format", "hiposeg"])
+    assert r.exit_code == 0, r.output
+    assert detect_format(out) == "torch" and load_inference_model(out).source == "hiposeg"
 
 
 def test_export_of_a_corrupt_or_missing_checkpoint_is_a_clear_error(tiny_run, tmp_path):

@@ -108,6 +108,7 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the model's file name",
                         hint=f"Example: --out {out / ('model' + FORMATS[fmt])}")
+    refuse_foreign_out(out)
     src = resolve_checkpoint(source, prefer=prefer)
     read = _read_source(src)
     segmenter = segmenter_of(read.meta["arch"], src)  # by the one model builder, as training builds it
@@ -171,6 +172,28 @@ def _write_and_check(staged: Path, out: Path, fmt: str, meta: dict[str, Any], se
         raise UserError(f"{out} was not written: the exported model failed its check (reloaded, {what})",
                         hint=f"{fix}; if it persists, please report it with your {versions}.")
     return diff, tolerance, tuple(check_shape), checked_with
+
+
+def refuse_foreign_out(out: Path) -> None:
+    """--out may replace a model `hiposeg export` wrote (it is staged and verified before the rename),
+    nothing else: a training checkpoint, a file of another tool, a link or a special file is refused
+    before any work. Recognised by content, with the format's own safe reader."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not is_exported_model(out):
+        raise UserError(f"--out {out} exists and is not a model written by `hiposeg export`: export would replace it",
+                        hint="Choose another --out, or remove that file yourself if it is no longer needed.")
+
+
+def is_exported_model(path: Path) -> bool:
+    """Whether `path` is a regular file holding a model (any format) with hiposeg's metadata."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_size == 0:
+        return False
+    try:
+        READERS[detect_format(path)].read_metadata(path)
+    except (UserError, OSError):
+        return False
+    return True
 
 
 # ==========================================================================================
