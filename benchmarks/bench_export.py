@@ -35,7 +35,7 @@ from hiposeg.config import build_config  # noqa: E402
 from hiposeg.engine import build_model, make_checkpoint  # noqa: E402
 from hiposeg.export import count_parameters, export_model, load_inference_model  # noqa: E402
 from hiposeg.hierarchy import Hierarchy  # noqa: E402
-from hiposeg.model import DeepLabV3Plus  # noqa: E402
+from hiposeg.models.deeplabv3plus import DeepLabV3Plus  # noqa: E402
 
 from common import parse_size, sync  # noqa: E402  (benchmarks/common.py: run as a script)
 

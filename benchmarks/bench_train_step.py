@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiposeg.config import LossConfig  # noqa: E402
 from hiposeg.hierarchy import Hierarchy  # noqa: E402
-from hiposeg.model import DeepLabV3Plus, HiPoSegNet  # noqa: E402
+from hiposeg.models.deeplabv3plus import DeepLabV3Plus  # noqa: E402
+from hiposeg.models.training import HiPoSegNet  # noqa: E402
 from hiposeg.prototypes import HiPoSegCriterion  # noqa: E402
 
 from common import parse_size, sync  # noqa: E402  (benchmarks/common.py: run as a script)

@@ -272,21 +272,3 @@ def refuse_program(path: Path, expect: tuple[str, ...]) -> None:
         raise UserError(f"{path} is a {kind} program, not a {' or '.join(expect)} file",
                         hint="Pass the run directory or the checkpoint written by `hiposeg train` (eval and predict "
                              "also take exported programs; export and --resume do not).")
-
-
-def resolve(path: str | os.PathLike, prefer: str = "best") -> Path:
-    """A checkpoint file, or a run directory (-> its `checkpoints/{prefer}.pt`, else the other one)."""
-    if prefer not in ("best", "last"):
-        raise UserError(f"--checkpoint {prefer!r} is not best or last")
-    p = Path(path)
-    if p.is_dir():
-        order = [prefer, "last" if prefer == "best" else "best"]
-        for name in order:
-            cand = p / "checkpoints" / f"{name}.pt"
-            if cand.exists():
-                return cand
-        raise UserError(f"no checkpoint in run directory {p} (looked for checkpoints/{order[0]}.pt and {order[1]}.pt)",
-                        hint="Train first (`hiposeg train --out DIR`) or pass a checkpoint file.")
-    if not p.exists():
-        raise UserError(f"no such run directory or checkpoint: {p}")
-    return p

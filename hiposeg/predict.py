@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hiposeg.data.prepare import IMAGE_EXTS, encode_png
+from hiposeg.data.prepare import IMAGE_EXTS, BadFile, encode_png, probe_image
 from hiposeg.errors import UserError
 from hiposeg.export import InferenceModel
 from hiposeg.inference import Mode, predict_logits
@@ -91,8 +91,6 @@ def check_stems(paths: Sequence[Path]) -> None:
 
 def probe_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
     """(H, W) of each image from its header, failing on the first unreadable file with its reason."""
-    from hiposeg.data.prepare import BadFile, probe_image
-
     sizes = []
     for p in paths:
         try:

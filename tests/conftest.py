@@ -1,7 +1,7 @@
-"""Shared test helpers: the real-format sample files, a palette-PNG writer (cv2 cannot write
-colour-type-3 PNGs, so it is written by hand with zlib + struct), the tiny prepared dataset, and
-running the CLI (`cli`, `fails_with`, `squash`; tests import the plain functions with
-`from conftest import ...`)."""
+"""Shared test helpers: running the CLI (`cli`, `fails_with`, `squash`), the real-format sample files,
+tiny datasets and runs, exported models, and a palette-PNG writer (cv2 cannot write colour-type-3
+PNGs, so it is written by hand with zlib + struct). Test modules import the plain functions with
+`from conftest import fails_with, squash`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typer.testing import CliRunner  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-REAL_FIXTURES = Path(os.environ.get("HIPOSEG_REAL_FIXTURES", Path(__file__).resolve().parents[2] / "shared/fixtures/real"))
+_RUNNER = CliRunner()
+MODEL_SUFFIX = {"hiposeg": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
 
 
 def squash(text: str) -> str:
@@ -30,24 +31,28 @@ def squash(text: str) -> str:
     return "".join(text.split())
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli() -> CliRunner:
-    """A CliRunner: `cli.invoke(app, [...])` runs `hiposeg ...` in this process."""
-    return CliRunner()
+    """Runs `hiposeg` commands in-process: `cli.invoke(app, [...])`."""
+    return _RUNNER
 
 
 def fails_with(args: list, *needles: str | Path) -> str:
-    """Run `hiposeg ARGS`: it must exit with code 2 and one clear message (no traceback, nothing
-    re-raised from a DataLoader worker) that holds every needle, whitespace aside. Returns the output."""
+    """`hiposeg ARGS` exits 2 with one clear message holding every needle (whitespace ignored): no
+    traceback, also none relayed from a DataLoader worker. Returns the output."""
     from hiposeg.cli import app
 
-    r = CliRunner().invoke(app, [str(a) for a in args])
+    r = _RUNNER.invoke(app, [str(a) for a in args])
     assert r.exit_code == 2, r.output
     for bad in ("Traceback", "DataLoader worker", "Caught UserError"):
         assert bad not in r.output, r.output
     for needle in needles:
         assert squash(str(needle)) in squash(r.output), (needle, r.output)
     return r.output
+
+
+
+REAL_FIXTURES = Path(os.environ.get("HIPOSEG_REAL_FIXTURES", Path(__file__).resolve().parents[2] / "shared/fixtures/real"))
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +113,26 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
         "run": {"out": str(base / "run"), "device": "cpu", "quiet": True, "eval_mode": "whole"}})
     fit(cfg)
     return data, base / "run"
+
+
+@pytest.fixture(scope="session")
+def exported_models(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """The tiny run exported once through the CLI in each available format (each checked there
+    against the trained segmenter): format name -> file."""
+    import importlib.util
+
+    from hiposeg.cli import app
+
+    _, run = tiny_run
+    out = tmp_path_factory.mktemp("models")
+    has_onnx = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))
+    files = {}
+    for fmt in ["hiposeg", "torch-export"] + (["onnx"] if has_onnx else []):
+        path = out / f"model{MODEL_SUFFIX[fmt]}"
+        r = _RUNNER.invoke(app, ["export", str(run), "--out", str(path), "--format", fmt])
+        assert r.exit_code == 0, r.output
+        files[fmt] = path
+    return files
 
 
 @pytest.fixture(scope="session")

@@ -10,23 +10,20 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from conftest import fails_with
 from hiposeg.cli import app
-from hiposeg.model import DeepLabV3Plus
+from hiposeg.config import ModelConfig
+from hiposeg.models import build_segmenter
 
-runner = CliRunner()
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
 @pytest.fixture(scope="session")
-def model_file(tiny_run, tmp_path_factory) -> tuple[Path, Path]:
+def model_file(tiny_run, exported_models) -> tuple[Path, Path]:
     """(exported hiposeg-format model, its run directory) of the tiny 2-iteration run."""
     _, run = tiny_run
-    model = tmp_path_factory.mktemp("predict") / "model.pt"
-    r = runner.invoke(app, ["export", str(run), "--out", str(model)])
-    assert r.exit_code == 0, r.output
-    return model, run
+    return exported_models["hiposeg"], run
 
 
 INPUT_FILES = {"a": "a.png", "b": "sub/b.png", "c": "c.jpg", "d": "d.png"}
@@ -50,7 +47,7 @@ def images(tmp_path) -> dict[str, np.ndarray]:
 
 def expected_logits(run: Path, rgb: np.ndarray) -> torch.Tensor:
     """The trained segmenter on the image normalised by hand (whole image)."""
-    m = DeepLabV3Plus(15, "resnet18", 16)
+    m = build_segmenter(ModelConfig(backbone="resnet18", output_stride=16), 15)
     m.load_state_dict(torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"])
     x = torch.from_numpy(((rgb / 255.0 - MEAN) / STD).astype(np.float32)).permute(2, 0, 1)[None]
     with torch.no_grad():
@@ -71,10 +68,10 @@ def read(path: Path) -> np.ndarray:
     return cv2.cvtColor(a, cv2.COLOR_BGR2RGB) if a.ndim == 3 else a
 
 
-def test_predict_writes_fine_coarse_and_overlays_with_the_models_values(model_file, images, tmp_path):
+def test_predict_writes_fine_coarse_and_overlays_with_the_models_values(model_file, images, tmp_path, cli):
     model, run = model_file
     out = tmp_path / "out"
-    r = runner.invoke(app, ["predict", str(model), str(tmp_path / "in"), "--out", str(out), "--device", "cpu",
+    r = cli.invoke(app, ["predict", str(model), str(tmp_path / "in"), "--out", str(out), "--device", "cpu",
                             "--workers", "0", "--mode", "whole", "--overlay", "both"])
     assert r.exit_code == 0, r.output
     assert "4 image(s)" in r.output
@@ -116,17 +113,12 @@ def test_batching_and_sliding_windows(model_file, images, tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_from_a_torch_export_program_matches_the_hiposeg_file(model_file, images, tmp_path):
-    model, run = model_file
-    pt2 = tmp_path / "model.pt2"
-    assert runner.invoke(app, ["export", str(run), "--out", str(pt2), "--format", "torch-export"]).exit_code == 0
-    formats = [(model, "a"), (pt2, "b")]
-    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
-        onnx = tmp_path / "model.onnx"
-        assert runner.invoke(app, ["export", str(run), "--out", str(onnx), "--format", "onnx"]).exit_code == 0
-        formats.append((onnx, "c"))
+def test_predict_from_a_torch_export_program_matches_the_hiposeg_file(exported_models, images, tmp_path, cli):
+    formats = [(exported_models["hiposeg"], "a"), (exported_models["torch-export"], "b")]
+    if "onnx" in exported_models and importlib.util.find_spec("onnxruntime"):
+        formats.append((exported_models["onnx"], "c"))
     for path, name in formats:
-        r = runner.invoke(app, ["predict", str(path), str(tmp_path / "in" / "*.*"), "--out", str(tmp_path / name),
+        r = cli.invoke(app, ["predict", str(path), str(tmp_path / "in" / "*.*"), "--out", str(tmp_path / name),
                                 "--device", "cpu", "--workers", "0", "--overlay", "none", "-q"])
         assert r.exit_code == 0, r.output
         assert not (tmp_path / name / "overlay").exists()
@@ -155,13 +147,9 @@ def test_bad_inputs_are_clear_errors_before_any_output(model_file, tmp_path):
              ([str(tmp_path / "none" / "*.jpg")], "matches no image files"), ([str(tmp_path / "bad")], "cut.png"),
              ([str(tmp_path / "bad" / "ok.png"), str(tmp_path / "dup")], "share the name"),
              ([str(tmp_path / "damaged")], "corrupt JPEG image (Corrupt JPEG data")]
-    r = runner.invoke(app, ["predict", str(model_file[1]), str(tmp_path / "bad" / "ok.png"), "--checkpoint", "bset",
-                            "--out", str(tmp_path / "out"), "--device", "cpu"])
-    assert r.exit_code == 2 and "--checkpoint 'bset' is not best or last" in r.output  # not a silent last.pt
+    fails_with(["predict", model_file[1], tmp_path / "bad" / "ok.png", "--checkpoint", "bset", "--out",
+                tmp_path / "out", "--device", "cpu"], "--checkpoint 'bset' is not best or last")  # not a silent last.pt
     for inputs, words in cases:
         out = tmp_path / "out"
-        r = runner.invoke(app, ["predict", str(model), *inputs, "--out", str(out), "--device", "cpu", "--workers", "0"])
-        assert r.exit_code == 2, (inputs, r.output)
-        text = " ".join(r.output.split())  # Rich wraps long messages
-        assert words in text and "Traceback" not in text, r.output
+        fails_with(["predict", model, *inputs, "--out", out, "--device", "cpu", "--workers", "0"], words)
         assert not out.exists()

@@ -64,6 +64,7 @@ def resolve_train_config(config_file: Optional[Path], flags: dict, sets: list[st
     the data's hierarchy against the checkpoint's."""
     from hiposeg import checkpoint
     from hiposeg.config import build_config, deep_update, load_config_file, parse_set, validate_config
+    from hiposeg.rundir import resolve_checkpoint
 
     layers = [load_config_file(config_file) if config_file else {}, flags, parse_set(sets)]
     if resume is None:
@@ -82,7 +83,7 @@ def resolve_train_config(config_file: Optional[Path], flags: dict, sets: list[st
             raise UserError(f"nothing to resume: {path} does not exist",
                             hint=f"Start the run without --resume, or check --out (given: {out}).")
     else:
-        path = checkpoint.resolve(resume, prefer="last")
+        path = resolve_checkpoint(resume, prefer="last")
         if path.parent.name == "checkpoints" and not explicit.get("run", {}).get("out"):
             explicit.setdefault("run", {})["out"] = str(path.parent.parent)  # continue in that run directory
     saved = validate_config(checkpoint.load(path)["config"], source=f"configuration saved in {path}")

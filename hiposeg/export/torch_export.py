@@ -1,0 +1,365 @@
+"""The `torch-export` format (.pt2): a `torch.export` program with dynamic batch, height and width.
+
+Runs with plain PyTorch, no hiposeg code; the metadata record is the archive's extra file
+`hiposeg.json`. Loading is guarded: `torch.export.load` is not a data loader (see the comment above
+`read_program_archive`), so an archive is read only once proven to hold nothing but what
+`hiposeg export` writes, and its operators only those of the registered model families
+(`hiposeg.models.PROGRAM_OPS`, each family's list in its own module).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hiposeg.atomic import atomic_write_bytes
+from hiposeg.errors import UserError
+from hiposeg.export.common import (MAX_BATCH, MAX_SIDE, METADATA_NAME, MIN_SIDE, BoundedInput, check_metadata,
+                                   metadata_json, program_example)
+from hiposeg.models import PROGRAM_OPS
+from hiposeg.safeload import load_json
+
+NAME, SUFFIX = "torch-export", ".pt2"
+# torch.export runs the same aten kernels as the reference after decomposition; relative to the
+# logits' scale max(1, max |logit|), as float32 rounding grows with the values summed.
+TOLERANCE = 1e-5
+
+
+def write(segmenter: nn.Module, meta: dict[str, Any], out: Path) -> None:
+    example, dynamic = program_example()
+    program = torch.export.export(segmenter.eval(), (example,), dynamic_shapes=dynamic)
+    meta = {**meta, "container": NAME, "input": {**meta["input"], "max_side": MAX_SIDE, "max_batch": MAX_BATCH}}
+    # Serialised in memory, then written: torch.export.save's zip writer, handed a file whose write
+    # fails (a full disk), leaves a writer whose destructor aborts the interpreter at exit.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={METADATA_NAME: json.dumps(meta)})
+    atomic_write_bytes(out, buffer.getvalue())
+
+
+def load(path: Path, device: torch.device) -> tuple[str, dict[str, Any], nn.Module]:
+    """(NAME, metadata, the program as a module on `device`), once the archive is proven plain."""
+    extra = {METADATA_NAME: ""}
+    data = read_program_archive(path)
+    try:
+        with _weights_only_loads():  # a second line of defence behind read_program_archive
+            program = torch.export.load(io.BytesIO(data), extra_files=extra)
+    except pickle.UnpicklingError:
+        raise program_refusal(path, "it contains pickled Python objects that only unsafe unpickling could "
+                                    "restore") from None
+    except Exception as e:  # noqa: BLE001 - any failure of the archive reader means the same to the user
+        raise UserError(f"cannot load torch.export program {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                        hint="The file is damaged or from an incompatible PyTorch version: export it again "
+                             "(the hiposeg format is the portable one).") from None
+    meta = check_metadata(metadata_json(extra[METADATA_NAME], path), path)
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    return NAME, meta, ExportedProgramModule(program.module(), meta)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata record of a hiposeg program, read from the proven archive without loading the program."""
+    data = read_program_archive(path)
+    record = _reading(path, lambda: _program_reader(data, path).get_record(f"extra/{METADATA_NAME}"))
+    return check_metadata(metadata_json(record, path), path)
+
+
+class ExportedProgramModule(BoundedInput):
+    """A torch.export program as a module. The program's own module refuses .train()/.eval() (it is
+    frozen in eval mode), so it is kept outside the module tree."""
+
+    def __init__(self, program: Callable[[torch.Tensor], torch.Tensor], meta: dict[str, Any]) -> None:
+        inp = meta.get("input", {})
+        super().__init__(inp.get("min_side", MIN_SIDE), inp.get("max_side", MAX_SIDE), inp.get("max_batch", MAX_BATCH))
+        self._program = [program]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
+        return self._program[0](x)
+
+
+# ------------------------------------------------------------------------------------------
+# Proving a torch.export archive plain before torch reads it
+# ------------------------------------------------------------------------------------------
+# `torch.export.load` is not a data loader. Depending on what the archive says, it unpickles
+# (weights/constants marked `use_pickle`, opaque and custom objects, legacy `.pt` payloads, sample
+# inputs), dlopens AOTInductor shared libraries (data/aotinductor/), `sympy.sympify`s (= evals)
+# every symbolic-shape expression, execs the program's `guards_code`, and writes parameter names
+# unescaped into the Python source it generates for `.module()`. So a `.pt2` is loaded only when
+# every record torch will read is one `hiposeg export` writes, and every string torch turns into
+# code is of the plain form hiposeg's exporter produces. The records are read with torch's own
+# reader (`torch._C.PyTorchFileReader`) from the same bytes then handed to torch, so what is judged
+# is what torch loads: torch matches entry names case-insensitively and, for a name stored twice,
+# reads whichever copy its binary search meets, where Python's `zipfile` reads the last one.
+
+# The records of a hiposeg program, below the archive's root folder (model name: "model").
+PROGRAM_JSON, SAMPLE_INPUTS = "models/model.json", "data/sample_inputs/model.pt"
+# weight / constant table -> the file-name prefix of its raw tensor records
+PAYLOAD_CONFIGS = {"data/weights/model_weights_config.json": "weight_",
+                   "data/constants/model_constants_config.json": "tensor_"}
+PROGRAM_RECORD = re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                            r"|models/model\.json|data/sample_inputs/model\.pt|extra/hiposeg\.json"
+                            r"|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+                            r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+")
+REQUIRED_RECORDS = ("archive_format", "archive_version", ".data/version", PROGRAM_JSON, SAMPLE_INPUTS,
+                    f"extra/{METADATA_NAME}", *PAYLOAD_CONFIGS)
+# The operators a program may call: PROGRAM_OPS, the union of the registered model families' lists.
+# Program fields torch keeps as text (never resolved, parsed as code or written into generated code).
+TEXT_FIELDS = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "torch_version"})
+TREESPEC_FIELDS = frozenset({"in_spec", "out_spec"})
+TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict"})
+# Every other string (names of tensors, parameters, modules, symbols, dict keys) is a plain dotted name.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]*")
+# Symbolic shapes, as torch writes them (sympy srepr): Add(FloorDiv(Symbol('s0', positive=True,
+# integer=True), Integer(16)), Integer(1)). Nothing else reaches sympify's eval.
+SYM_FUNCTIONS = frozenset({"Add", "Mul", "FloorDiv", "CeilDiv", "Mod", "Max", "Min",
+                           "Eq", "Ne", "Lt", "Le", "Gt", "Ge"})
+SYMBOL_ASSUMPTIONS = frozenset({"positive", "nonnegative", "integer", "real", "finite"})
+SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")
+MAX_SYM_EXPR = 2000
+
+
+def program_refusal(path: Path, why: str) -> UserError:
+    return UserError(f"refusing to load {path}: {why}",
+                     hint="hiposeg programs hold plain tensors and a plain graph only. Do not load files from "
+                          "untrusted sources; export the model again with `hiposeg export --format torch-export`.")
+
+
+def read_program_archive(path: Path) -> bytes:
+    """The bytes of `path` once proven to hold nothing torch.export.load would run, or a UserError.
+    The caller hands these very bytes to torch (no second read of the file)."""
+    data = path.read_bytes()
+    reader = _program_reader(data, path)
+
+    def record(name: str) -> bytes:
+        return _reading(path, lambda: reader.get_record(name))
+
+    records = _checked_record_names(_reading(path, reader.get_all_records), _zip_names(data, path), path)
+    for config, prefix in PAYLOAD_CONFIGS.items():
+        _check_payload_config(_program_json(record(config), config, path), config, prefix, records, path)
+    _check_sample_inputs(record(SAMPLE_INPUTS), path)
+    _check_program(_program_json(record(PROGRAM_JSON), PROGRAM_JSON, path), path)
+    return data
+
+
+def _reading(path: Path, read: Callable[[], Any]) -> Any:
+    """A call into torch's archive reader; its failures (a damaged or malformed archive) as a UserError."""
+    try:
+        return read()
+    except RuntimeError as e:
+        raise _invalid_archive(path, e) from None
+
+
+def _invalid_archive(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path} is not a valid torch.export archive ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                     hint="Export the model again with `hiposeg export --format torch-export`.")
+
+
+def _zip_names(data: bytes, path: Path) -> list[str]:
+    """The entry names as Python's zipfile reads them (the central directory)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise _invalid_archive(path, e) from None
+
+
+def _program_reader(data: bytes, path: Path) -> Any:
+    """torch's own archive reader (the one torch.export.load uses), over `data`."""
+    return _reading(path, lambda: torch._C.PyTorchFileReader(io.BytesIO(data)))
+
+
+def _checked_record_names(records: list[str], zip_names: list[str], path: Path) -> set[str]:
+    """Refuse any archive whose entries Python and torch could read differently (names that differ
+    between the two readers, a name stored twice, names equal but for case) or that holds a record
+    hiposeg never writes (AOTInductor libraries, pickled objects, legacy payloads, ...)."""
+    root = zip_names[0].split("/")[0] if zip_names else ""
+    if zip_names != [f"{root}/{r}" for r in records]:
+        raise program_refusal(path, "Python's zip reader and torch's list different entries (a crafted archive)")
+    _refuse_ambiguous_names(records, path)
+    for name in records:
+        if not PROGRAM_RECORD.fullmatch(name):
+            what = " (AOTInductor native code)" if name.lower().startswith("data/aotinductor/") else ""
+            raise program_refusal(path, f"it holds the entry {name[:80]!r}{what}, which hiposeg programs never contain")
+    missing = [r for r in REQUIRED_RECORDS if r not in records]
+    if missing:
+        raise _invalid_archive(path, ValueError(f"missing {', '.join(missing)}"))
+    return set(records)
+
+
+def _refuse_ambiguous_names(records: list[str], path: Path) -> None:
+    """Names that torch could resolve to another entry than the one judged: the same name twice, or
+    names equal but for case (torch's zip reader, miniz, looks names up case-insensitively)."""
+    seen: dict[str, str] = {}
+    for name in records:
+        other = seen.get(name.lower())
+        if other is None:
+            seen[name.lower()] = name
+        elif other == name:
+            raise program_refusal(path, f"it stores the entry {name[:80]!r} twice (torch reads one copy, Python's "
+                                        "zipfile the other)")
+        else:
+            raise program_refusal(path, f"its entries {other[:80]!r} and {name[:80]!r} differ only in case (torch "
+                                        "looks names up without regard to case, so it may read either)")
+
+
+def _program_json(data: bytes, record: str, path: Path) -> Any:
+    return load_json(data, f"{path} (record {record})",
+                     hint="Export the model again with `hiposeg export --format torch-export`.")
+
+
+def _check_payload_config(config: Any, record: str, prefix: str, records: set[str], path: Path) -> None:
+    """Every weight / constant is a raw tensor record (no pickle, no opaque or custom object)."""
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        raise program_refusal(path, f"its {record} is not a table of tensors")
+    folder = record.rsplit("/", 1)[0]
+    for fqn, entry in entries.items():
+        file = entry.get("path_name") if isinstance(entry, dict) else None
+        plain = (isinstance(file, str) and re.fullmatch(re.escape(prefix) + r"\d+", file) is not None
+                 and f"{folder}/{file}" in records and entry.get("use_pickle") is False
+                 and isinstance(entry.get("tensor_meta"), dict))
+        if not plain:
+            raise program_refusal(path, f"its entry {fqn[:80]!r} in {record} is not a plain tensor: torch would "
+                                        "unpickle it as an arbitrary Python object")
+    _check_strings(config, record, path)
+
+
+def _check_sample_inputs(data: bytes, path: Path) -> None:
+    """The traced example: one image batch, loadable without unpickling any Python object."""
+    try:
+        inputs = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise program_refusal(path, f"its sample inputs ({SAMPLE_INPUTS}) contain pickled Python objects that only "
+                                    "unsafe unpickling could restore") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise _invalid_archive(path, e) from None
+    args, kwargs = inputs if isinstance(inputs, tuple) and len(inputs) == 2 else (None, None)
+    if not (isinstance(args, tuple) and len(args) == 1 and isinstance(args[0], torch.Tensor) and kwargs == {}):
+        raise program_refusal(path, f"its sample inputs ({SAMPLE_INPUTS}) are not one image batch")
+
+
+def _check_program(program: Any, path: Path) -> None:
+    """The serialized program (models/model.json): no guard code, only hiposeg's operators, and
+    every string torch resolves, evaluates or writes into code of the plain form."""
+    if not isinstance(program, dict):
+        raise program_refusal(path, f"its {PROGRAM_JSON} is not a serialized program")
+    if program.get("guards_code"):
+        raise program_refusal(path, "it carries guard code, which torch would run as Python")
+    _check_strings(program, PROGRAM_JSON, path)
+
+
+def _check_strings(data: Any, record: str, path: Path) -> None:
+    for field, text in _strings(data):
+        why = _unplain_string(field, text)
+        if why:
+            raise program_refusal(path, f"{why} in {record}")
+
+
+def _strings(data: Any) -> Iterator[tuple[str, str]]:
+    """(field, text) for every string in parsed JSON: a dict key under the field "", a list item
+    under its list's field. Iterative: the nesting was bounded by load_json."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield "", key
+                stack.append((key, item))
+        elif isinstance(value, list):
+            stack.extend((field, item) for item in value)
+        elif isinstance(value, str):
+            yield field, value
+
+
+def _unplain_string(field: str, text: str) -> str | None:
+    """Why this program string is not plain (None when it is)."""
+    if field in ("target", "as_operator"):
+        return None if text in PROGRAM_OPS else f"it calls {text[:80]!r}, not an operator of a hiposeg program,"
+    if field == "expr_str":
+        return None if _plain_sym_expr(text) else \
+            f"its symbolic shape {text[:80]!r}, which sympy would evaluate as Python,"
+    if field in TREESPEC_FIELDS:
+        return None if _plain_treespec(text) else f"its {field} names types other than tuples, lists and dicts"
+    if field in TEXT_FIELDS:
+        return None if all(c == "\n" or c.isprintable() for c in text) else f"its {field} holds control characters"
+    if PLAIN_NAME.fullmatch(text):
+        return None
+    return f"its {field or 'key'} {text[:80]!r} is not a plain name (torch would write it into generated Python code)"
+
+
+def _plain_sym_expr(text: str) -> bool:
+    """A sympy srepr of integer arithmetic on shape symbols (what torch.export writes); anything
+    else would run through sympify's eval."""
+    if len(text) > MAX_SYM_EXPR:
+        return False
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return _plain_sym_node(tree.body)
+
+
+def _plain_sym_node(node: ast.expr) -> bool:
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        return False
+    name, args, keywords = node.func.id, node.args, node.keywords
+    if name == "Symbol":
+        return (len(args) == 1 and _constant_of(args[0], str) and SYMBOL_NAME.fullmatch(args[0].value) is not None
+                and all(k.arg in SYMBOL_ASSUMPTIONS and _constant_of(k.value, bool) for k in keywords))
+    if name == "Integer":
+        arg = args[0] if len(args) == 1 else None
+        if isinstance(arg, ast.UnaryOp) and isinstance(arg.op, ast.USub):
+            arg = arg.operand
+        return not keywords and _constant_of(arg, int)
+    return name in SYM_FUNCTIONS and not keywords and bool(args) and all(_plain_sym_node(a) for a in args)
+
+
+def _constant_of(node: ast.expr | None, kind: type) -> bool:
+    """A literal of exactly this type (True is not an int here)."""
+    return isinstance(node, ast.Constant) and type(node.value) is kind
+
+
+def _plain_treespec(text: str) -> bool:
+    """A pytree spec (JSON) of tuples, lists, dicts and leaves: no other type is looked up."""
+    try:
+        spec = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    stack = [spec]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if "type" in value and value["type"] not in TREESPEC_TYPES:
+                return False
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return True
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Force every `torch.load` inside (including torch.export's own fallbacks) to weights_only=True."""
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
