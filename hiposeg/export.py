@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from hiposeg import __version__, checkpoint
+from hiposeg import __version__, checkpoint, rundir
 from hiposeg.config import TrainConfig
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
@@ -169,7 +169,7 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the model's file name",
                         hint=f"Example: --out {out / ('model' + FORMATS[fmt])}")
-    src = checkpoint.resolve(source, prefer=prefer)
+    src = rundir.resolve_checkpoint(source, prefer=prefer)
     obj = checkpoint.load(src, expect=(checkpoint.CHECKPOINT_FORMAT, checkpoint.MODEL_FORMAT))
     if obj["format"] == checkpoint.CHECKPOINT_FORMAT:
         meta = model_metadata(obj)
@@ -316,7 +316,7 @@ def detect_format(path: Path) -> str:
 
 def load_inference_model(path: str | Path, prefer: str = "best", device: str | torch.device = "cpu") -> InferenceModel:
     """A run directory, a training checkpoint, or a model exported in any of FORMATS, on `device`."""
-    p = checkpoint.resolve(path, prefer=prefer)
+    p = rundir.resolve_checkpoint(path, prefer=prefer)
     if p.is_file() and p.stat().st_size == 0:
         raise UserError(f"model file {p} is empty (0 bytes): it was never written completely",
                         hint="Export it again with `hiposeg export`.")
