@@ -20,26 +20,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import fails_with, squash
 from faults import make_tiny_data, one_thread, run, train_args  # noqa: F401
 from hiposeg.cli import app
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def squash(text: str) -> str:
-    """Rich wraps long lines (even inside paths): compare with all whitespace removed."""
-    return "".join(text.split())
-
-
-def fails_with(args: list, *needles: str | Path) -> str:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 2, r.output
-    for bad in ("Traceback", "DataLoader worker", "Caught UserError"):
-        assert bad not in r.output, r.output
-    for needle in needles:
-        assert squash(str(needle)) in squash(r.output), (needle, r.output)
-    return r.output
 
 
 @pytest.fixture
