@@ -12,7 +12,8 @@ Nothing in it needs pickle's code execution, so loading refuses any file that wo
 must also hold every field its readers use, with the right types (`check_fields`): a damaged or
 edited file is a UserError naming the field, never a KeyError from deep inside resume or export.
 Whether a checkpoint fits the data and configuration it is resumed with is `check_compatible`;
-`check_same_hierarchy` is the one hierarchy check of resume and evaluation.
+`check_same_hierarchy` compares a trained model's hierarchy with the data's, for every command
+that needs it.
 """
 
 from __future__ import annotations
@@ -348,8 +349,9 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 def check_same_hierarchy(model: str, trained_name: str, trained_sha256: str, data: Hierarchy, data_root: str | Path,
                          hint: str) -> None:
-    """The one hierarchy-compatibility check (resume, eval): a model trained on one class tree is
-    refused on data of another, naming both (same names can differ: the digests tell them apart)."""
+    """The hierarchy-compatibility check (for `--resume`, and `eval` of a model on a dataset): a model
+    trained on one class tree is refused on data of another, naming both (two hierarchies of the same
+    name can differ: the digests tell them apart)."""
     if trained_sha256 != data.sha256:
         raise UserError(f"{model} was trained with hierarchy {trained_name!r} (sha256 {str(trained_sha256)[:12]}), "
                         f"but {data_root} uses {data.name!r} ({data.sha256[:12]}): a different class tree", hint=hint)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from hiposeg.distributed import DistEnv
 from hiposeg.errors import UserError
 from hiposeg.inference import predict_logits
 from hiposeg.metrics import ConfusionMatrix, build_report
+
+if TYPE_CHECKING:
+    from hiposeg.data.dataset import PreparedDataset
 
 
 def autocast(amp: str, device: torch.device) -> AbstractContextManager:
@@ -40,7 +43,7 @@ def autocast(amp: str, device: torch.device) -> AbstractContextManager:
 
 
 def eval_dataset(data_root: Path, split: str, mean: tuple[float, float, float],
-                 std: tuple[float, float, float]) -> Any:
+                 std: tuple[float, float, float]) -> PreparedDataset:
     """A prepared split as evaluation reads it: normalised full-resolution images and fine labels."""
     from hiposeg.data.dataset import PreparedDataset
     from hiposeg.data.transforms import eval_transforms
@@ -48,7 +51,7 @@ def eval_dataset(data_root: Path, split: str, mean: tuple[float, float, float],
     return PreparedDataset(data_root, split, transforms=eval_transforms(mean, std), levels=("fine",))
 
 
-def eval_loader(dataset: Any, env: DistEnv, *, batch_size: int = 1, workers: int = 2) -> DataLoader:
+def eval_loader(dataset: PreparedDataset, env: DistEnv, *, batch_size: int = 1, workers: int = 2) -> DataLoader:
     """This rank's share of `dataset` (an `eval_dataset`), in order: every world_size-th image."""
     return DataLoader(dataset, batch_size=batch_size, sampler=range(env.rank, len(dataset), env.world_size),
                       num_workers=workers, pin_memory=env.device.type == "cuda")
