@@ -1,33 +1,40 @@
 """Checkpoints of plain data, written atomically and read only with `torch.load(weights_only=True)`.
 
-A training checkpoint is a dict of tensors, numbers, strings, lists and dicts:
+A training checkpoint (`make_checkpoint`) is a dict of tensors, numbers, strings, lists and dicts:
 
-    format, hiposeg_version, torch_version, iteration (completed), config (TrainConfig as JSON data),
-    hierarchy (normalised dict) + hierarchy_sha256, model (segmenter state dict), projection
-    (head state dict or {}), memory (prototype buffers), optimizer, scaler, rng, best, last_eval
+    format, hiposeg_version, torch_version, run_id, iteration (completed), config (TrainConfig as
+    JSON data), hierarchy (normalised dict) + hierarchy_sha256, model (segmenter state dict),
+    projection (head state dict or {}), memory (prototype buffers), optimizer, scaler, rng
+    (`rng_state`), best, last_eval
 
 Nothing in it needs pickle's code execution, so loading refuses any file that would (a
 `__reduce__` payload, a pickled class) before running a byte of it. A file with the right format tag
 must also hold every field its readers use, with the right types (`check_fields`): a damaged or
 edited file is a UserError naming the field, never a KeyError from deep inside resume or export.
+Whether a checkpoint fits the data and configuration it is resumed with is `check_compatible`;
+`check_same_hierarchy` compares a trained model's hierarchy with the data's, for every command
+that needs it.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import random
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hiposeg.config import ModelConfig, TrainConfig, format_validation_error
+from hiposeg import __version__
+from hiposeg.atomic import atomic_save
+from hiposeg.config import ModelConfig, TrainConfig, format_validation_error, upgrade_config
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.atomic import atomic_save
 
 CHECKPOINT_FORMAT = "hiposeg-checkpoint/1"
 MODEL_FORMAT = "hiposeg-model/1"
@@ -101,7 +108,7 @@ class ScalerFields(_Fields):
 
 
 class CheckpointFields(_Fields):
-    """A training checkpoint (`engine.make_checkpoint`), as resume, export, eval and predict read it."""
+    """A training checkpoint (`make_checkpoint`), as resume, export, eval and predict read it."""
 
     iteration: int = Field(ge=0)
     config: dict[str, Any]
@@ -258,8 +265,21 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
     if fmt not in expect:
         raise UserError(f"{path} is not a {' or '.join(expect)} file (format: {fmt!r})",
                         hint="Pass a checkpoint written by `hiposeg train` or a model written by `hiposeg export`.")
+    if fmt == CHECKPOINT_FORMAT and "config" in obj:  # a config saved before a field was renamed
+        obj["config"] = upgrade_config(obj["config"], f"checkpoint {path}")
     check_fields(obj, path)
     return obj
+
+
+def summary(path: Path) -> dict[str, Any]:
+    """A checkpoint's run id and iteration, read memory-mapped (its tensors stay on disk)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # any failure: the full loader explains it (corrupt, unsafe, not hiposeg)
+        ck = load(path)
+    if not isinstance(ck, dict):
+        ck = load(path)
+    return {"run_id": ck.get("run_id"), "iteration": ck.get("iteration")}
 
 
 def refuse_program(path: Path, expect: tuple[str, ...]) -> None:
@@ -272,3 +292,103 @@ def refuse_program(path: Path, expect: tuple[str, ...]) -> None:
         raise UserError(f"{path} is a {kind} program, not a {' or '.join(expect)} file",
                         hint="Pass the run directory or the checkpoint written by `hiposeg train` (eval and predict "
                              "also take exported programs; export and --resume do not).")
+
+
+# ==========================================================================================
+# A training checkpoint: what it holds, and restoring it into a run
+# ==========================================================================================
+
+
+def make_checkpoint(cfg: TrainConfig, hierarchy: Hierarchy, net: torch.nn.Module, criterion: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, iteration: int,
+                    best: dict[str, Any], last_eval: dict[str, Any] | None, run_id: str) -> dict[str, Any]:
+    """Everything an exact resume needs (`net` is the HiPoSegNet training wrapper, `criterion` the
+    module holding the prototype memory), and what export takes from it."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "hiposeg_version": __version__,
+        "torch_version": str(torch.__version__),
+        "run_id": run_id,
+        "iteration": iteration,
+        "config": cfg.to_plain(),
+        "hierarchy": hierarchy.to_dict(),
+        "hierarchy_sha256": hierarchy.sha256,
+        "model": net.segmenter.state_dict(),
+        "projection": net.projection.state_dict() if net.projection is not None else {},
+        "memory": criterion.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "best": best,
+        "last_eval": last_eval,
+    }
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, CUDA, NumPy and Python generators' states as plain data (`RngFields`)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py[0], "state": list(py[1]), "gauss": py[2]},
+    }
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def check_same_hierarchy(model: str, trained_name: str, trained_sha256: str, data: Hierarchy, data_root: str | Path,
+                         hint: str) -> None:
+    """The hierarchy-compatibility check (for `--resume`, and `eval` of a model on a dataset): a model
+    trained on one class tree is refused on data of another, naming both (two hierarchies of the same
+    name can differ: the digests tell them apart)."""
+    if trained_sha256 != data.sha256:
+        raise UserError(f"{model} was trained with hierarchy {trained_name!r} (sha256 {str(trained_sha256)[:12]}), "
+                        f"but {data_root} uses {data.name!r} ({data.sha256[:12]}): a different class tree", hint=hint)
+
+
+def check_compatible(ckpt: dict[str, Any], path: Path, hierarchy: Hierarchy, cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint of another hierarchy or architecture, saying which."""
+    check_same_hierarchy(f"checkpoint {path}", ckpt.get("hierarchy", {}).get("name", "?"),
+                         ckpt.get("hierarchy_sha256"), hierarchy, cfg.data.resolved_root(),
+                         hint="Resume with the dataset the run was trained on, or start a new run.")
+    theirs_model = ckpt.get("config", {}).get("model", {})
+    for key in ("backbone", "output_stride", "embed_dim", "embed_source"):
+        if theirs_model.get(key) != getattr(cfg.model, key):
+            raise UserError(f"checkpoint {path} has model.{key}={theirs_model.get(key)!r}, but the configuration "
+                            f"asks for {getattr(cfg.model, key)!r}",
+                            hint="Resume with the run's own configuration (drop the conflicting flag).")
+
+
+def restore_model(ckpt: dict[str, Any], path: Path, net: torch.nn.Module, criterion: torch.nn.Module) -> None:
+    """The segmenter, projection head and prototype memory of a checkpoint, each checked to fit."""
+    restore(path, "model", lambda: net.segmenter.load_state_dict(ckpt["model"]))
+    if net.projection is not None:
+        restore(path, "projection", lambda: net.projection.load_state_dict(ckpt["projection"]))
+    restore(path, "memory", lambda: criterion.load_state_dict(ckpt["memory"]))
+
+
+def restore_optimizer(ckpt: dict[str, Any], path: Path, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler) -> None:
+    restore(path, "optimizer", lambda: load_optimizer_state(optimizer, ckpt["optimizer"]))
+    restore(path, "scaler", lambda: scaler.load_state_dict(ckpt["scaler"]))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict`, which does not compare the buffers' shapes with the parameters'
+    (a mismatch would fail only at the first step, deep inside SGD)."""
+    optimizer.load_state_dict(state)
+    for param, buffers in optimizer.state.items():
+        for name, value in buffers.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise ValueError(f"{name} of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}")

@@ -1,14 +1,18 @@
-"""Run configuration: Pydantic models validated at the edges, plus the paper's dataset recipes.
+"""Run configuration: Pydantic models validated at the edges, the paper's dataset recipes, and the
+loss-term vocabulary (which terms exist, which prototype level each reads, the phases of the
+sequential schedule), defined and validated here once for the loss module, the CLI and `ablate`.
 
 A resolved `TrainConfig` is saved as `config.yaml` in every run directory and inside every
 checkpoint (as plain JSON-compatible data), so a run can be reproduced and resumed exactly.
 Overrides come, in increasing priority, from: the dataset recipe, `--config FILE`, the named CLI
-flags, and `--set key=value`.
+flags, and `--set key=value`. Renamed fields (`RENAMED`) are still read, with a deprecation note.
 """
 
 from __future__ import annotations
 
+import os
 import reprlib
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,10 +22,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hiposeg.errors import UserError
 from hiposeg.safeload import load_json, load_yaml
 
+# ------------------------------------------------------------------------------------------
+# The loss-term vocabulary (paper Sec. 3.2; README "The method, as implemented"). A new term is a
+# name here, its level group, a `lambda_` weight in LossConfig, and its computation in prototypes.py.
+# ------------------------------------------------------------------------------------------
+
 LOSS_TERMS: tuple[str, ...] = ("ce", "fh", "hh", "fl", "ll", "align")
-COARSE_TERMS = frozenset({"fh", "hh"})
-FINE_TERMS = frozenset({"fl", "ll"})
-BUILTIN_DATASETS: tuple[str, ...] = ("cityscapes", "ade20k", "mapillary", "pascal-part", "synthetic")
+COARSE_TERMS = frozenset({"fh", "hh"})  # eqs. 7, 8: pixels and prototypes of the high (coarse) level
+FINE_TERMS = frozenset({"fl", "ll"})  # eqs. 9, 10: the low (fine) level
+COARSE_LEVEL_TERMS = COARSE_TERMS | {"align"}  # terms that read the high-level prototypes
+FINE_LEVEL_TERMS = FINE_TERMS | {"align"}  # terms that read the low-level prototypes
+# Sequential schedule (Sec. 3.2, Table 12): the terms each phase boundary switches on, and the phases' names.
+PHASE_GROUPS = (COARSE_TERMS, FINE_TERMS, frozenset({"align"}))
+PHASE_NAMES = ("1-ce", "2-high", "3-low", "4-align")
+SCHEDULES = ("sequential", "joint")
+# Fields renamed since configs and checkpoints were written: old dotted name -> new one, and why.
+RENAMED = {"loss.momentum": ("loss.memory_momentum", "the momentum m of the prototype memory, eq. 15; SGD's is "
+                                                     "optim.momentum")}
 
 
 class _Strict(BaseModel):
@@ -78,8 +95,8 @@ class ModelConfig(_Strict):
 class LossConfig(_Strict):
     """HiPoSeg loss terms and hyper-parameters (paper Sec. 3.2; defaults explained in README)."""
 
-    terms: list[str] = Field(default_factory=lambda: list(LOSS_TERMS), description="subset of ce,fh,hh,fl,ll,align")
-    schedule: Literal["sequential", "joint"] = "sequential"
+    terms: list[str] = Field(default_factory=lambda: list(LOSS_TERMS), description=f"subset of {','.join(LOSS_TERMS)}")
+    schedule: Literal[SCHEDULES] = "sequential"  # type: ignore[valid-type]
     phases: tuple[float, float, float] = Field(
         (0.075, 0.225, 0.375), description="fractions of total iterations where coarse, fine and align terms start")
     tau: float = Field(0.1, gt=0, description="temperature of eqs. 7 and 9")
@@ -94,7 +111,7 @@ class LossConfig(_Strict):
     beta: float = Field(1.0, gt=0, description="weight of L_align.out (eq. 13)")
     sigma1: float = Field(0.25, gt=0, description="low-to-high margin of eq. 11")
     sigma2: float = Field(1.0, gt=0, description="high-high margin of eq. 12")
-    momentum: float = Field(0.9, gt=0, lt=1, description="prototype memory momentum m of eq. 15")
+    memory_momentum: float = Field(0.9, gt=0, lt=1, description="prototype memory momentum m of eq. 15")
 
     @field_validator("terms", mode="before")
     @classmethod
@@ -116,10 +133,6 @@ class LossConfig(_Strict):
         if not 0 <= a <= b <= c <= 1:
             raise ValueError(f"phases {self.phases} must be non-decreasing fractions in [0, 1]")
         return self
-
-    @property
-    def prototype_terms(self) -> list[str]:
-        return [t for t in self.terms if t != "ce"]
 
 
 def normalize_terms(terms: list[str] | tuple[str, ...]) -> list[str]:
@@ -178,6 +191,13 @@ class TrainConfig(_Strict):
         """JSON-compatible dict: safe inside a `weights_only` checkpoint."""
         return self.model_dump(mode="json")
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """The data and run folders as absolute paths, so the config and checkpoints saved in the run
+        name them wherever a later `--resume` or `eval` is started from."""
+        data = self.data.model_copy(update={"root": Path(os.path.abspath(self.data.resolved_root()))})
+        run = self.run.model_copy(update={"out": Path(os.path.abspath(self.resolved_out()))})
+        return self.model_copy(update={"data": data, "run": run})
+
 
 # --------------------------------------------------------------------------------------------
 # Recipes: the paper's settings (Sec. 4.1) per dataset, and a CPU-sized one for the built-in set.
@@ -225,7 +245,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             if not isinstance(d, dict):
                 raise UserError(f"--set {item!r} conflicts with another --set for {p!r}")
         d[parts[-1]] = value
-    return out
+    return upgrade_config(out, "--set")
 
 
 def parse_value(raw: str, source: str) -> Any:
@@ -253,23 +273,60 @@ def load_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping (sections data, model, loss, optim, run)")
-    return data
+    return upgrade_config(data, source)
+
+
+def merge_layers(*layers: dict[str, Any], source: str = "configuration") -> dict[str, Any]:
+    """Override layers merged (later wins), each read with the current field names first, so an old
+    name in an early layer cannot outrank the new name in a later one."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_update(merged, upgrade_config(layer, source))
+    return merged
 
 
 def build_config(*layers: dict[str, Any], source: str = "configuration") -> TrainConfig:
     """Merge override layers (later wins) on top of the dataset's recipe and validate."""
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        merged = deep_update(merged, layer)
+    merged = merge_layers(*layers, source=source)
     dataset = merged.get("data", {}).get("dataset", "synthetic")
     recipe = RECIPES.get(dataset, {})
     merged = deep_update(recipe, merged)
     return validate_config(merged, source=source)
 
 
+def upgrade_config(data: Any, source: str) -> Any:
+    """`data` (a config as JSON-like data) with each renamed field (`RENAMED`) under its current name,
+    saying so once per source on stderr. A field given under both names is a UserError."""
+    if not isinstance(data, dict):
+        return data
+    for old, (new, why) in RENAMED.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        fields = data.get(section)
+        if not isinstance(fields, dict) or old_key not in fields:
+            continue
+        if new_key in fields:
+            raise UserError(f"{source} gives both {old} and {new}: {old} is the old name of {new}",
+                            hint=f"Keep only {new}.")
+        data = {**data, section: {new_key if k == old_key else k: v for k, v in fields.items()}}
+        _note_once(f"hiposeg: {source} names {old}, which is now {new} ({why}); it is read as "
+                   f"{new}={_short_repr(fields[old_key])}. The old name is deprecated.")
+    return data
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    """A deprecation note on stderr, once per process, from the launching process or global rank 0."""
+    if message not in _NOTED and os.environ.get("RANK", "0") == "0":
+        _NOTED.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
 def validate_config(data: dict[str, Any], source: str = "configuration") -> TrainConfig:
     try:
-        return TrainConfig.model_validate(data)
+        return TrainConfig.model_validate(upgrade_config(data, source))
     except ValidationError as e:
         raise UserError(f"invalid {source}:\n{format_validation_error(e)}",
                         hint="Fix the named field (flag, --set key=value, or --config file).") from None

@@ -1,4 +1,4 @@
-"""Process groups for multi-GPU (and multi-process CPU) training.
+"""Process groups for multi-GPU (and multi-process CPU) training, and stopping on a signal.
 
 Two ways in, one code path:
 * `torchrun --nproc_per_node=N -m hiposeg train ...` sets RANK / WORLD_SIZE / LOCAL_RANK /
@@ -6,24 +6,28 @@ Two ways in, one code path:
 * `hiposeg train --gpus N` calls `spawn(N, fn, ...)`, which starts N local worker processes with
   those same variables set, then each joins like under torchrun.
 The backend is NCCL on CUDA and gloo on the CPU (`--device cpu`), so CI exercises the same DDP path
-without a GPU.
+without a GPU. Every helper here is the identity (or a no-op) in a single process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hiposeg.atomic import atomic_write_json
 from hiposeg.errors import UserError
+from hiposeg.safeload import load_json
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,14 @@ def init_from_env(device_pref: str) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+def share_cpu_cores(env: DistEnv) -> None:
+    """N CPU processes share the cores instead of each starting one thread per core (unless
+    OMP_NUM_THREADS says how many)."""
+    if env.distributed and env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -134,6 +146,53 @@ def spawn(world_size: int, fn: Callable[..., Any], args: tuple = ()) -> None:
             signal.signal(s, handler)
 
 
+def spawn_reporting(world_size: int, fn: Callable[..., Any], args: tuple, error_file: Path) -> None:
+    """`spawn`, and a worker's UserError raised here as that UserError (rank 0 leaves it in
+    `error_file`); any other failure of a worker is a RuntimeError."""
+    error_file.unlink(missing_ok=True)
+    try:
+        spawn(world_size, _recording_user_errors, (fn, args, error_file))
+    except Exception as e:
+        if error_file.exists():
+            info = load_json(error_file.read_bytes(), str(error_file))
+            raise UserError(info["message"], hint=info.get("hint")) from None
+        raise RuntimeError(f"a training process failed: {e}") from e
+
+
+def _recording_user_errors(fn: Callable[..., Any], args: tuple, error_file: Path) -> None:
+    try:
+        fn(*args)
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            atomic_write_json(error_file, {"message": e.message, "hint": e.hint})
+        raise
+
+
+def decided_on_rank0(env: DistEnv, decide: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Run `decide()` on global rank 0 only: it returns (what rank 0 keeps, what every rank gets).
+    Returns that pair on rank 0 and (None, the shared part) elsewhere. A UserError on rank 0 is raised
+    on every rank, so a refusal ends every rank at once instead of leaving them waiting."""
+    kept: Any = None
+    outcome: tuple[str, Any, str | None] = ("ok", None, None)
+    if env.is_main:
+        try:
+            kept, shared = decide()
+            outcome = ("ok", shared, None)
+        except UserError as e:
+            outcome = ("error", e.message, e.hint)
+        except BaseException as e:
+            broadcast_object(("bug", f"rank 0 failed to start the run: {type(e).__name__}: {e}", None))
+            shutdown()
+            raise
+    outcome = broadcast_object(outcome)
+    if outcome[0] != "ok":
+        shutdown()
+        if outcome[0] == "bug":
+            raise RuntimeError(outcome[1])
+        raise UserError(outcome[1], hint=outcome[2])
+    return kept, outcome[1]
+
+
 def die_with_parent(parent: int) -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux `PR_SET_PDEATHSIG`; a no-op
     elsewhere), and die now if the parent is already gone."""
@@ -146,12 +205,6 @@ def die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -171,14 +224,87 @@ def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(buf, src=src)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not (dist.is_available() and dist.is_initialized()):
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def world_size() -> int:
+    """The number of processes in the group (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Differentiable SUM all-reduce. Every rank's loss depends on every rank's input through the
+    global sum, so the backward is also a sum over ranks. The same as torch.distributed.nn.functional.
+    all_reduce, which current torch deprecates with a FutureWarning on every call."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_over_ranks(x: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    """The sum of `x` over all ranks (`x` itself in a single process); `differentiable` lets the
+    gradient flow back to every rank's input."""
+    if world_size() == 1:
+        return x
+    if differentiable:
+        return _SumOverRanks.apply(x)
+    out = x.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def rank_digests(*modules: torch.nn.Module) -> list[str]:
+    """The state digest of every rank (one entry when not distributed): DDP must keep them equal."""
+    mine = state_digest(*modules)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, mine)
+    return box
+
+
+def state_digest(*modules: torch.nn.Module) -> str:
+    """sha256 over every tensor of the modules' state dicts (weights, BN buffers, prototype memory)."""
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the training loop checkpoints at the next iteration boundary and stops."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)

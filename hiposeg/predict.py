@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hiposeg.data.prepare import IMAGE_EXTS, BadFile, encode_png, probe_image
+from hiposeg.data.codecs import IMAGE_EXTS, BadFile, encode_png, probe_image
 from hiposeg.errors import UserError
 from hiposeg.export import InferenceModel
 from hiposeg.inference import Mode, predict_logits

@@ -50,7 +50,7 @@ Defaults the paper does not give (LossConfig; all configurable):
   lambda_2..6 = 0.1  ContrastiveSeg's auxiliary weight: the branch steers the features an order of
                  magnitude below the task loss (ProtoSeg uses 0.01/0.001 for its two terms).
   alpha = beta = 1  both parts of eq. 13 are hinges on the same distance scale (delta in [0, 2]).
-  sigma1 = 0.25, sigma2 = 1.0, m = 0.9: the paper (Sec. 3.2, Tables 10 and 11).
+  sigma1 = 0.25, sigma2 = 1.0, m = 0.9 (loss.memory_momentum): the paper (Sec. 3.2, Tables 10 and 11).
 """
 
 from __future__ import annotations
@@ -60,55 +60,13 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hiposeg.config import LOSS_TERMS, LossConfig
+from hiposeg.config import COARSE_LEVEL_TERMS, FINE_LEVEL_TERMS, PHASE_GROUPS, PHASE_NAMES, LossConfig
+from hiposeg.distributed import sum_over_ranks, world_size
 
-COARSE_LEVEL_TERMS = frozenset({"fh", "hh", "align"})  # terms that read the high-level prototypes
-FINE_LEVEL_TERMS = frozenset({"fl", "ll", "align"})  # terms that read the low-level prototypes
-# Sequential schedule (Sec. 3.2, Table 12): which terms each phase boundary switches on.
-PHASE_GROUPS = (frozenset({"fh", "hh"}), frozenset({"fl", "ll"}), frozenset({"align"}))
-PHASE_NAMES = ("1-ce", "2-high", "3-low", "4-align")
 DELTA_SQ_MIN = 1e-12  # floor of delta^2 before sqrt (eqs. 11/12): finite gradients at delta = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed helpers: sums over ranks (identity in a single process).
-# --------------------------------------------------------------------------------------------
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """Differentiable SUM all-reduce. Every rank's loss depends on every rank's input through the
-    global sum, so the backward is also a sum over ranks. The same as torch.distributed.nn.functional.
-    all_reduce, which current torch deprecates with a FutureWarning on every call."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad
-
-
-def sum_over_ranks(x: Tensor, differentiable: bool = False) -> Tensor:
-    if world_size() == 1:
-        return x
-    if differentiable:
-        return _SumOverRanks.apply(x)
-    out = x.clone()
-    dist.all_reduce(out)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,18 +181,12 @@ class PhaseSchedule:
 
     sequential (paper Sec. 3.2): CE only until phases[0]*T, + fh, hh from there, + fl, ll from
     phases[1]*T, + align from phases[2]*T. joint (Table 12): every configured term from iteration 0.
-    Always intersected with the configured terms; 'ce' is always on.
+    Always intersected with the configured terms; 'ce' is always on. The arguments are a validated
+    LossConfig's (`config.LossConfig`: the vocabulary and its rules live there).
     """
 
     def __init__(self, terms: Iterable[str], schedule: str, phases: tuple[float, float, float], total_iters: int) -> None:
         self.terms = frozenset(terms) | {"ce"}
-        unknown = self.terms - set(LOSS_TERMS)
-        if unknown:
-            raise ValueError(f"unknown loss terms {sorted(unknown)}; valid: {', '.join(LOSS_TERMS)}")
-        if schedule not in ("sequential", "joint"):
-            raise ValueError(f"schedule must be 'sequential' or 'joint', got {schedule!r}")
-        if total_iters < 1:
-            raise ValueError(f"total_iters must be >= 1, got {total_iters}")
         self.schedule = schedule
         # round() first: 0.035 * 200 is 7.000000000000001 in floating point; that phase starts at 7, not 8
         self.starts = (0, 0, 0) if schedule == "joint" else tuple(math.ceil(round(f * total_iters, 6)) for f in phases)
@@ -331,7 +283,7 @@ class HiPoSegCriterion(nn.Module):
     def _prototype_terms(self, embeddings: Tensor, y: Tensor, counts: Tensor, active: frozenset[str],
                          uses_coarse: bool, uses_fine: bool, ws: int, terms: dict[str, Tensor]) -> Tensor:
         """Eqs. 5-13 and their weighted sum (the part of eq. 14 after CE). Fills `terms`."""
-        cfg, m = self.cfg, self.cfg.momentum
+        cfg = self.cfg
         d = embeddings.shape[1]
         z = embeddings.permute(0, 2, 3, 1).reshape(-1, d)  # (N, d) unit rows z~ (eq. 3)
         sums = z.new_zeros(self.num_fine + 1, d).index_add(0, y, z)[: self.num_fine]  # numerators of eq. 5
@@ -343,11 +295,7 @@ class HiPoSegCriterion(nn.Module):
         if uses_coarse:
             coarse_sums = sums.new_zeros(self.num_coarse, d).index_add(0, self.fine_to_coarse, sums)
             coarse_counts = counts.new_zeros(self.num_coarse).index_add(0, self.fine_to_coarse, counts)
-            mu = coarse_sums / coarse_counts.clamp(min=1)[:, None].to(sums.dtype)  # eq. 5, mu^i
-            present = coarse_counts > 0
-            h, has_h = self.coarse_memory.blend(F.normalize(mu, dim=1), present, m)  # eq. 6, then eq. 15
-            if self.training:
-                self.coarse_memory.update_(h, present)  # eq. 15
+            h, has_h = self._level_prototypes(self.coarse_memory, coarse_sums, coarse_counts)  # mu^i, H
             if "fh" in active:
                 y_coarse = self.fine_to_coarse_or_dump[y]  # eq. 2: y' = pi(y); the dump slot stays the dump slot
                 terms["fh"] = feature_prototype_nll(z, y_coarse, h, has_h, cfg.tau) * pixel_scale  # eq. 7
@@ -357,11 +305,7 @@ class HiPoSegCriterion(nn.Module):
                 total = total + cfg.lambda_hh * terms["hh"]  # eq. 14, lambda_3
 
         if uses_fine:
-            mu = sums / counts.clamp(min=1)[:, None].to(sums.dtype)  # eq. 5, mu^i_j
-            present = counts > 0
-            lo, has_lo = self.fine_memory.blend(F.normalize(mu, dim=1), present, m)  # eq. 6, then eq. 15
-            if self.training:
-                self.fine_memory.update_(lo, present)  # eq. 15
+            lo, has_lo = self._level_prototypes(self.fine_memory, sums, counts)  # mu^i_j, L
             if "fl" in active:
                 terms["fl"] = feature_prototype_nll(z, y, lo, has_lo, cfg.tau) * pixel_scale  # eq. 9
                 total = total + cfg.lambda_fl * terms["fl"]  # eq. 14, lambda_4
@@ -375,3 +319,13 @@ class HiPoSegCriterion(nn.Module):
             terms["align"] = cfg.alpha * terms["align_in"] + cfg.beta * terms["align_out"]  # eq. 13
             total = total + cfg.lambda_align * terms["align"]  # eq. 14, lambda_6
         return total  # eq. 14 without the CE term
+
+    def _level_prototypes(self, memory: PrototypeMemory, sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """One level's prototypes for the losses, and which classes have one: batch means (eq. 5),
+        normalised (eq. 6), blended with the memory (eq. 15), which keeps them while training."""
+        mu = sums / counts.clamp(min=1)[:, None].to(sums.dtype)  # eq. 5
+        present = counts > 0
+        protos, has_proto = memory.blend(F.normalize(mu, dim=1), present, self.cfg.memory_momentum)  # eqs. 6, 15
+        if self.training:
+            memory.update_(protos, present)  # eq. 15
+        return protos, has_proto

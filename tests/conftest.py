@@ -1,7 +1,7 @@
 """Shared test helpers: running the CLI (`cli`, `fails_with`, `squash`), the real-format sample files,
-tiny datasets and runs, exported models, and a palette-PNG writer (cv2 cannot write colour-type-3
-PNGs, so it is written by hand with zlib + struct). Test modules import the plain functions with
-`from conftest import fails_with, squash`."""
+the suite's tiny dataset, configuration, run and exported models (`tiny_data`, `tiny_config`, `tiny_run`,
+`exported_models`), and a palette-PNG writer (cv2 cannot write colour-type-3 PNGs, so it is written by
+hand with zlib + struct). Test modules import the plain functions: `from conftest import fails_with, squash`."""
 
 from __future__ import annotations
 
@@ -84,6 +84,20 @@ def palette_png_bytes(indices: np.ndarray, palette: np.ndarray, bit_depth: int =
             + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
 
 
+def tiny_config(data: Path, out: Path, **sections: dict):
+    """The suite's tiny training run, in seconds on a CPU: resnet18 OS16 at 64x64, embeddings of 32,
+    batch 2, 8 iterations (deterministic, a checkpoint every 4, a log line every 2), whole-image
+    evaluation. `sections` are laid over it, e.g. `tiny_config(data, out, run={"amp": "bf16"})`."""
+    from hiposeg.config import build_config, deep_update
+
+    base = {"data": {"dataset": "custom", "root": str(data), "crop": (64, 64), "workers": 0, "scale_range": (0.75, 1.25)},
+            "model": {"backbone": "resnet18", "output_stride": 16, "embed_dim": 32},
+            "optim": {"iters": 8, "batch_size": 2},
+            "run": {"out": str(out), "device": "cpu", "deterministic": True, "ckpt_every": 4, "log_every": 2,
+                    "quiet": True, "eval_mode": "whole"}}
+    return build_config(deep_update(base, sections))
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A prepared synthetic set of 12 + 4 images at 64x64 for engine and ablate runs (seconds each)."""
@@ -98,20 +112,13 @@ def tiny_data(tmp_path_factory) -> Path:
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     """(data, run): 2 iterations with every term active from step 0, so the checkpoint holds a
     projection head and a filled prototype memory that export must leave out (export and predict tests)."""
-    from hiposeg.config import build_config
     from hiposeg.data.synthetic import generate
     from hiposeg.engine import fit
 
     base = tmp_path_factory.mktemp("export")
     data = base / "synthetic"
     generate(data, train=8, val=2, size=64, seed=0, workers=1)
-    cfg = build_config({
-        "data": {"dataset": "custom", "root": str(data), "crop": (64, 64), "workers": 0},
-        "model": {"backbone": "resnet18", "output_stride": 16, "embed_dim": 32},
-        "loss": {"schedule": "joint"},
-        "optim": {"iters": 2, "batch_size": 2},
-        "run": {"out": str(base / "run"), "device": "cpu", "quiet": True, "eval_mode": "whole"}})
-    fit(cfg)
+    fit(tiny_config(data, base / "run", loss={"schedule": "joint"}, optim={"iters": 2}))
     return data, base / "run"
 
 

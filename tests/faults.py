@@ -41,7 +41,7 @@ PYTHON = sys.executable
 
 
 # ==========================================================================================
-# Tiny training runs (the configuration of tests/test_engine.py, through the real CLI)
+# Tiny training runs (the configuration of conftest.tiny_config, through the real CLI)
 # ==========================================================================================
 
 

@@ -9,19 +9,18 @@ import math
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
+from conftest import fails_with, squash
 from faults import StopAfter
-from hiposeg import ablate
-from hiposeg.ablate import Record, build_grid, collect_results, split_sets
+from hiposeg.ablate.plan import (TABLE5_ROWS, Record, build_grid, experiment_of, ignored_by_ce, load_records, make_plan,
+                                 merge_grid, slugify, split_sets)
+from hiposeg.ablate.results import collect_results, results_markdown
 from hiposeg.cli import app
 from hiposeg.errors import UserError
 
-runner = CliRunner()
-
 
 def ablate_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """Tiny runs as in tests/test_engine.py: resnet18 at 64x64, a few iterations, every term on."""
+    """Tiny runs as `conftest.tiny_config`: resnet18 at 64x64, a few iterations, every term on."""
     return ["ablate", "--data", str(data), "--out", str(out), "--iters", "3", "--batch-size", "2", "--crop", "64x64",
             "--backbone", "resnet18", "--output-stride", "16", "--workers", "0", "--device", "cpu", "--quiet",
             "--deterministic", "--set", "model.embed_dim=32", "--set", "run.eval_mode=whole", "--schedule", "joint",
@@ -87,19 +86,31 @@ def test_set_values_sweep_on_commas_except_inside_list_valued_fields():
     ("fh,align", ["align", "fine term"]),
 ])
 def test_bad_losses_give_a_clear_error(tiny_data, tmp_path, losses, words):
-    r = runner.invoke(app, ablate_args(tiny_data, tmp_path / "a", "--losses", losses))
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output
-    text = " ".join(r.output.split())  # Rich wraps long messages
-    for w in words:
-        assert w in text, r.output
+    fails_with(ablate_args(tiny_data, tmp_path / "a", "--losses", losses), *words)
     assert not (tmp_path / "a").exists()  # validated before anything is written
 
 
 def test_invalid_sweep_value_fails_before_any_training(tiny_data, tmp_path):
-    r = runner.invoke(app, ablate_args(tiny_data, tmp_path / "a", "--set", "loss.sigma1=0.1,2.0"))
-    assert r.exit_code == 2 and "sigma1" in r.output and "Traceback" not in r.output
+    fails_with(ablate_args(tiny_data, tmp_path / "a", "--set", "loss.sigma1=0.1,2.0"), "sigma1")
     assert not (tmp_path / "a").exists()
+
+
+def test_an_ablation_recorded_before_loss_momentum_was_renamed_keeps_its_configurations(tiny_data, tmp_path, capsys):
+    """ablation.json identifies a configuration by its resolved experiment; one recorded under the
+    old field name `loss.momentum` is the same experiment as today's `loss.memory_momentum`, so a
+    rerun reuses its configurations instead of refusing the names as "different settings"."""
+    out = tmp_path / "abl"
+    plan = make_plan(None, {"data": {"root": str(tiny_data)}}, [], ["fh,hh"], "joint", 1, None, out)
+    records, _, added = merge_grid([], list(zip(plan.variants, plan.configs)), plan.seeds)
+    out.mkdir()
+    saved = [{"name": r.name, "slug": r.slug, "values": r.values, "seeds": r.seeds,
+              "experiment": {**r.experiment, "loss": {("momentum" if k == "memory_momentum" else k): v
+                                                      for k, v in r.experiment["loss"].items()}}} for r in records]
+    (out / "ablation.json").write_text(json.dumps({"format": "hiposeg-ablation/1", "configs": saved}))
+    old = load_records(out)
+    assert squash("names loss.momentum, which is now loss.memory_momentum") in squash(capsys.readouterr().err)
+    merged, mine, added = merge_grid(old, list(zip(plan.variants, plan.configs)), plan.seeds)
+    assert added == [] and [r.name for r in mine] == [r.name for r in records] and len(merged) == 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -117,9 +128,9 @@ def fake_run(root: Path, rec: Record, seed: int, fine: float, coarse: float, hie
 
 def record(terms: list[str], schedule: str = "sequential") -> Record:
     name = "losses=" + "+".join(terms)
-    exp = {"loss": {"terms": terms, "schedule": schedule, "sigma1": 0.25, "sigma2": 1.0, "momentum": 0.9},
+    exp = {"loss": {"terms": terms, "schedule": schedule, "sigma1": 0.25, "sigma2": 1.0, "memory_momentum": 0.9},
            "optim": {"iters": 10}}
-    return Record(name, ablate.slugify(name), {"loss.terms": terms}, exp, [0, 1])
+    return Record(name, slugify(name), {"loss.terms": terms}, exp, [0, 1])
 
 
 @pytest.mark.parametrize("hierarchy,expected", [
@@ -135,7 +146,7 @@ def record(terms: list[str], schedule: str = "sequential") -> Record:
                    "ce+fh+hh+fl+ll+align": None}),
 ])
 def test_results_mean_std_delta_and_paper_columns(tmp_path, hierarchy, expected):
-    recs = [record(list(r)) for r in ablate.TABLE5_ROWS]
+    recs = [record(list(r)) for r in TABLE5_ROWS]
     scores = {0: (60.0, 80.0), 1: (62.0, 81.0)}  # ce: fine 60 / 62, coarse 80 / 81
     for i, rec in enumerate(recs):
         for s, (f, c) in scores.items():
@@ -170,7 +181,7 @@ def test_unfinished_runs_are_counted_but_not_averaged(tmp_path):
     assert (row["finished"], row["diverged"], row["total"]) == (1, 1, 3)
     assert [r["state"] for r in row["runs"]] == ["finished", "new", "diverged"]
     assert row["runs"][2]["error"] == "nan in fh"
-    assert "| 1/3 (1 diverged) |" in ablate.results_markdown(res)
+    assert "| 1/3 (1 diverged) |" in results_markdown(res)
 
 
 def fake_fit_writing(calls: list[str], scores: dict[str, tuple[float, float] | None]):
@@ -194,7 +205,7 @@ def fake_fit_writing(calls: list[str], scores: dict[str, tuple[float, float] | N
     return fake_fit
 
 
-def test_a_diverged_run_is_reported_and_skipped_and_the_grid_goes_on(tiny_data, tmp_path, monkeypatch):
+def test_a_diverged_run_is_reported_and_skipped_and_the_grid_goes_on(cli, tiny_data, tmp_path, monkeypatch):
     import hiposeg.engine as engine
 
     calls: list[str] = []
@@ -202,36 +213,36 @@ def test_a_diverged_run_is_reported_and_skipped_and_the_grid_goes_on(tiny_data, 
     monkeypatch.setattr(engine, "fit", fake_fit_writing(calls, scores))
     args = ablate_args(tiny_data, tmp_path / "abl", "--losses", "fh,hh", "--losses", "fl,ll")
     args.remove("--quiet")
-    r = runner.invoke(app, args)
+    r = cli.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "diverged" in r.output and calls == ["losses=ce", "losses=ce+fh+hh__schedule=joint",
                                                 "losses=ce+fl+ll__schedule=joint"]
     rows = json.loads((tmp_path / "abl" / "results.json").read_text())["configs"]
     assert [(x["finished"], x["diverged"]) for x in rows] == [(1, 0), (0, 1), (1, 0)]
-    r = runner.invoke(app, args)  # a rerun does not repeat the diverged run
+    r = cli.invoke(app, args)  # a rerun does not repeat the diverged run
     assert r.exit_code == 0 and len(calls) == 3 and "diverged earlier, skipped" in " ".join(r.output.split())
 
 
-def test_losses_without_ce_plan_and_train_the_ce_baseline_so_delta_is_filled(tiny_data, tmp_path, monkeypatch):
+def test_losses_without_ce_plan_and_train_the_ce_baseline_so_delta_is_filled(cli, tiny_data, tmp_path, monkeypatch):
     import hiposeg.engine as engine
 
     out = tmp_path / "abl"
-    r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "fh,hh", "--dry-run"))
+    r = cli.invoke(app, ablate_args(tiny_data, out, "--losses", "fh,hh", "--dry-run"))
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())  # Rich wraps long cells, so the names are checked on the plan below
     assert "2 configuration(s) x 1 seed(s)" in text and "(2 new)" in text and text.count("train") == 2
     assert not out.exists()  # a dry run writes nothing
-    plan = ablate.make_plan(None, {"data": {"root": str(tiny_data)}}, [], ["fh,hh"], "joint", 1, None, out)
+    plan = make_plan(None, {"data": {"root": str(tiny_data)}}, [], ["fh,hh"], "joint", 1, None, out)
     assert [v.name for v in plan.variants] == ["losses=ce", "losses=ce+fh+hh, schedule=joint"]
-    ce, fh = (ablate.experiment_of(c) for c in plan.configs)
+    ce, fh = (experiment_of(c) for c in plan.configs)
     assert ce["loss"].pop("terms") == ["ce"] and fh["loss"].pop("terms") == ["ce", "fh", "hh"]
     for exp in (ce, fh):  # otherwise equal settings, up to the loss fields a CE run ignores (schedule, ...)
-        exp["loss"] = {k: v for k, v in exp["loss"].items() if not ablate.ignored_by_ce(f"loss.{k}")}
+        exp["loss"] = {k: v for k, v in exp["loss"].items() if not ignored_by_ce(f"loss.{k}")}
     assert ce == fh and ce["loss"] == {"lambda_ce": 1.0}
 
     calls: list[str] = []
     monkeypatch.setattr(engine, "fit", fake_fit_writing(calls, {"ce": (40.0, 60.0), "ce+fh+hh": (45.5, 63.0)}))
-    r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "fh,hh"))
+    r = cli.invoke(app, ablate_args(tiny_data, out, "--losses", "fh,hh"))
     assert r.exit_code == 0, r.output
     assert calls == ["losses=ce", "losses=ce+fh+hh__schedule=joint"]
     rows = json.loads((out / "results.json").read_text())["configs"]
@@ -247,7 +258,7 @@ def test_losses_without_ce_plan_and_train_the_ce_baseline_so_delta_is_filled(tin
 
 
 @pytest.mark.slow
-def test_ablate_writes_tables_resumes_interrupted_and_skips_finished(tiny_data, tmp_path, monkeypatch):
+def test_ablate_writes_tables_resumes_interrupted_and_skips_finished(cli, tiny_data, tmp_path, monkeypatch):
     import hiposeg.engine as engine
 
     out = tmp_path / "abl"
@@ -264,7 +275,7 @@ def test_ablate_writes_tables_resumes_interrupted_and_skips_finished(tiny_data, 
     # 1. the first run is interrupted after 1 of 3 iterations: the ablation stops there
     original_stop = engine.StopSignal
     monkeypatch.setattr(engine, "StopSignal", lambda: StopAfter(1))
-    r = runner.invoke(app, args)
+    r = cli.invoke(app, args)
     assert r.exit_code == 130, r.output
     first = out / "runs" / "losses=ce" / "seed-0"
     status = json.loads((first / "status.json").read_text())
@@ -274,7 +285,7 @@ def test_ablate_writes_tables_resumes_interrupted_and_skips_finished(tiny_data, 
     monkeypatch.setattr(engine, "StopSignal", original_stop)
 
     # 2. rerun: the interrupted run resumes from its last.pt, the other one starts
-    r = runner.invoke(app, args)
+    r = cli.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert calls[1] == ("seed-0", "losses=ce", first / "checkpoints" / "last.pt")
     assert calls[2] == ("seed-0", "losses=ce+fh+hh__schedule=joint", None)
@@ -304,25 +315,25 @@ def test_ablate_writes_tables_resumes_interrupted_and_skips_finished(tiny_data, 
 
     # 3. rerun: every run is finished, nothing trains and nothing is rewritten
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
-    r = runner.invoke(app, args)
+    r = cli.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert len(calls) == 3
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamps
     assert json.loads((out / "results.json").read_text())["configs"] == res["configs"]
 
     # 4. a larger grid adds its new configuration; changed settings under a recorded name are refused
-    r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "ce", "--losses", "fh,hh", "--losses", "fl,ll",
+    r = cli.invoke(app, ablate_args(tiny_data, out, "--losses", "ce", "--losses", "fh,hh", "--losses", "fl,ll",
                                        "--dry-run"))
     assert r.exit_code == 0, r.output
     assert "(1 new)" in r.output and r.output.count("skip") == 2 and "train" in r.output
-    r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "ce", "--iters", "4"))
+    r = cli.invoke(app, ablate_args(tiny_data, out, "--losses", "ce", "--iters", "4"))
     assert r.exit_code == 2 and "optim.iters: 3 -> 4" in " ".join(r.output.split()) and "Traceback" not in r.output
 
 
 @pytest.mark.slow
-def test_seeds_repeat_a_configuration_and_report_mean_and_std(tiny_data, tmp_path):
+def test_seeds_repeat_a_configuration_and_report_mean_and_std(cli, tiny_data, tmp_path):
     out = tmp_path / "seeds"
-    r = runner.invoke(app, ablate_args(tiny_data, out, "--losses", "ce", "--seeds", "2", "--seed", "5"))
+    r = cli.invoke(app, ablate_args(tiny_data, out, "--losses", "ce", "--seeds", "2", "--seed", "5"))
     assert r.exit_code == 0, r.output
     runs = out / "runs" / "losses=ce"
     assert sorted(p.name for p in runs.iterdir()) == ["seed-5", "seed-6"]

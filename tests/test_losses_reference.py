@@ -24,7 +24,7 @@ EPS = 1e-6  # the epsilon of eq. 5
 
 def cfg(**kw) -> LossConfig:
     base = dict(schedule="joint", tau=0.5, kappa=0.7, lambda_ce=0.3, lambda_fh=0.2, lambda_hh=0.4, lambda_fl=0.6,
-                lambda_ll=0.5, lambda_align=0.8, alpha=0.7, beta=1.3, sigma1=0.3, sigma2=1.6, momentum=0.8)
+                lambda_ll=0.5, lambda_align=0.8, alpha=0.7, beta=1.3, sigma1=0.3, sigma2=1.6, memory_momentum=0.8)
     base.update(kw)
     return LossConfig(**base)
 
@@ -141,8 +141,8 @@ class Reference:
         low = [(emb[b, :, i, j], lab[b][i][j]) for b in range(B) for i in range(h) for j in range(w)
                if lab[b][i][j] != IGNORE]
         high = [(z, FINE_TO_COARSE[y]) for z, y in low]  # eq. 2
-        H = ref_loss_prototypes(self.mem_h, ref_batch_prototypes(high, max(FINE_TO_COARSE) + 1), c.momentum)
-        L = ref_loss_prototypes(self.mem_l, ref_batch_prototypes(low, len(FINE_TO_COARSE)), c.momentum)
+        H = ref_loss_prototypes(self.mem_h, ref_batch_prototypes(high, max(FINE_TO_COARSE) + 1), c.memory_momentum)
+        L = ref_loss_prototypes(self.mem_l, ref_batch_prototypes(low, len(FINE_TO_COARSE)), c.memory_momentum)
         t = {
             "ce": ref_cross_entropy(logits, fine),
             "fh": ref_feature_prototype(high, H, c.tau),
@@ -185,7 +185,7 @@ def rel_err(a: float, b: float) -> float:
 
 @pytest.mark.parametrize("momentum", [0.8, 0.9])
 def test_every_term_and_the_memory_match_the_float64_reference(momentum):
-    c = cfg(momentum=momentum)
+    c = cfg(memory_momentum=momentum)
     crit = HiPoSegCriterion(c, torch.tensor(FINE_TO_COARSE), embed_dim=8, ignore_index=IGNORE, total_iters=100).double()
     ref = Reference(c)
     gen = torch.Generator().manual_seed(7)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from hiposeg.config import LossConfig
-from hiposeg.model import DeepLabV3Plus, HiPoSegNet
+from hiposeg.models.deeplabv3plus import DeepLabV3Plus
+from hiposeg.models.training import HiPoSegNet
 from hiposeg.prototypes import HiPoSegCriterion, PhaseSchedule, labels_at
 
 IGNORE = 255
@@ -267,7 +268,7 @@ def test_bad_inputs_and_values_are_refused():
         criterion()(torch.zeros(1, 7, 4, 4), None, torch.zeros(1, 4, 4, dtype=torch.long), 0)
     with pytest.raises(ValueError, match="channels"):
         criterion(embed_dim=16)(torch.zeros(1, 7, 4, 4), torch.zeros(1, 8, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), 0)
-    for bad in ({"sigma1": 1.0, "sigma2": 0.5}, {"momentum": 1.0}, {"momentum": 0.0}, {"tau": 0.0}, {"kappa": -1},
+    for bad in ({"sigma1": 1.0, "sigma2": 0.5}, {"memory_momentum": 1.0}, {"memory_momentum": 0.0}, {"tau": 0.0}, {"kappa": -1},
                 {"alpha": 0}, {"terms": ["ce", "align"]}):
         with pytest.raises(ValidationError):
             LossConfig(**bad)

@@ -2,7 +2,7 @@
 
 Configuration: one case per rule of hiposeg/config.py, given the way a user gives it (`hiposeg
 train --set key=value`); `test_every_config_rule_has_a_case` reads the rules out of the Pydantic
-models, so a rule added without a case here fails the suite. tests/test_engine.py
+models, so a rule added without a case here fails the suite. tests/test_train_config.py
 (test_invalid_config_values_name_the_field) runs eight of them through the same path.
 
 Hierarchy files: tests/test_hierarchy.py (`INVALID`, test_invalid_file_message) covers the
@@ -23,25 +23,16 @@ from pathlib import Path
 
 import pytest
 from annotated_types import Ge, Gt, Le, Lt
-from typer.testing import CliRunner
 
+from conftest import fails_with, squash
 from hiposeg.cli import app
 from hiposeg.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig
 
-runner = CliRunner()
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "run": RunConfig}
 
 
-def squash(text: str) -> str:
-    return "".join(text.split())
-
-
 def train_fails(tmp_path: Path, *args: str) -> str:
-    r = runner.invoke(app, ["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"),
-                            "--quiet", *args])
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output
-    return r.output
+    return fails_with(["train", "--data", tmp_path / "nowhere", "--out", tmp_path / "run", "--quiet", *args])
 
 
 # (field, rule) -> (--set value, words the message must hold besides the field's dotted name)
@@ -71,8 +62,8 @@ CONFIG_RULES: dict[tuple[str, str], tuple[str, str]] = {
     ("loss.beta", "gt"): ("0", "greater than 0"),
     ("loss.sigma1", "gt"): ("0", "greater than 0"),
     ("loss.sigma2", "gt"): ("0", "greater than 0"),
-    ("loss.momentum", "gt"): ("0", "greater than 0"),
-    ("loss.momentum", "lt"): ("1", "less than 1"),
+    ("loss.memory_momentum", "gt"): ("0", "greater than 0"),
+    ("loss.memory_momentum", "lt"): ("1", "less than 1"),
     ("loss.sigma1", "_margins"): ("1.5", "need 0 < sigma1 < sigma2 (paper eq. 13); got sigma1=1.5, sigma2=1.0"),
     ("loss.phases", "_margins"): ("[0.5,0.2,0.3]", "phases (0.5, 0.2, 0.3) must be non-decreasing fractions"),
     ("optim.lr", "gt"): ("0", "greater than 0"),
@@ -259,70 +250,58 @@ HIERARCHY_RULES = {
 
 
 @pytest.mark.parametrize("kind", list(HIERARCHY_RULES))
-def test_hierarchy_rule_message_names_the_field(tmp_path, kind):
+def test_hierarchy_rule_message_names_the_field(cli, tmp_path, kind):
     mutate, words = HIERARCHY_RULES[kind]
     spec = copy.deepcopy(toy())
     mutate(spec)
     path = tmp_path / "toy.json"
     path.write_text(json.dumps(spec))
-    r = runner.invoke(app, ["hierarchy", "validate", str(path)])
+    r = cli.invoke(app, ["hierarchy", "validate", str(path)])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     for w in [f"invalid hierarchy {path}", *words, "hiposeg hierarchy validate FILE"]:
         assert squash(w) in squash(r.output), (w, r.output)
 
 
-def test_the_toy_hierarchy_itself_is_valid(tmp_path):
+def test_the_toy_hierarchy_itself_is_valid(cli, tmp_path):
     (tmp_path / "toy.json").write_text(json.dumps(toy()))
-    r = runner.invoke(app, ["hierarchy", "validate", str(tmp_path / "toy.json")])
+    r = cli.invoke(app, ["hierarchy", "validate", str(tmp_path / "toy.json")])
     assert r.exit_code == 0, r.output
 
 
 # ---- rules checked when a run starts (devices, run directory, data) ---------------------------
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    from hiposeg.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("cfgdata") / "synthetic"
-    generate(root, train=4, val=2, size=64, seed=0, workers=1)
-    return root
-
-
 def run_fails(data: Path, out: Path, *args: str) -> str:
-    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--iters", "2", "--batch-size", "2",
-                            "--crop", "64x64", "--backbone", "resnet18", "--output-stride", "16", "--workers", "0",
-                            "--quiet", *args])
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output
-    return " ".join(r.output.split())
+    out = fails_with(["train", "--data", data, "--out", out, "--iters", "2", "--batch-size", "2", "--crop", "64x64",
+                      "--backbone", "resnet18", "--output-stride", "16", "--workers", "0", "--quiet", *args])
+    return " ".join(out.split())
 
 
-def test_fp16_on_the_cpu_names_the_flag_and_the_alternative(small_data, tmp_path):
-    text = run_fails(small_data, tmp_path / "run", "--device", "cpu", "--amp", "fp16")
+def test_fp16_on_the_cpu_names_the_flag_and_the_alternative(tiny_data, tmp_path):
+    text = run_fails(tiny_data, tmp_path / "run", "--device", "cpu", "--amp", "fp16")
     assert "--amp fp16 needs a CUDA GPU" in text and "--amp bf16" in text
 
 
-def test_gpu_requests_without_gpus_name_the_flag_and_the_fix(small_data, tmp_path, monkeypatch):
+def test_gpu_requests_without_gpus_name_the_flag_and_the_fix(tiny_data, tmp_path, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    text = run_fails(small_data, tmp_path / "a", "--device", "cuda")
+    text = run_fails(tiny_data, tmp_path / "a", "--device", "cuda")
     assert "--device cuda was requested but PyTorch sees no CUDA GPU" in text and "--device cpu" in text
-    text = run_fails(small_data, tmp_path / "b", "--gpus", "2")
+    text = run_fails(tiny_data, tmp_path / "b", "--gpus", "2")
     assert "--gpus 2 needs 2 GPUs, but PyTorch sees none" in text and "--device cpu" in text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    text = run_fails(small_data, tmp_path / "c", "--gpus", "4")
+    text = run_fails(tiny_data, tmp_path / "c", "--gpus", "4")
     assert "--gpus 4 needs 4 GPUs, but PyTorch sees 1" in text and "--gpus 1" in text
 
 
-def test_an_empty_training_split_is_named(small_data, tmp_path):
+def test_an_empty_training_split_is_named(tiny_data, tmp_path):
     import shutil
 
     data = tmp_path / "emptied"
-    shutil.copytree(small_data, data, symlinks=True)
+    shutil.copytree(tiny_data, data, symlinks=True)
     for f in (data / "train" / "fine").iterdir():
         f.unlink()
     text = run_fails(data, tmp_path / "run", "--device", "cpu")

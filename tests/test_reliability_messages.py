@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -71,7 +70,7 @@ def test_markup_in_class_and_level_names_and_paths_is_printed_as_written(marked,
 
 
 def test_ablation_tables_print_configuration_names_as_written():
-    from hiposeg.ablate import results_markdown, results_table
+    from hiposeg.ablate.results import results_markdown, results_table
 
     stat = {"mean": 50.0, "std": None, "n": 1}
     row = {"config": "losses=ce, data.root=[/red]", "values": {}, "finished": 1, "diverged": 0, "total": 1,

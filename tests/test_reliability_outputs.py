@@ -21,25 +21,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import fails_with, squash
 from faults import install_full_disk, install_read_only, one_thread, temp_files, train_args  # noqa: F401
 from hiposeg.cli import app
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def squash(text: str) -> str:
-    """Rich wraps long lines (even inside paths): compare with all whitespace removed."""
-    return "".join(text.split())
-
-
-def fails_with(args: list, *needles: str | Path) -> str:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output, r.output
-    for needle in needles:
-        assert squash(str(needle)) in squash(r.output), (needle, r.output)
-    return r.output
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -153,15 +140,16 @@ def test_eval_report_never_replaces_a_file_that_is_not_a_report(tiny_run, data, 
                                        (errno.ENOSPC, "No space left on device")])
 def test_unwritable_outputs_are_refused_before_the_work(tiny_run, data, photos, tmp_path, monkeypatch, err, words):
     import hiposeg.engine as engine
+    import hiposeg.evaluate as evaluate
     import hiposeg.predict as predict
 
     _, run = tiny_run
     ro = tmp_path / "ro"
     ro.mkdir()
     started = []
-    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: started.append("eval"))
-    monkeypatch.setattr(engine, "evaluate_predictions", lambda *a, **k: started.append("eval"))
-    monkeypatch.setattr(engine, "_train", lambda *a, **k: started.append("train"))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: started.append("eval"))
+    monkeypatch.setattr(evaluate, "evaluate_predictions", lambda *a, **k: started.append("eval"))
+    monkeypatch.setattr(engine, "train", lambda *a, **k: started.append("train"))
     monkeypatch.setattr(predict, "predict_logits", lambda *a, **k: started.append("predict"))
     if err == errno.ENOSPC:  # a full disk: new files can be created, but no byte can be written
         install_full_disk(monkeypatch, "*", budget=0, root=ro)

@@ -5,7 +5,7 @@
   running it: the marker never appears. The same file does run its payload under a plain
   `torch.load(weights_only=False)`, so the test can tell.
 * A checkpoint of another architecture is refused with a message naming the setting. (Another
-  hierarchy: tests/test_engine.py::test_corrupt_and_foreign_checkpoints_are_refused, for `eval`
+  hierarchy: tests/test_resume.py::test_corrupt_and_foreign_checkpoints_are_refused, for `eval`
   and `--resume`.)
 """
 

@@ -39,7 +39,7 @@ def eval_cmd(
                                                                 "non-empty folder.")] = False,
 ) -> None:
     """Score a model (or another tool's predictions) on a prepared split at every hierarchy level."""
-    from hiposeg.engine import evaluate, evaluate_predictions
+    from hiposeg.evaluate import eval_dataset, eval_loader, evaluate, evaluate_predictions
     from hiposeg.metrics import INVALID_GT_POLICIES
 
     if mode not in ("auto", "whole", "slide"):
@@ -87,8 +87,9 @@ def eval_cmd(
                             f"{loaded.hierarchy.sha256[:12]}), but {data_root} uses {h_data.name!r} "
                             f"({h_data.sha256[:12]}): a different class tree",
                             hint="Evaluate on data prepared with the model's hierarchy.")
-        rep = evaluate(loaded.module.to(dev), Path(data_root), split, DistEnv(device=dev), mode=mode,
-                       crop=loaded.crop, amp=amp, mean=loaded.mean, std=loaded.std, workers=workers,
+        env = DistEnv(device=dev)
+        loader = eval_loader(eval_dataset(Path(data_root), split, loaded.mean, loaded.std), env, workers=workers)
+        rep = evaluate(loaded.module.to(dev), loader, env, mode=mode, crop=loaded.crop, amp=amp,
                        save_predictions=save_predictions, progress=True, invalid_gt=invalid_gt)
         rep["model"] = str(model)
     publish_report(rep, report)

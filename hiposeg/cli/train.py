@@ -11,14 +11,42 @@ from rich.markup import escape
 from rich.text import Text
 
 from hiposeg.cli.app import app, console, err_console
+from hiposeg.config import LOSS_TERMS
 from hiposeg.errors import UserError
 
 
 # ------------------------------------------------------------------------------------------
-# hiposeg train | eval
+# The training options both commands take (one definition each)
 # ------------------------------------------------------------------------------------------
 
 DATASET_HELP = "cityscapes, ade20k, mapillary, pascal-part or synthetic (the built-in default)."
+TERMS = ",".join(LOSS_TERMS)
+Dataset = Annotated[Optional[str], typer.Option(help=f"Dataset recipe: {DATASET_HELP}")]
+Data = Annotated[Optional[Path], typer.Option(help="Prepared dataset directory (default: data/DATASET).")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Total batch over all processes.")]
+Crop = Annotated[Optional[str], typer.Option(help="Training crop HxW, e.g. 512x1024.")]
+Backbone = Annotated[Optional[str], typer.Option(help="resnet18, resnet50 or resnet101.")]
+OutputStride = Annotated[Optional[int], typer.Option("--output-stride", help="8 or 16.")]
+Pretrained = Annotated[Optional[Path], typer.Option(help="Local torchvision ResNet state-dict (.pth).")]
+Lr = Annotated[Optional[float], typer.Option(help="Base learning rate (poly decay).")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cuda or cpu.")]
+Workers = Annotated[Optional[int], typer.Option(help="Data loader workers per process.")]
+CkptEvery = Annotated[Optional[int], typer.Option("--ckpt-every", help="Checkpoint every N iterations.")]
+EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N iterations (0: at the end).")]
+ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")]
+
+# Where each flag goes in the configuration (None: not given). `ablate` takes all but the last row:
+# its --out, --seed, --losses and --schedule mean the ablation's directory, first seed and sweeps.
+FLAG_FIELDS = {
+    "dataset": ("data", "dataset"), "data": ("data", "root"), "crop": ("data", "crop"), "workers": ("data", "workers"),
+    "backbone": ("model", "backbone"), "pretrained": ("model", "pretrained"),
+    "output_stride": ("model", "output_stride"), "iters": ("optim", "iters"), "batch_size": ("optim", "batch_size"),
+    "lr": ("optim", "lr"), "gpus": ("run", "gpus"), "device": ("run", "device"), "amp": ("run", "amp"),
+    "ckpt_every": ("run", "ckpt_every"), "eval_every": ("run", "eval_every"),
+    "deterministic": ("run", "deterministic"), "channels_last": ("run", "channels_last"), "quiet": ("run", "quiet"),
+    "out": ("run", "out"), "seed": ("run", "seed"), "losses": ("loss", "terms"), "schedule": ("loss", "schedule"),
+}
+TRAIN_ONLY_FLAGS = ("out", "seed", "losses", "schedule")
 
 
 def parse_crop(value: str) -> tuple[int, int]:
@@ -29,106 +57,57 @@ def parse_crop(value: str) -> tuple[int, int]:
     return h, w
 
 
-def train_overrides(**flags: object) -> dict:
-    """Nested config overrides from the named flags that were actually given (None = not given)."""
-    where = {
-        "dataset": ("data", "dataset"), "data": ("data", "root"), "crop": ("data", "crop"),
-        "workers": ("data", "workers"), "backbone": ("model", "backbone"), "pretrained": ("model", "pretrained"),
-        "output_stride": ("model", "output_stride"), "losses": ("loss", "terms"), "schedule": ("loss", "schedule"),
-        "iters": ("optim", "iters"), "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"),
-        "out": ("run", "out"), "seed": ("run", "seed"), "gpus": ("run", "gpus"), "device": ("run", "device"),
-        "amp": ("run", "amp"), "ckpt_every": ("run", "ckpt_every"), "eval_every": ("run", "eval_every"),
-        "deterministic": ("run", "deterministic"), "channels_last": ("run", "channels_last"),
-        "quiet": ("run", "quiet"),
-    }
+def train_overrides(params: dict, skip: tuple[str, ...] = ()) -> dict:
+    """Nested config overrides from the command's flags that were actually given (None = not given)."""
     out: dict = {}
-    for name, value in flags.items():
-        if value is None or value is False and name in ("deterministic", "channels_last", "quiet"):
+    for name, (section, key) in FLAG_FIELDS.items():
+        value = params.get(name)
+        if name in skip or value is None or value is False and name in ("deterministic", "channels_last", "quiet"):
             continue
         if name == "crop":
             value = parse_crop(str(value))
         if isinstance(value, Path):
             value = str(value)
-        section, key = where[name]
         out.setdefault(section, {})[key] = value
     if "root" in out.get("data", {}) and "dataset" not in out["data"]:
         out["data"]["dataset"] = "custom"
     return out
 
 
-def resolve_train_config(config_file: Optional[Path], flags: dict, sets: list[str],
-                         resume: Optional[str]) -> tuple["TrainConfig", Optional[Path]]:  # noqa: F821
-    """Build the run's config. On --resume the checkpoint's config is the base: only run.* fields
-    (devices, precision, logging, checkpoint cadence; not the seed, which fixes the data stream) and
-    where the data lives may change, so a resumed run is the same experiment; the engine then checks
-    the data's hierarchy against the checkpoint's."""
-    from hiposeg import checkpoint
-    from hiposeg.config import build_config, deep_update, load_config_file, parse_set, validate_config
-    from hiposeg.rundir import resolve_checkpoint
-
-    layers = [load_config_file(config_file) if config_file else {}, flags, parse_set(sets)]
-    if resume is None:
-        source = f"training configuration (--config {config_file} and flags)" if config_file else "training configuration"
-        return build_config(*layers, source=source), None
-    explicit: dict = {}
-    for layer in layers:
-        explicit = deep_update(explicit, layer)
-    if resume == "last":
-        out = Path(explicit.get("run", {}).get("out") or "")
-        if not str(out) or out == Path("."):
-            raise UserError("--resume without a checkpoint path needs --out RUN (the run directory to continue)",
-                            hint="Example: hiposeg train --resume --out runs/synthetic-resnet18")
-        path = out / "checkpoints" / "last.pt"
-        if not path.exists():
-            raise UserError(f"nothing to resume: {path} does not exist",
-                            hint=f"Start the run without --resume, or check --out (given: {out}).")
-    else:
-        path = resolve_checkpoint(resume, prefer="last")
-        if path.parent.name == "checkpoints" and not explicit.get("run", {}).get("out"):
-            explicit.setdefault("run", {})["out"] = str(path.parent.parent)  # continue in that run directory
-    saved = validate_config(checkpoint.load(path)["config"], source=f"configuration saved in {path}")
-    resumed = validate_config(deep_update(saved.to_plain(), explicit), source=f"configuration resumed from {path}")
-    movable = {"data.root", "data.dataset", "data.workers"}  # where the data lives, not what it is
-    changed = [f"{sec}.{k}" for sec in ("data", "model", "loss", "optim")
-               for k, v in getattr(resumed, sec).model_dump(mode="json").items()
-               if getattr(saved, sec).model_dump(mode="json")[k] != v and f"{sec}.{k}" not in movable]
-    if resumed.run.seed != saved.run.seed:  # the data order and augmentations are a function of it
-        changed.append("run.seed")
-    if changed:
-        raise UserError(f"--resume continues the same experiment, but these settings differ from the checkpoint "
-                        f"{path}: {', '.join(changed)}",
-                        hint="Drop those flags to resume, or start a new run with a new --out.")
-    return resumed, path
+# ------------------------------------------------------------------------------------------
+# hiposeg train
+# ------------------------------------------------------------------------------------------
 
 
 @app.command("train", no_args_is_help=False)
 def train_cmd(
-    dataset: Annotated[Optional[str], typer.Option(help=f"Dataset recipe: {DATASET_HELP}")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Prepared dataset directory (default: data/DATASET).")] = None,
+    ctx: typer.Context,
+    dataset: Dataset = None,
+    data: Data = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/DATASET-BACKBONE).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON config file.")] = None,
     iters: Annotated[Optional[int], typer.Option(help="Training iterations.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Total batch over all processes.")] = None,
-    crop: Annotated[Optional[str], typer.Option(help="Training crop HxW, e.g. 512x1024.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="resnet18, resnet50 or resnet101.")] = None,
-    output_stride: Annotated[Optional[int], typer.Option("--output-stride", help="8 or 16.")] = None,
-    pretrained: Annotated[Optional[Path], typer.Option(help="Local torchvision ResNet state-dict (.pth).")] = None,
-    losses: Annotated[Optional[str], typer.Option(help="Loss terms, comma-separated subset of ce,fh,hh,fl,ll,align.")] = None,
+    batch_size: BatchSize = None,
+    crop: Crop = None,
+    backbone: Backbone = None,
+    output_stride: OutputStride = None,
+    pretrained: Pretrained = None,
+    losses: Annotated[Optional[str], typer.Option(help=f"Loss terms, comma-separated subset of {TERMS}.")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="sequential (paper) or joint.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Base learning rate (poly decay).")] = None,
+    lr: Lr = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     gpus: Annotated[Optional[int], typer.Option(help="Processes on this machine, one per GPU. Without GPUs, add "
                                                      "--device cpu to run N CPU processes (gloo backend).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cuda or cpu.")] = None,
+    device: Device = None,
     amp: Annotated[Optional[str], typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a GradScaler).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data loader workers per process.")] = None,
+    workers: Workers = None,
     resume: Annotated[Optional[str], typer.Option(
         help="Continue a run: bare --resume takes --out's checkpoints/last.pt; --resume PATH a checkpoint file "
              "or run directory.")] = None,
-    ckpt_every: Annotated[Optional[int], typer.Option("--ckpt-every", help="Checkpoint every N iterations.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N iterations (0: at the end).")] = None,
+    ckpt_every: CkptEvery = None,
+    eval_every: EvalEvery = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic algorithms (bit-exact resume).")] = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")] = False,
+    channels_last: ChannelsLast = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: --set loss.sigma1=0.1 "
                                                                    "(repeatable).")] = None,
@@ -140,13 +119,9 @@ def train_cmd(
     `torchrun --nproc_per_node=4 -m hiposeg train --dataset cityscapes`.
     """
     from hiposeg.engine import fit
+    from hiposeg.rundir import resolve_train_config
 
-    flags = train_overrides(dataset=dataset, data=data, out=out, iters=iters, batch_size=batch_size, crop=crop,
-                            backbone=backbone, output_stride=output_stride, pretrained=pretrained, losses=losses,
-                            schedule=schedule, lr=lr, seed=seed, gpus=gpus, device=device, amp=amp, workers=workers,
-                            ckpt_every=ckpt_every, eval_every=eval_every, deterministic=deterministic,
-                            channels_last=channels_last, quiet=quiet)
-    cfg, resume_path = resolve_train_config(config, flags, set_ or [], resume)
+    cfg, resume_path = resolve_train_config(config, train_overrides(ctx.params), set_ or [], resume)
     if not cfg.run.quiet and os.environ.get("RANK", "0") == "0":
         default = dataset is None and data is None and config is None and resume is None
         note = " (the built-in default: no dataset given)" if default else ""
@@ -171,12 +146,13 @@ def train_cmd(
 
 
 # ------------------------------------------------------------------------------------------
-# hiposeg ablate | export | predict
+# hiposeg ablate
 # ------------------------------------------------------------------------------------------
 
 
 @app.command("ablate")
 def ablate_cmd(
+    ctx: typer.Context,
     losses: Annotated[Optional[list[str]], typer.Option(
         help="A loss-term set, comma-separated (ce is always on); repeat for each configuration. If no set is ce "
              "alone, the ce-only baseline (the reference of the Δ columns) is added first. Default: the paper's "
@@ -190,25 +166,25 @@ def ablate_cmd(
     out: Annotated[Optional[Path], typer.Option(help="Ablation directory (default: runs/ablate-DATASET-BACKBONE).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the configurations and what a run would do; "
                                                             "train nothing.")] = False,
-    dataset: Annotated[Optional[str], typer.Option(help=f"Dataset recipe: {DATASET_HELP}")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Prepared dataset directory (default: data/DATASET).")] = None,
+    dataset: Dataset = None,
+    data: Data = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON config file (base of every run).")] = None,
     iters: Annotated[Optional[int], typer.Option(help="Training iterations per run.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Total batch over all processes.")] = None,
-    crop: Annotated[Optional[str], typer.Option(help="Training crop HxW, e.g. 512x1024.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="resnet18, resnet50 or resnet101.")] = None,
-    output_stride: Annotated[Optional[int], typer.Option("--output-stride", help="8 or 16.")] = None,
-    pretrained: Annotated[Optional[Path], typer.Option(help="Local torchvision ResNet state-dict (.pth).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Base learning rate (poly decay).")] = None,
+    batch_size: BatchSize = None,
+    crop: Crop = None,
+    backbone: Backbone = None,
+    output_stride: OutputStride = None,
+    pretrained: Pretrained = None,
+    lr: Lr = None,
     gpus: Annotated[Optional[int], typer.Option(help="Processes per run, one per GPU (with --device cpu: CPU "
                                                      "processes).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cuda or cpu.")] = None,
+    device: Device = None,
     amp: Annotated[Optional[str], typer.Option(help="Mixed precision: off, bf16 or fp16.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data loader workers per process.")] = None,
-    ckpt_every: Annotated[Optional[int], typer.Option("--ckpt-every", help="Checkpoint every N iterations.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N iterations (0: at the end).")] = None,
+    workers: Workers = None,
+    ckpt_every: CkptEvery = None,
+    eval_every: EvalEvery = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic algorithms.")] = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")] = False,
+    channels_last: ChannelsLast = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output (the results table still prints).")] = False,
 ) -> None:
     """Train one run per loss-term set (and schedule / --set sweep value, and seed) through the training
@@ -219,10 +195,7 @@ def ablate_cmd(
     """
     from hiposeg import ablate
 
-    flags = train_overrides(dataset=dataset, data=data, iters=iters, batch_size=batch_size, crop=crop, backbone=backbone,
-                            output_stride=output_stride, pretrained=pretrained, lr=lr, gpus=gpus, device=device,
-                            amp=amp, workers=workers, ckpt_every=ckpt_every, eval_every=eval_every,
-                            deterministic=deterministic, channels_last=channels_last, quiet=quiet)
+    flags = train_overrides(ctx.params, skip=TRAIN_ONLY_FLAGS)
     plan = ablate.make_plan(config, flags, set_ or [], losses, schedule, seeds, seed, out)
     if dry_run:
         console.print(ablate.plan_table(plan))

@@ -49,10 +49,6 @@ from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.lock import DirectoryLock
 
-# `hiposeg/predict.py` imports these from the driver; they live in `codecs.py`, where predict reads
-# them once it imports the codecs directly (then this re-export goes).
-from hiposeg.data.codecs import IMAGE_EXTS, encode_png, probe_image  # noqa: E402, F401, I001
-
 # Options a rerun may change without --overwrite: they change no output byte ("unknown" only matters
 # for files holding unknown values, and those records are checked against it one by one).
 NON_OUTPUT_OPTIONS = frozenset({"limit", "skip_bad", "workers", "unknown"})

@@ -1,4 +1,4 @@
-"""Reliability: runs that would overwrite each other.
+"""The run directory (`hiposeg.rundir`): runs that would overwrite each other.
 
 A run directory belongs to one process (group) and one run at a time: a second `train` into a live
 run is refused naming the holder and changes nothing; a killed run's lock is free; `--resume` never
@@ -18,20 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from faults import (StopAfter, kill, load_checkpoint, logged_iterations, make_tiny_data, one_thread,  # noqa: F401
-                    start, tail, temp_files, train_args, wait_for)
+from conftest import fails_with
+from faults import (StopAfter, kill, load_checkpoint, logged_iterations, one_thread, start, tail,  # noqa: F401
+                    temp_files, train_args, wait_for)
 from hiposeg.cli import app
 from hiposeg.lock import LOCK_NAME, DirectoryLock
 
-runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def squash(text: str) -> str:
-    """Rich wraps long lines (even inside paths): compare with all whitespace removed."""
-    return "".join(text.split())
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -45,26 +39,19 @@ def status(run: Path) -> dict:
     return json.loads((run / "status.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_data(tmp_path_factory.mktemp("runs") / "synthetic")
-
-
-def test_a_second_train_into_a_live_run_is_refused_naming_the_holder_and_a_killed_runs_lock_is_free(tiny, tmp_path):
+def test_a_second_train_into_a_live_run_is_refused_naming_the_holder_and_a_killed_runs_lock_is_free(cli, tiny_data,
+                                                                                                    tmp_path):
     out = tmp_path / "run"
     ready, log = tmp_path / "ready", tmp_path / "first.log"
     # the first run hangs in the middle of writing its first checkpoint: a temp file is in flight
-    first = start(train_args(tiny, out, iters=4, ckpt_every=2), log,
+    first = start(train_args(tiny_data, out, iters=4, ckpt_every=2), log,
                   inject=["stall-write", "last.pt", "1", "4096", str(ready)])
     try:
         wait_for(ready.exists, first, log, "the first run's checkpoint write")
         before = snapshot(out)
         assert temp_files(out / "checkpoints") and logged_iterations(out) == [1, 2]
-        r = runner.invoke(app, train_args(tiny, out, iters=4, ckpt_every=2))
-        assert r.exit_code == 2, r.output
-        assert "Traceback" not in r.output
-        assert squash(f"run directory {out} is in use by another hiposeg process (pid {first.pid} on") in \
-            squash(r.output), r.output
+        fails_with(train_args(tiny_data, out, iters=4, ckpt_every=2),
+                   f"run directory {out} is in use by another hiposeg process (pid {first.pid} on")
         assert snapshot(out) == before  # config, metrics, status and the in-flight temp file untouched
         assert first.poll() is None, tail(log)
     finally:
@@ -72,7 +59,7 @@ def test_a_second_train_into_a_live_run_is_refused_naming_the_holder_and_a_kille
     # SIGKILLed: the kernel released its lock. Killed before its first checkpoint, the run starts over
     # under a new id, its stale temp file cleaned by the new owner and its log begun afresh.
     old_id = status(out)["run_id"]
-    r = runner.invoke(app, train_args(tiny, out, iters=2, ckpt_every=2))
+    r = cli.invoke(app, train_args(tiny_data, out, iters=2, ckpt_every=2))
     assert r.exit_code == 0, r.output
     assert not temp_files(out / "checkpoints")
     assert logged_iterations(out) == [1, 2]
@@ -80,122 +67,106 @@ def test_a_second_train_into_a_live_run_is_refused_naming_the_holder_and_a_kille
     assert load_checkpoint(out / "checkpoints" / "last.pt")["run_id"] == status(out)["run_id"]
 
 
-def test_resume_into_the_directory_of_another_run_is_refused_and_a_new_folder_continues_the_run(tiny, tmp_path):
+def test_resume_into_the_directory_of_another_run_is_refused_and_a_new_folder_continues_the_run(cli, tiny_data,
+                                                                                                tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for run in (a, b):
-        assert runner.invoke(app, train_args(tiny, run, iters=2, ckpt_every=2)).exit_code == 0
+        assert cli.invoke(app, train_args(tiny_data, run, iters=2, ckpt_every=2)).exit_code == 0
     a_id, b_id = status(a)["run_id"], status(b)["run_id"]
     assert a_id != b_id
     before = snapshot(b)
-    r = runner.invoke(app, ["train", "--resume", str(a / "checkpoints" / "last.pt"), "--out", str(b), "--quiet"])
-    assert r.exit_code == 2, r.output
-    text = squash(r.output)
-    for needle in (f"{b} holds another run (run id {b_id}) than the checkpoint {a / 'checkpoints' / 'last.pt'} "
-                   f"(run id {a_id})", "a new --out"):
-        assert squash(needle) in text, (needle, r.output)
+    fails_with(["train", "--resume", a / "checkpoints" / "last.pt", "--out", b, "--quiet"],
+               f"{b} holds another run (run id {b_id}) than the checkpoint {a / 'checkpoints' / 'last.pt'} "
+               f"(run id {a_id})", "a new --out")
     assert snapshot(b) == before
     # a new folder: the run continues there, under its own id
-    r = runner.invoke(app, ["train", "--resume", str(a / "checkpoints" / "last.pt"), "--out", str(c), "--quiet"])
+    r = cli.invoke(app, ["train", "--resume", str(a / "checkpoints" / "last.pt"), "--out", str(c), "--quiet"])
     assert r.exit_code == 0, r.output
     assert status(c)["run_id"] == a_id and (c / "report.json").exists()
 
 
-def test_resume_from_an_older_checkpoint_never_replaces_a_later_last_checkpoint(tiny, tmp_path, monkeypatch):
+def test_resume_from_an_older_checkpoint_never_replaces_a_later_last_checkpoint(cli, tiny_data, tmp_path, monkeypatch):
     import hiposeg.engine as engine
 
     run, old = tmp_path / "run", tmp_path / "iteration-2.pt"
     monkeypatch.setattr(engine, "StopSignal", lambda: StopAfter(2))
-    r = runner.invoke(app, train_args(tiny, run, iters=4, ckpt_every=4))
+    r = cli.invoke(app, train_args(tiny_data, run, iters=4, ckpt_every=4))
     assert r.exit_code == 130, r.output
     monkeypatch.undo()
     shutil.copy(run / "checkpoints" / "last.pt", old)
-    assert runner.invoke(app, ["train", "--resume", "last", "--out", str(run), "--quiet"]).exit_code == 0
+    assert cli.invoke(app, ["train", "--resume", "last", "--out", str(run), "--quiet"]).exit_code == 0
     last = run / "checkpoints" / "last.pt"
     before = snapshot(run)
-    r = runner.invoke(app, ["train", "--resume", str(old), "--out", str(run), "--quiet"])
-    assert r.exit_code == 2, r.output
-    assert squash(f"resuming {old} (iteration 2) into {run} would replace its checkpoints/last.pt (iteration 4)") \
-        in squash(r.output), r.output
+    fails_with(["train", "--resume", old, "--out", run, "--quiet"],
+               f"resuming {old} (iteration 2) into {run} would replace its checkpoints/last.pt (iteration 4)")
     assert snapshot(run) == before and load_checkpoint(last)["iteration"] == 4
 
 
-def test_train_out_that_is_a_file_a_folder_of_other_files_or_inside_a_dataset_is_refused(tiny, tmp_path):
+def test_train_out_that_is_a_file_a_folder_of_other_files_or_inside_a_dataset_is_refused(tiny_data, tmp_path):
     (tmp_path / "file").write_text("mine")
-    r = runner.invoke(app, train_args(tiny, tmp_path / "file", iters=2))
-    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
-    assert squash(f"run directory {tmp_path / 'file'} cannot be created: {tmp_path / 'file'} is a file, not a "
-                  "folder") in squash(r.output), r.output
-    r = runner.invoke(app, train_args(tiny, tmp_path / "file" / "run", iters=2))
-    assert r.exit_code == 2 and squash(f"{tmp_path / 'file'} is a file, not a folder") in squash(r.output), r.output
+    fails_with(train_args(tiny_data, tmp_path / "file", iters=2),
+               f"run directory {tmp_path / 'file'} cannot be created: {tmp_path / 'file'} is a file, not a folder")
+    fails_with(train_args(tiny_data, tmp_path / "file" / "run", iters=2),
+               f"{tmp_path / 'file'} is a file, not a folder")
     notes = tmp_path / "project"
     notes.mkdir()
     (notes / "config.yml").write_text("mine")
     (notes / "metrics.jsonl").write_text("mine\n")
-    r = runner.invoke(app, train_args(tiny, notes, iters=2))
-    assert r.exit_code == 2, r.output
-    assert squash(f"{notes} is not a hiposeg run directory: it holds config.yml, metrics.jsonl") in squash(r.output)
+    fails_with(train_args(tiny_data, notes, iters=2),
+               f"{notes} is not a hiposeg run directory: it holds config.yml, metrics.jsonl")
     assert sorted(p.name for p in notes.iterdir()) == ["config.yml", "metrics.jsonl"]
     assert (notes / "metrics.jsonl").read_text() == "mine\n"
     data = tmp_path / "data"
-    shutil.copytree(tiny, data)
-    r = runner.invoke(app, train_args(data, data / "run", iters=2))
-    assert r.exit_code == 2, r.output
-    assert squash(f"run directory {data / 'run'} is inside the prepared dataset {data}") in squash(r.output)
+    shutil.copytree(tiny_data, data)
+    fails_with(train_args(data, data / "run", iters=2),
+               f"run directory {data / 'run'} is inside the prepared dataset {data}")
     assert not (data / "run").exists()
 
 
-def test_ablate_locks_its_directory_and_refuses_a_folder_of_other_files_a_file_or_a_dataset(tiny, tmp_path):
-    args = ["ablate", "--losses", "ce", "--data", str(tiny), "--iters", "1", "--batch-size", "2", "--crop", "64x64",
-            "--backbone", "resnet18", "--workers", "0", "--device", "cpu", "--quiet"]
+def test_ablate_locks_its_directory_and_refuses_a_folder_of_other_files_a_file_or_a_dataset(tiny_data, tmp_path):
+    args = ["ablate", "--losses", "ce", "--data", str(tiny_data), "--iters", "1", "--batch-size", "2",
+            "--crop", "64x64", "--backbone", "resnet18", "--workers", "0", "--device", "cpu", "--quiet"]
     out = tmp_path / "abl"
     with DirectoryLock(out, "ablation directory"):  # another `hiposeg ablate` (here: this process) holds it
-        r = runner.invoke(app, [*args, "--out", str(out)])
-    assert r.exit_code == 2, r.output
-    assert squash(f"ablation directory {out} is in use by another hiposeg process (pid {os.getpid()}") \
-        in squash(r.output), r.output
+        fails_with([*args, "--out", out], f"ablation directory {out} is in use by another hiposeg process "
+                                          f"(pid {os.getpid()}")
     assert not (out / "ablation.json").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "results.txt").write_text("mine")
-    r = runner.invoke(app, [*args, "--out", str(other)])
-    assert r.exit_code == 2 and squash(f"{other} is not an ablation directory: it holds results.txt") \
-        in squash(r.output), r.output
+    fails_with([*args, "--out", other], f"{other} is not an ablation directory: it holds results.txt")
     assert sorted(p.name for p in other.iterdir()) == ["results.txt"]
-    r = runner.invoke(app, [*args, "--out", str(other / "results.txt")])
-    assert r.exit_code == 2 and squash(f"{other / 'results.txt'} is a file, not a folder") in squash(r.output)
-    r = runner.invoke(app, [*args, "--out", str(tiny / "ablations")])
-    assert r.exit_code == 2 and squash(f"ablation directory {tiny / 'ablations'} is inside the prepared dataset "
-                                       f"{tiny}") in squash(r.output), r.output
-    assert not (tiny / "ablations").exists()
+    fails_with([*args, "--out", other / "results.txt"], f"{other / 'results.txt'} is a file, not a folder")
+    fails_with([*args, "--out", tiny_data / "ablations"],
+               f"ablation directory {tiny_data / 'ablations'} is inside the prepared dataset {tiny_data}")
+    assert not (tiny_data / "ablations").exists()
 
 
-def test_resume_and_eval_from_another_working_directory_find_the_data_or_ask_for_data(tiny, tmp_path, monkeypatch):
+def test_resume_and_eval_from_another_working_directory_find_the_data_or_ask_for_data(cli, tiny_data,
+                                                                                      tmp_path, monkeypatch):
     import hiposeg.engine as engine
 
     home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
     home.mkdir()
     elsewhere.mkdir()
-    shutil.copytree(tiny, home / "data")
+    shutil.copytree(tiny_data, home / "data")
     monkeypatch.chdir(home)
     monkeypatch.setattr(engine, "StopSignal", lambda: StopAfter(1))
-    r = runner.invoke(app, train_args(Path("data"), Path("runs/r"), iters=2, ckpt_every=2))  # relative paths
+    r = cli.invoke(app, train_args(Path("data"), Path("runs/r"), iters=2, ckpt_every=2))  # relative paths
     assert r.exit_code == 130, r.output
     monkeypatch.undo()
     ckpt = home / "runs" / "r" / "checkpoints" / "last.pt"
     assert load_checkpoint(ckpt)["config"]["data"]["root"] == str(home / "data")
     monkeypatch.chdir(elsewhere)
     (home / "data").rename(home / "moved")  # the data moved: the message asks for --data first
-    r = runner.invoke(app, ["train", "--resume", str(ckpt), "--quiet"])
-    assert r.exit_code == 2, r.output
-    text = squash(r.output)
-    assert squash(f"no prepared dataset at {home / 'data'}, the data of the run resumed from {ckpt}") in text
-    assert squash("Pass --data DIR with the folder the prepared dataset is in now") in text
+    fails_with(["train", "--resume", ckpt, "--quiet"],
+               f"no prepared dataset at {home / 'data'}, the data of the run resumed from {ckpt}",
+               "Pass --data DIR with the folder the prepared dataset is in now")
     assert not (elsewhere / "data").exists()  # the built-in set was not generated in its place
-    r = runner.invoke(app, ["eval", str(ckpt), "--device", "cpu", "--workers", "0"])
-    assert r.exit_code == 2 and squash(f"no prepared dataset at {home / 'data'}, the data recorded in {ckpt}") \
-        in squash(r.output) and "Pass --data DIR" in r.output, r.output
+    fails_with(["eval", ckpt, "--device", "cpu", "--workers", "0"],
+               f"no prepared dataset at {home / 'data'}, the data recorded in {ckpt}", "Pass --data DIR")
     (home / "moved").rename(home / "data")
-    r = runner.invoke(app, ["train", "--resume", str(ckpt), "--quiet"])  # from elsewhere, into its own run
+    r = cli.invoke(app, ["train", "--resume", str(ckpt), "--quiet"])  # from elsewhere, into its own run
     assert r.exit_code == 0, r.output
     assert status(home / "runs" / "r")["state"] == "finished" and not (elsewhere / "runs").exists()
 
@@ -215,12 +186,12 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_workers_of_a_multi_process_run_die_with_the_launcher_that_holds_the_lock(tiny, tmp_path):
+def test_workers_of_a_multi_process_run_die_with_the_launcher_that_holds_the_lock(tiny_data, tmp_path):
     """SIGKILL to the launching process only: its `--gpus 2` workers must not go on writing into a run
     directory nobody holds any more. (torch's own spawn asks for SIGINT on the parent's death, which
     the workers took as Ctrl-C: they finished the step and wrote an "interrupted" checkpoint, unlocked.)"""
     out, log = tmp_path / "ddp", tmp_path / "ddp.log"
-    proc = start(train_args(tiny, out, "--gpus", "2", "--batch-size", "4", iters=200, ckpt_every=100), log)
+    proc = start(train_args(tiny_data, out, "--gpus", "2", "--batch-size", "4", iters=200, ckpt_every=100), log)
     try:
         wait_for(lambda: logged_iterations(out), proc, log, "the first logged iteration")
         workers = [p for p in children_of(proc.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
