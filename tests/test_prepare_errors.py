@@ -318,6 +318,45 @@ def test_grey_alpha_masks_are_index_maps_when_opaque_and_refused_otherwise(city,
     assert (cv2.imread(str(tmp_path / "o3/train/fine/t0.png"), cv2.IMREAD_UNCHANGED) == 1).all()  # raw 2 -> b
 
 
+def one_class_per_value(tmp_path: Path, top: int) -> Path:
+    """Leaves v0..v{top} (raw value v -> id v) under one top class; raw 255 is ignore (as in most releases)."""
+    classes = [{"id": v, "name": f"v{v}", "color": [v, v, v], "parent": "all", "raw": [v]} for v in range(top + 1)]
+    spec = {"format": "hiposeg-hierarchy/1", "name": "values", "source": "test", "raw": {"ignore": [255]},
+            "levels": [{"name": "leaf", "classes": classes},
+                       {"name": "top", "classes": [{"id": 0, "name": "all", "color": [0, 0, 0]}]}]}
+    (tmp_path / "values.json").write_text(json.dumps(spec))
+    return tmp_path / "values.json"
+
+
+@pytest.mark.parametrize("writer, bit_depth", [("by hand", 1), ("by hand", 2), ("by hand", 4), ("pillow", 1)])
+def test_low_bit_depth_grey_masks_are_read_as_their_stored_values(tmp_path, run, writer, bit_depth):
+    """libpng widens 1/2/4-bit greyscale to 0..255: a binary mask (PIL mode "1" saves one) read as
+    0/255, so with the usual raw ignore value 255 every foreground pixel became ignore in silence;
+    2- and 4-bit masks gave "unknown raw values 85/170" (or, for 4-bit 15, ignore again)."""
+    from PIL import Image
+
+    from conftest import grey_png_bytes
+
+    top = (1 << bit_depth) - 1
+    values = (np.arange(8 * 12).reshape(8, 12) % (top + 1)).astype(np.uint8)
+    raw = tmp_path / "raw"
+    folder_raw(raw, {"train": ["t0"], "val": ["v0"]})
+    for mask in (raw / "train/masks/t0.png", raw / "val/masks/v0.png"):
+        cv2.imwrite(str(raw / mask.parent.parent / "images" / mask.name), np.zeros((8, 12, 3), np.uint8))
+        if writer == "pillow":
+            Image.fromarray(values.astype(bool)).save(mask)
+            assert mask.read_bytes()[24:26] == bytes([1, 0])  # IHDR: bit depth 1, greyscale
+        else:
+            mask.write_bytes(grey_png_bytes(values, bit_depth))
+    code, out = run("folder", raw, "--hierarchy", one_class_per_value(tmp_path, top), "--out", tmp_path / "o")
+    assert code == 0, out
+    for split, stem in (("train", "t0"), ("val", "v0")):
+        fine = cv2.imread(str(tmp_path / "o" / split / "fine" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(fine, values), np.unique(fine)
+    manifest = json.loads((tmp_path / "o/manifest.json").read_text())
+    assert manifest["splits"]["train"]["pixels"]["ignore"] == 0, manifest["splits"]["train"]
+
+
 def test_folder_unknown_colour_is_named(tmp_path, run):
     spec = {"format": "hiposeg-hierarchy/1", "name": "two", "source": "test",
             "levels": [{"name": "leaf", "classes": [{"id": 0, "name": "a", "color": [255, 0, 0], "parent": "x"},

@@ -127,6 +127,28 @@ def test_bad_prediction_files_are_named(tiny, tmp_path, damage, needles):
     assert squash(victim.name if damage == "missing" else str(victim)) in squash(out)
 
 
+def test_one_bit_prediction_files_are_scored_as_their_stored_values(tiny, tmp_path):
+    """A binary prediction saved as a 1-bit PNG (PIL mode "1") scores exactly like the same classes
+    0/1 saved as 8-bit; libpng's widening to 0/255 used to score class 1 as "outside the classes"."""
+    from PIL import Image
+
+    from hiposeg.evaluate import evaluate_predictions
+
+    reports = {}
+    for bits in (8, 1):
+        preds = tmp_path / f"preds{bits}"
+        preds.mkdir()
+        for gt in sorted((tiny / "val" / "fine").iterdir()):
+            binary = cv2.imread(str(gt), cv2.IMREAD_UNCHANGED) == 1
+            if bits == 8:
+                cv2.imwrite(str(preds / gt.name), binary.astype(np.uint8))
+            else:
+                Image.fromarray(binary).save(preds / gt.name)
+        reports[bits] = evaluate_predictions(preds, tiny, "val")["levels"]
+    assert sorted(v for v in reports[8]["fine"]["IoU"].values() if v)[-1] == 100.0  # class 1 is scored
+    assert reports[1] == reports[8], (reports[1]["fine"], reports[8]["fine"])
+
+
 # ------------------------------------------------------------------------------------------
 # Label values that are neither a class nor ignore, after prepare
 # ------------------------------------------------------------------------------------------

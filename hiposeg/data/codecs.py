@@ -58,7 +58,7 @@ class PngHeader:
 
     @property
     def is_index_map(self) -> bool:
-        """One value per pixel: grayscale (8/16-bit) or palette indices."""
+        """One value per pixel: grayscale (1 to 16 bits) or palette indices."""
         return self.color_type in (PNG_GRAY, PNG_PALETTE)
 
 
@@ -103,11 +103,20 @@ def decode_label_png(data: bytes) -> np.ndarray | None:
     """
     header = png_header(data)
     if header is not None and header.color_type == PNG_PALETTE:
-        gray = cv2.imdecode(np.frombuffer(_palette_as_grayscale(data), np.uint8), cv2.IMREAD_UNCHANGED)
-        if gray is not None and header.bit_depth < 8 and gray.max(initial=0) >= 1 << header.bit_depth:
-            gray = gray // (255 // ((1 << header.bit_depth) - 1))  # libpng scaled 1/2/4-bit gray to 0..255
-        return gray
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        data = _palette_as_grayscale(data)
+    values = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if values is not None and header is not None and header.is_index_map and header.bit_depth < 8:
+        values = stored_low_bit_values(values, header.bit_depth)
+    return values
+
+
+def stored_low_bit_values(values: np.ndarray, bit_depth: int) -> np.ndarray:
+    """The stored 1/2/4-bit values of a grey (or relabelled palette) PNG. libpng widens them to 0..255
+    by scaling (v * 255 / (2^d - 1): a 1-bit mask reads as 0/255), which would turn class 1 into the
+    usual ignore value 255; a value of 2^d or more can only come from that scaling, so it is undone."""
+    if values.max(initial=0) >= 1 << bit_depth:
+        values = values // (255 // ((1 << bit_depth) - 1))
+    return values
 
 
 def encode_png(array: np.ndarray) -> bytes:
