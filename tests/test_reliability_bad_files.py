@@ -8,6 +8,7 @@ scoring predictions, and a split the raw release did not have.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -147,6 +148,35 @@ def test_one_bit_prediction_files_are_scored_as_their_stored_values(tiny, tmp_pa
         reports[bits] = evaluate_predictions(preds, tiny, "val")["levels"]
     assert sorted(v for v in reports[8]["fine"]["IoU"].values() if v)[-1] == 100.0  # class 1 is scored
     assert reports[1] == reports[8], (reports[1]["fine"], reports[8]["fine"])
+
+
+@pytest.mark.parametrize("which, needles", [
+    ("manifest.json", ["is a named pipe (FIFO), not a regular file"]),
+    ("hierarchy.json", ["is a named pipe (FIFO), not a regular file"]),
+    ("val/images", ["cannot read image", "is a named pipe (FIFO), not a regular file"]),
+    ("val/fine", ["cannot read label map", "is a named pipe (FIFO), not a regular file"]),
+    (".prepare-journal.jsonl", ["did not finish (no manifest.json yet)"]),
+])
+def test_a_fifo_in_a_prepared_dataset_is_named_and_never_blocks(tiny, exported_models, tmp_path, which, needles):
+    """Opening a FIFO for reading waits for a writer: `eval` (and `train`) hung forever on one in a
+    prepared dataset. Run in a process of its own with a time limit; a model's evaluation reads the
+    images, `eval --predictions` the rest."""
+    data, preds = tmp_path / "data", tmp_path / "preds"
+    shutil.copytree(tiny, data)
+    shutil.copytree(tiny / "val" / "fine", preds)
+    victim = data / which if "." in which else sorted((data / which).iterdir())[0]
+    if which == ".prepare-journal.jsonl":
+        (data / "manifest.json").unlink()  # an unfinished `prepare`: its journal names the command
+    victim.unlink()
+    os.mkfifo(victim)
+    log = tmp_path / "log.txt"
+    scored = ["--predictions", str(preds)] if which != "val/images" else \
+        [str(exported_models["hiposeg"]), "--device", "cpu", "--workers", "0"]
+    assert run(["eval", *scored, "--data", str(data)], log, timeout=60) == 2, log.read_text()
+    text = squash(log.read_text())
+    assert "Traceback" not in text, log.read_text()
+    for needle in (*needles, data if which == ".prepare-journal.jsonl" else victim):
+        assert squash(str(needle)) in text, (needle, log.read_text())
 
 
 # ------------------------------------------------------------------------------------------
