@@ -432,6 +432,33 @@ def test_missing_partner(city, tmp_path):
                "ulm_000001_000019_gtFine_labelIds.png", "--skip-bad")
 
 
+def test_names_that_could_never_be_prepared_are_refused_before_any_work(tmp_path, run):
+    """A split folder named like a dataset's own top-level files, or a stem so long that the temp name
+    hiposeg writes first (14 bytes longer) passes the 255-byte limit of a file name, used to fail
+    midway ("Is a directory", "File name too long") with the hint "rerun the same command to
+    resume", which could never succeed."""
+    h = two_colours(tmp_path)
+    for split in ("manifest.json", "hierarchy.json"):
+        raw = tmp_path / f"raw-{split}"
+        folder_raw(raw, {"train": ["t0"], split: ["v0"]})
+        fails_with(prep("folder", raw, "--hierarchy", h, "--out", tmp_path / "o"), raw / split / "images/v0.png",
+                   f"split {split!r} has the name of a file hiposeg keeps beside the split folders", "can never be",
+                   "Rename the file or folder in RAW")
+        assert not (tmp_path / "o").exists()
+    for stem, size in (("x" * 241, 245), ("é" * 119, 242)):  # legal names; "é" is 2 bytes in UTF-8
+        raw = tmp_path / f"raw-{size}"
+        folder_raw(raw, {"train": ["t0", stem], "val": ["v0"]})
+        fails_with(prep("folder", raw, "--hierarchy", h, "--out", tmp_path / "o"), raw / "train/images" / f"{stem}.png",
+                   f"would be {size} bytes long", "through a temp name 14 bytes longer", "255-byte limit",
+                   "Rename the file: a name (without its extension) of at most 237 bytes")
+        assert not (tmp_path / "o").exists()
+    raw = tmp_path / "raw-fits"
+    folder_raw(raw, {"train": ["t0", "x" * 237], "val": ["v0"]})  # its temp names are exactly 255 bytes
+    code, out = run("folder", raw, "--hierarchy", h, "--out", tmp_path / "o")
+    assert code == 0, out
+    assert (tmp_path / "o/train/fine" / ("x" * 237 + ".png")).is_file()
+
+
 def test_two_images_with_one_stem_are_an_error_naming_both(tmp_path):
     raw, h = tmp_path / "raw", two_colours(tmp_path)
     folder_raw(raw, {"train": ["t0", "t1"], "val": ["v0"]})
