@@ -7,6 +7,7 @@ half-written file, even if the process is killed or the disk fills mid-write.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -17,6 +18,10 @@ from typing import IO, Any
 from hiposeg.errors import UserError
 
 TMP_PREFIX = ".tmp-"
+# A file NAME is written as `.tmp-NAME.XXXXXXXX` first (mkstemp's 8 random characters; image links use
+# the pid, at most 7 digits): that name must fit the file system's limit too.
+TEMP_NAME_EXTRA = len(TMP_PREFIX) + 1 + 8
+NAME_MAX = 255  # bytes in one file name on Linux file systems (ext4, XFS, Btrfs, tmpfs, NFS)
 WRITE_PROBE = "write-test"  # the logical name of check_writable's probe file (`.tmp-write-test.XXXX`)
 
 
@@ -138,6 +143,16 @@ def check_empty_folder(directory: Path, what: str, *, overwrite: bool) -> None:
                         f"{shown})",
                         hint="Choose a new or empty folder, or add --overwrite to replace files of the same names "
                              "in it (other files are left alone).")
+
+
+def name_too_long_fix(e: OSError) -> str | None:
+    """The fix for a write that failed because a file name (or the whole path) is too long for the
+    file system, else None: freeing space or rerunning cannot help there."""
+    if e.errno != errno.ENAMETOOLONG:
+        return None
+    return (f"A file name may hold at most {NAME_MAX} bytes, and hiposeg writes each file through a temp name "
+            f"{TEMP_NAME_EXTRA} bytes longer: rename the input file (shorter), or choose an output folder with a "
+            "shorter path")
 
 
 def write_failure(e: OSError, path: str | os.PathLike | None = None) -> str:

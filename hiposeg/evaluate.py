@@ -111,7 +111,7 @@ def ground_truth_note(cm: ConfusionMatrix, invalid_gt: str, ignore_index: int) -
 
 def _save_predictions(folder: Path, stems: list[str], pred: torch.Tensor, dtype: Any) -> None:
     """Write a batch's fine-id maps as `{stem}.png`; a failed write is one clear error."""
-    from hiposeg.atomic import write_failure
+    from hiposeg.atomic import name_too_long_fix, write_failure
     from hiposeg.data.dataset import write_label
 
     for stem, p in zip(stems, pred.cpu().numpy()):
@@ -120,7 +120,8 @@ def _save_predictions(folder: Path, stems: list[str], pred: torch.Tensor, dtype:
             write_label(path, p.astype(dtype))
         except OSError as e:
             raise UserError(f"could not write prediction {write_failure(e, path)}",
-                            hint="Free disk space or choose another --save-predictions folder.") from None
+                            hint=name_too_long_fix(e) or "Free disk space or choose another --save-predictions "
+                                                         "folder.") from None
 
 
 def _eval_progress(enabled: bool, total: int):  # type: ignore[no-untyped-def]

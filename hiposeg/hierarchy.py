@@ -80,11 +80,13 @@ class Hierarchy:
         return cls(spec, path)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Hierarchy:
+    def from_file(cls, path: str | Path, *, allow_pipe: bool = False) -> Hierarchy:
+        """Read a hierarchy JSON file. A pipe is read only with `allow_pipe`, for a file the user names
+        on the command line (`--hierarchy <(...)`, `hierarchy validate /dev/stdin`); anywhere else (a
+        prepared dataset's hierarchy.json) a FIFO would block the run forever, so it is refused."""
         path = Path(path)
         try:
-            check_readable_kind(path)
-            text = path.read_text(encoding="utf-8")
+            text = read_hierarchy_text(path, allow_pipe)
         except FileNotFoundError:
             raise UserError(f"hierarchy file not found: {path}",
                             hint=f"Give a path to a JSON file or one of the built-in names: {', '.join(builtin_names())}.") from None
@@ -97,7 +99,8 @@ class Hierarchy:
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> Hierarchy:
-        """A built-in name (`cityscapes`, `ade20k`, ...) or a path to a JSON file."""
+        """A built-in name (`cityscapes`, `ade20k`, ...) or a path to a JSON file, named by the user
+        (so it may be a pipe)."""
         s = str(name_or_path)
         if s in builtin_names():
             return cls.from_file(builtin_dir() / f"{s}.json")
@@ -105,7 +108,7 @@ class Hierarchy:
         if p.suffix.lower() != ".json" and not p.exists():
             raise UserError(f"unknown hierarchy {s!r}",
                             hint=f"Use a built-in name ({', '.join(builtin_names())}) or a path to a .json file.")
-        return cls.from_file(p)
+        return cls.from_file(p, allow_pipe=True)
 
     # ---- basic properties ---------------------------------------------------------------
 
@@ -275,13 +278,24 @@ class Hierarchy:
         return f"Hierarchy({self.name!r}: {self.summary()}; train fine={self.fine_level!r}, coarse={self.coarse_level!r})"
 
 
-def check_readable_kind(path: Path) -> None:
-    """A hierarchy is read from a regular file or a pipe (`<(...)`); a folder, device or socket is
-    refused before reading (a device such as /dev/zero would be read forever)."""
+def read_hierarchy_text(path: Path, allow_pipe: bool) -> str:
+    """The text of a hierarchy file: a regular file, or with `allow_pipe` a pipe; a folder, device,
+    socket (or an unwanted pipe) is refused before reading (a device such as /dev/zero would be read
+    forever, a FIFO without a writer waited on forever)."""
+    from hiposeg.data.codecs import BadFile, not_regular, read_regular_bytes
+
+    hint = ("Give the path of a hierarchy JSON file (a pipe is read only as a file named on the command line, "
+            "e.g. --hierarchy <(...)); in a prepared dataset, prepare it again.")
     mode = os.stat(path).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
-        kind = "a folder" if stat.S_ISDIR(mode) else "a device or socket"
-        raise UserError(f"hierarchy file {path} is {kind}, not a file", hint="Give the path of a hierarchy JSON file.")
+    if allow_pipe and stat.S_ISFIFO(mode):
+        return path.read_text(encoding="utf-8")
+    kind = not_regular(mode)
+    if kind is not None:
+        raise UserError(f"hierarchy file {path} is {kind}, not a regular file", hint=hint)
+    try:
+        return read_regular_bytes(path).decode("utf-8")
+    except BadFile as e:  # swapped for a FIFO or device since the stat
+        raise UserError(f"hierarchy file {e}", hint=hint) from None
 
 
 # --------------------------------------------------------------------------------------------

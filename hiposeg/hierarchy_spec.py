@@ -10,9 +10,11 @@ tables hiposeg uses from a validated spec.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import unicodedata
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
+                      field_validator)
 
 FORMAT = "hiposeg-hierarchy/1"
 MAX_RAW_VALUE = 65535  # label PNGs are 8- or 16-bit
@@ -27,6 +29,44 @@ def _in_raw_range(values: list[int], what: str) -> list[int]:
             raise ValueError(f"{what} {r} is outside 0..{MAX_RAW_VALUE}")
     return values
 
+# Names, titles and sources are printed to terminals (`hierarchy show`, eval tables, messages), where
+# an ESC starts a command (clear the screen, fake output, OSC 8 links, OSC 52 clipboard writes) and
+# bidi or zero-width characters make text read other than it is: such characters are refused.
+UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})  # controls, format, surrogates, line/para sep.
+C0_NAMES = ("NUL SOH STX ETX EOT ENQ ACK BEL BS TAB LF VT FF CR SO SI DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC "
+            "FS GS RS US").split()
+C1_NAMES = ("PAD HOP BPH NBH IND NEL SSA ESA HTS HTJ VTS PLD PLU RI SS2 SS3 DCS PU1 PU2 STS CCH MW SPA EPA SOS SGCI "
+            "SCI CSI ST OSC PM APC").split()
+
+
+def character_name(ch: str) -> str:
+    """'U+001B ESC', 'U+202E RIGHT-TO-LEFT OVERRIDE': how a message names a character."""
+    code = ord(ch)
+    if code < 0x20:
+        name = C0_NAMES[code]
+    elif code == 0x7F:
+        name = "DEL"
+    elif 0x80 <= code < 0xA0:
+        name = C1_NAMES[code - 0x80]
+    else:
+        name = unicodedata.name(ch, "unnamed")
+    return f"U+{code:04X} {name}"
+
+
+def printable_text(value: str) -> str:
+    """`value` if it holds no control or format character (see UNPRINTABLE_CATEGORIES); else the
+    Pydantic error naming the first one."""
+    bad = next((ch for ch in value if unicodedata.category(ch) in UNPRINTABLE_CATEGORIES), None)
+    if bad is not None:
+        raise ValueError(f"contains the character {character_name(bad)} (a control or invisible formatting "
+                         "character): names are printed to terminals, where it could run terminal commands or "
+                         "disguise the text; remove it")
+    return value
+
+
+PrintableStr = Annotated[str, AfterValidator(printable_text)]
+
+
 # --------------------------------------------------------------------------------------------
 # The file schema (Pydantic). Structural rules live here; cross-references are checked below.
 # --------------------------------------------------------------------------------------------
@@ -37,12 +77,12 @@ class ClassSpec(BaseModel):
 
     # Strict types: JSON `true` or `1.0` is not an id or a raw value (lax parsing would read them as 1).
     id: StrictInt = Field(ge=0, description="contiguous id within its level, 0..K-1")
-    name: str = Field(min_length=1)
+    name: PrintableStr = Field(min_length=1)
     color: tuple[StrictInt, StrictInt, StrictInt] = Field(description="display colour, RGB 0..255")
-    parent: str | None = Field(None, description="name of the parent class in the next level up")
+    parent: PrintableStr | None = Field(None, description="name of the parent class in the next level up")
     raw: list[StrictInt] | None = Field(None, description="leaf level only: raw label values of this class")
     evaluate: StrictBool = Field(True, description="False for classes a benchmark does not score")
-    description: str | None = None
+    description: PrintableStr | None = None
 
     @field_validator("color")
     @classmethod
@@ -61,15 +101,15 @@ class ClassSpec(BaseModel):
 class LevelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
+    name: PrintableStr = Field(min_length=1)
     classes: list[ClassSpec] = Field(min_length=1)
 
 
 class TrainLevels(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    fine: str
-    coarse: str
+    fine: PrintableStr
+    coarse: PrintableStr
 
 
 class RawSpec(BaseModel):
@@ -88,8 +128,8 @@ class HierarchySpec(BaseModel):
 
     format: Literal["hiposeg-hierarchy/1"] = FORMAT
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    title: str | None = None
-    source: str = Field(min_length=1, description="where this hierarchy comes from, stated honestly")
+    title: PrintableStr | None = None
+    source: PrintableStr = Field(min_length=1, description="where this hierarchy comes from, stated honestly")
     levels: list[LevelSpec] = Field(min_length=2, description="leaves first, root-most last")
     train: TrainLevels | None = None
     raw: RawSpec = Field(default_factory=RawSpec)

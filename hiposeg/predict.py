@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hiposeg.data.codecs import IMAGE_EXTS, BadFile, encode_png, probe_image
+from hiposeg.data.codecs import IMAGE_EXTS, BadFile, encode_png, not_regular, probe_image
+from hiposeg.data.layout import check_output_name
 from hiposeg.errors import UserError
 from hiposeg.export import InferenceModel
 from hiposeg.inference import Mode, predict_logits
-from hiposeg.atomic import atomic_write_bytes, check_empty_folder, check_writable, write_failure
+from hiposeg.atomic import atomic_write_bytes, check_empty_folder, check_writable, name_too_long_fix, write_failure
 
 IMAGE_SUFFIXES = (*IMAGE_EXTS, ".ppm", ".pgm")
 OVERLAYS = ("fine", "coarse", "both", "none")
@@ -69,6 +70,9 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             found += files
         elif Path(text).is_file():
             found.append(Path(text))
+        elif Path(text).exists():  # a FIFO, socket or device: never opened (a FIFO would block)
+            raise UserError(f"input {text} is {not_regular(os.stat(text).st_mode)}, not an image file",
+                            hint="Give image files, folders or quoted glob patterns.")
         else:
             raise UserError(f"input {text} does not exist", hint="Give image files, folders or quoted glob patterns.")
     # abspath, not resolve(): a symlinked image (as in a prepared dataset) keeps its own stem
@@ -90,9 +94,11 @@ def check_stems(paths: Sequence[Path]) -> None:
 
 
 def probe_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
-    """(H, W) of each image from its header, failing on the first unreadable file with its reason."""
+    """(H, W) of each image from its header (within the pixel limit, `codecs.max_pixels`), failing on
+    the first unreadable file with its reason; a name too long for the output files is refused too."""
     sizes = []
     for p in paths:
+        check_output_name(p.stem + ".png", p, "input image")
         try:
             sizes.append(probe_image(p))
         except BadFile as e:
@@ -197,8 +203,8 @@ def write_png(path: Path, array: np.ndarray) -> None:
         atomic_write_bytes(path, encode_png(cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array))
     except OSError as e:
         raise UserError(f"could not write {write_failure(e, path)}",
-                        hint="Free disk space or choose another --out; rerun with --overwrite to redo the images.") \
-            from None
+                        hint=name_too_long_fix(e) or "Free disk space or choose another --out; rerun with --overwrite "
+                                                     "to redo the images.") from None
 
 
 @dataclass

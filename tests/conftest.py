@@ -1,7 +1,7 @@
 """Shared test helpers: running the CLI (`cli`, `fails_with`, `squash`), the real-format sample files,
 the suite's tiny dataset, configuration, run and exported models (`tiny_data`, `tiny_config`, `tiny_run`,
-`exported_models`), and a palette-PNG writer (cv2 cannot write colour-type-3 PNGs, so it is written by
-hand with zlib + struct). Test modules import the plain functions: `from conftest import fails_with, squash`."""
+`exported_models`), and PNG writers for what cv2 cannot write (palette and 1/2/4-bit greyscale PNGs,
+a header claiming any size), written by hand with zlib + struct. Test modules import the plain functions: `from conftest import fails_with, squash`."""
 
 from __future__ import annotations
 
@@ -67,21 +67,42 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
+def _packed_rows(values: np.ndarray, bit_depth: int) -> bytes:
+    """PNG scanlines (filter 0) of one sample per pixel; 1/2/4-bit samples packed most significant first."""
+    h, w = values.shape
+    if bit_depth == 8:
+        rows = values.astype(np.uint8)
+    else:
+        per = 8 // bit_depth
+        padded = np.zeros((h, -(-w // per) * per), np.uint8)
+        padded[:, :w] = values
+        shifts = (8 - bit_depth * (np.arange(per) + 1)).astype(np.uint8)
+        rows = (padded.reshape(h, -1, per) << shifts).sum(axis=2).astype(np.uint8)
+    return b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
+
+
+def _png(width: int, height: int, bit_depth: int, color_type: int, *chunks: bytes) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + b"".join(chunks) + _chunk(b"IEND", b"")
+
+
 def palette_png_bytes(indices: np.ndarray, palette: np.ndarray, bit_depth: int = 8) -> bytes:
     """A colour-type-3 PNG: `indices` (H, W) uint8 into `palette` (N, 3) RGB, filter 0 rows."""
     h, w = indices.shape
-    if bit_depth == 8:
-        rows = indices.astype(np.uint8)
-    else:  # pack 1/2/4-bit indices, most significant bits first
-        per = 8 // bit_depth
-        padded = np.zeros((h, -(-w // per) * per), np.uint8)
-        padded[:, :w] = indices
-        shifts = (8 - bit_depth * (np.arange(per) + 1)).astype(np.uint8)
-        rows = (padded.reshape(h, -1, per) << shifts).sum(axis=2).astype(np.uint8)
-    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
-    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, 3, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"PLTE", palette.astype(np.uint8).tobytes())
-            + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
+    return _png(w, h, bit_depth, 3, _chunk(b"PLTE", palette.astype(np.uint8).tobytes()),
+                _chunk(b"IDAT", zlib.compress(_packed_rows(indices, bit_depth))))
+
+
+def grey_png_bytes(values: np.ndarray, bit_depth: int) -> bytes:
+    """A colour-type-0 (greyscale) PNG of 1, 2, 4 or 8 bits holding `values` (H, W) as stored."""
+    h, w = values.shape
+    return _png(w, h, bit_depth, 0, _chunk(b"IDAT", zlib.compress(_packed_rows(values, bit_depth))))
+
+
+def png_header_only(width: int, height: int, bit_depth: int = 8, color_type: int = 2) -> bytes:
+    """A PNG whose header claims `width` x `height` with an empty image stream (a few dozen bytes):
+    a reader that checks sizes from the header refuses it before decoding anything."""
+    return _png(width, height, bit_depth, color_type, _chunk(b"IDAT", b""))
 
 
 def tiny_config(data: Path, out: Path, **sections: dict):

@@ -8,9 +8,13 @@ under test.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
+import os
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ import hiposeg
 from conftest import squash
 from hiposeg.cli import app
 from hiposeg.errors import UserError
-from hiposeg.hierarchy import Hierarchy, builtin_names
+from hiposeg.hierarchy import Hierarchy, builtin_dir, builtin_names
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
 SHIPPED = {"cityscapes", "ade20k", "mapillary_v2", "pascal_part_108"}
@@ -498,10 +502,35 @@ def test_deeply_nested_json_is_one_clear_error(tmp_path, cli):
 
 
 def test_a_folder_or_device_given_as_hierarchy_file_is_refused(tmp_path):
-    with pytest.raises(UserError, match=f"hierarchy file {tmp_path} is a folder, not a file"):
+    with pytest.raises(UserError, match=f"hierarchy file {tmp_path} is a folder, not a regular file"):
         Hierarchy.from_file(tmp_path)
-    with pytest.raises(UserError, match="hierarchy file /dev/zero is a device or socket, not a file"):
+    with pytest.raises(UserError, match="hierarchy file /dev/zero is a character device, not a regular file"):
         Hierarchy.from_file("/dev/zero")  # read as text, it never ends
+
+
+def test_a_pipe_is_read_only_when_named_on_the_command_line(tmp_path, cli):
+    """`hierarchy validate <(...)` / `--hierarchy <(...)` read a pipe the user named; anywhere else
+    (`Hierarchy.from_file`, as for a prepared dataset's hierarchy.json) a FIFO is refused unopened:
+    opening it would wait for a writer forever."""
+    import threading
+
+    fifo = tmp_path / "h.json"
+    os.mkfifo(fifo)
+    text = (builtin_dir() / "synthetic.json").read_text()
+    writer = threading.Thread(target=fifo.write_text, args=(text,))
+    writer.start()
+    r = cli.invoke(app, ["hierarchy", "validate", str(fifo)])
+    writer.join(30)
+    assert r.exit_code == 0 and "valid" in r.output, r.output
+
+    def unblock() -> None:  # should the reader open the FIFO after all: end its wait, fail the test
+        time.sleep(5)
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    with pytest.raises(UserError, match=re.escape(f"hierarchy file {fifo} is a named pipe (FIFO), not a regular file")):
+        Hierarchy.from_file(fifo)
 
 
 def one_parent(n: int) -> dict:
@@ -728,6 +757,34 @@ def test_cli_prints_names_with_rich_markup_as_text(tmp_path, cli):
         printed[command] = squash(result.output)
         assert "[/fine]" in printed[command] and "[bold]top" in printed[command], (command, result.output)
     assert "[red]h.json" in printed["validate"] and "a[/]" in printed["show"]
+
+
+@pytest.mark.parametrize("path, where", [
+    (["levels", 0, "classes", 0, "name"], "levels[0].classes[0].name (class "),
+    (["levels", 1, "name"], "levels[1].name"),
+    (["levels", 0, "classes", 1, "description"], "levels[0].classes[1].description (class 'b')"),
+    (["title"], "title"),
+    (["source"], "source"),
+])
+@pytest.mark.parametrize("char, named", [
+    ("\x1b", "U+001B ESC"), ("\x7f", "U+007F DEL"), ("\n", "U+000A LF"), ("\x9b", "U+009B CSI"),
+    ("\u202e", "U+202E RIGHT-TO-LEFT OVERRIDE"), ("\u2066", "U+2066 LEFT-TO-RIGHT ISOLATE"),
+    ("\u200b", "U+200B ZERO WIDTH SPACE"), ("\u2028", "U+2028 LINE SEPARATOR"),
+])
+def test_control_and_format_characters_in_printed_strings_are_refused(tmp_path, cli, path, where, char, named):
+    """Names, titles and sources reach the terminal (`hierarchy show`, eval tables): an ESC there
+    cleared the screen, printed fake output or planted OSC 8 links; bidi and zero-width characters
+    make a name read as another. Refused naming the field and the character; nothing is echoed raw."""
+    spec = mutate(lambda d: _set(d, path, f"sky{char}[2J\x1b]8;;http://evil.example/\x1b\\fake"))
+    p = tmp_path / "esc.json"
+    p.write_text(json.dumps(spec))
+    for command in ("validate", "show"):
+        r = cli.invoke(app, ["hierarchy", command, str(p)])
+        assert r.exit_code == 2, (command, r.output)
+        assert squash(f"{where}") in squash(r.output) and squash(f"the character {named}") in squash(r.output), r.output
+        assert (char == "\n" or char not in r.output) and "\x1b" not in r.output, r.output
+    with pytest.raises(UserError, match=re.escape(named)):  # a model's or dataset's embedded hierarchy
+        Hierarchy.from_dict(spec)
 
 
 def test_cli_show_unknown_name(cli):

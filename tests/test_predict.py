@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -129,6 +130,30 @@ def test_predict_from_a_torch_export_program_matches_the_hiposeg_file(exported_m
     assert not (tmp_path / "a" / "fine" / "b.png").exists()
 
 
+def test_an_input_name_too_long_for_its_outputs_is_refused_before_any_output(model_file, tmp_path):
+    """`p * 242 + .png` is a legal name, but its output's temp name (14 bytes longer) is not: predict
+    used to fail at the first write with the hint "Free disk space"."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "ok.png"), np.zeros((32, 32, 3), np.uint8))
+    long = photos / ("p" * 242 + ".png")
+    cv2.imwrite(str(long), np.zeros((32, 32, 3), np.uint8))
+    out = tmp_path / "out"
+    fails_with(["predict", model_file[0], photos, "--out", out, "--device", "cpu", "--workers", "0"],
+               f"input image {long}", "would be 246 bytes long", "255-byte limit", "at most 237 bytes")
+    assert not out.exists()
+
+
+def test_a_name_too_long_while_writing_gets_the_fix_for_names_not_for_disk_space(tmp_path):
+    from hiposeg.errors import UserError
+    from hiposeg.predict import write_png
+
+    with pytest.raises(UserError, match="File name too long") as e:
+        write_png(tmp_path / ("n" * 250 + ".png"), np.zeros((4, 4), np.uint8))
+    assert "at most 255 bytes" in e.value.hint and "rename the input file" in e.value.hint, e.value.hint
+    assert "Free disk space" not in e.value.hint
+
+
 def test_bad_inputs_are_clear_errors_before_any_output(model_file, tmp_path):
     model, _ = model_file
     (tmp_path / "empty").mkdir()
@@ -143,10 +168,12 @@ def test_bad_inputs_are_clear_errors_before_any_output(model_file, tmp_path):
     jpg = bytearray(cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))[1])
     jpg[len(jpg) // 3: 2 * len(jpg) // 3] = bytes(len(jpg) // 3)
     (tmp_path / "damaged" / "photo.jpg").write_bytes(bytes(jpg))
+    os.mkfifo(tmp_path / "pipe.png")  # was "does not exist"; opening it would block
     cases = [([str(tmp_path / "empty")], "holds no image files"), ([str(tmp_path / "missing.png")], "does not exist"),
              ([str(tmp_path / "none" / "*.jpg")], "matches no image files"), ([str(tmp_path / "bad")], "cut.png"),
              ([str(tmp_path / "bad" / "ok.png"), str(tmp_path / "dup")], "share the name"),
-             ([str(tmp_path / "damaged")], "corrupt JPEG image (Corrupt JPEG data")]
+             ([str(tmp_path / "damaged")], "corrupt JPEG image (Corrupt JPEG data"),
+             ([str(tmp_path / "pipe.png")], "is a named pipe (FIFO), not an image file")]
     fails_with(["predict", model_file[1], tmp_path / "bad" / "ok.png", "--checkpoint", "bset", "--out",
                 tmp_path / "out", "--device", "cpu"], "--checkpoint 'bset' is not best or last")  # not a silent last.pt
     for inputs, words in cases:

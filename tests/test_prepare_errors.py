@@ -318,6 +318,45 @@ def test_grey_alpha_masks_are_index_maps_when_opaque_and_refused_otherwise(city,
     assert (cv2.imread(str(tmp_path / "o3/train/fine/t0.png"), cv2.IMREAD_UNCHANGED) == 1).all()  # raw 2 -> b
 
 
+def one_class_per_value(tmp_path: Path, top: int) -> Path:
+    """Leaves v0..v{top} (raw value v -> id v) under one top class; raw 255 is ignore (as in most releases)."""
+    classes = [{"id": v, "name": f"v{v}", "color": [v, v, v], "parent": "all", "raw": [v]} for v in range(top + 1)]
+    spec = {"format": "hiposeg-hierarchy/1", "name": "values", "source": "test", "raw": {"ignore": [255]},
+            "levels": [{"name": "leaf", "classes": classes},
+                       {"name": "top", "classes": [{"id": 0, "name": "all", "color": [0, 0, 0]}]}]}
+    (tmp_path / "values.json").write_text(json.dumps(spec))
+    return tmp_path / "values.json"
+
+
+@pytest.mark.parametrize("writer, bit_depth", [("by hand", 1), ("by hand", 2), ("by hand", 4), ("pillow", 1)])
+def test_low_bit_depth_grey_masks_are_read_as_their_stored_values(tmp_path, run, writer, bit_depth):
+    """libpng widens 1/2/4-bit greyscale to 0..255: a binary mask (PIL mode "1" saves one) read as
+    0/255, so with the usual raw ignore value 255 every foreground pixel became ignore in silence;
+    2- and 4-bit masks gave "unknown raw values 85/170" (or, for 4-bit 15, ignore again)."""
+    from PIL import Image
+
+    from conftest import grey_png_bytes
+
+    top = (1 << bit_depth) - 1
+    values = (np.arange(8 * 12).reshape(8, 12) % (top + 1)).astype(np.uint8)
+    raw = tmp_path / "raw"
+    folder_raw(raw, {"train": ["t0"], "val": ["v0"]})
+    for mask in (raw / "train/masks/t0.png", raw / "val/masks/v0.png"):
+        cv2.imwrite(str(raw / mask.parent.parent / "images" / mask.name), np.zeros((8, 12, 3), np.uint8))
+        if writer == "pillow":
+            Image.fromarray(values.astype(bool)).save(mask)
+            assert mask.read_bytes()[24:26] == bytes([1, 0])  # IHDR: bit depth 1, greyscale
+        else:
+            mask.write_bytes(grey_png_bytes(values, bit_depth))
+    code, out = run("folder", raw, "--hierarchy", one_class_per_value(tmp_path, top), "--out", tmp_path / "o")
+    assert code == 0, out
+    for split, stem in (("train", "t0"), ("val", "v0")):
+        fine = cv2.imread(str(tmp_path / "o" / split / "fine" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(fine, values), np.unique(fine)
+    manifest = json.loads((tmp_path / "o/manifest.json").read_text())
+    assert manifest["splits"]["train"]["pixels"]["ignore"] == 0, manifest["splits"]["train"]
+
+
 def test_folder_unknown_colour_is_named(tmp_path, run):
     spec = {"format": "hiposeg-hierarchy/1", "name": "two", "source": "test",
             "levels": [{"name": "leaf", "classes": [{"id": 0, "name": "a", "color": [255, 0, 0], "parent": "x"},
@@ -391,6 +430,33 @@ def test_missing_partner(city, tmp_path):
     pairs[1][1].unlink()
     fails_with(prep("cityscapes", raw, "--out", tmp_path / "o"), pairs[1][0], "missing partner",
                "ulm_000001_000019_gtFine_labelIds.png", "--skip-bad")
+
+
+def test_names_that_could_never_be_prepared_are_refused_before_any_work(tmp_path, run):
+    """A split folder named like a dataset's own top-level files, or a stem so long that the temp name
+    hiposeg writes first (14 bytes longer) passes the 255-byte limit of a file name, used to fail
+    midway ("Is a directory", "File name too long") with the hint "rerun the same command to
+    resume", which could never succeed."""
+    h = two_colours(tmp_path)
+    for split in ("manifest.json", "hierarchy.json"):
+        raw = tmp_path / f"raw-{split}"
+        folder_raw(raw, {"train": ["t0"], split: ["v0"]})
+        fails_with(prep("folder", raw, "--hierarchy", h, "--out", tmp_path / "o"), raw / split / "images/v0.png",
+                   f"split {split!r} has the name of a file hiposeg keeps beside the split folders", "can never be",
+                   "Rename the file or folder in RAW")
+        assert not (tmp_path / "o").exists()
+    for stem, size in (("x" * 241, 245), ("é" * 119, 242)):  # legal names; "é" is 2 bytes in UTF-8
+        raw = tmp_path / f"raw-{size}"
+        folder_raw(raw, {"train": ["t0", stem], "val": ["v0"]})
+        fails_with(prep("folder", raw, "--hierarchy", h, "--out", tmp_path / "o"), raw / "train/images" / f"{stem}.png",
+                   f"would be {size} bytes long", "through a temp name 14 bytes longer", "255-byte limit",
+                   "Rename the file: a name (without its extension) of at most 237 bytes")
+        assert not (tmp_path / "o").exists()
+    raw = tmp_path / "raw-fits"
+    folder_raw(raw, {"train": ["t0", "x" * 237], "val": ["v0"]})  # its temp names are exactly 255 bytes
+    code, out = run("folder", raw, "--hierarchy", h, "--out", tmp_path / "o")
+    assert code == 0, out
+    assert (tmp_path / "o/train/fine" / ("x" * 237 + ".png")).is_file()
 
 
 def test_two_images_with_one_stem_are_an_error_naming_both(tmp_path):

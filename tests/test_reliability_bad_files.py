@@ -8,6 +8,7 @@ scoring predictions, and a split the raw release did not have.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -125,6 +126,57 @@ def test_bad_prediction_files_are_named(tiny, tmp_path, damage, needles):
         victim.write_bytes(victim.read_bytes()[:50])
     out = fails_with(["eval", "--predictions", preds, "--data", tiny], *needles)
     assert squash(victim.name if damage == "missing" else str(victim)) in squash(out)
+
+
+def test_one_bit_prediction_files_are_scored_as_their_stored_values(tiny, tmp_path):
+    """A binary prediction saved as a 1-bit PNG (PIL mode "1") scores exactly like the same classes
+    0/1 saved as 8-bit; libpng's widening to 0/255 used to score class 1 as "outside the classes"."""
+    from PIL import Image
+
+    from hiposeg.evaluate import evaluate_predictions
+
+    reports = {}
+    for bits in (8, 1):
+        preds = tmp_path / f"preds{bits}"
+        preds.mkdir()
+        for gt in sorted((tiny / "val" / "fine").iterdir()):
+            binary = cv2.imread(str(gt), cv2.IMREAD_UNCHANGED) == 1
+            if bits == 8:
+                cv2.imwrite(str(preds / gt.name), binary.astype(np.uint8))
+            else:
+                Image.fromarray(binary).save(preds / gt.name)
+        reports[bits] = evaluate_predictions(preds, tiny, "val")["levels"]
+    assert sorted(v for v in reports[8]["fine"]["IoU"].values() if v)[-1] == 100.0  # class 1 is scored
+    assert reports[1] == reports[8], (reports[1]["fine"], reports[8]["fine"])
+
+
+@pytest.mark.parametrize("which, needles", [
+    ("manifest.json", ["is a named pipe (FIFO), not a regular file"]),
+    ("hierarchy.json", ["is a named pipe (FIFO), not a regular file"]),
+    ("val/images", ["cannot read image", "is a named pipe (FIFO), not a regular file"]),
+    ("val/fine", ["cannot read label map", "is a named pipe (FIFO), not a regular file"]),
+    (".prepare-journal.jsonl", ["did not finish (no manifest.json yet)"]),
+])
+def test_a_fifo_in_a_prepared_dataset_is_named_and_never_blocks(tiny, exported_models, tmp_path, which, needles):
+    """Opening a FIFO for reading waits for a writer: `eval` (and `train`) hung forever on one in a
+    prepared dataset. Run in a process of its own with a time limit; a model's evaluation reads the
+    images, `eval --predictions` the rest."""
+    data, preds = tmp_path / "data", tmp_path / "preds"
+    shutil.copytree(tiny, data)
+    shutil.copytree(tiny / "val" / "fine", preds)
+    victim = data / which if "." in which else sorted((data / which).iterdir())[0]
+    if which == ".prepare-journal.jsonl":
+        (data / "manifest.json").unlink()  # an unfinished `prepare`: its journal names the command
+    victim.unlink()
+    os.mkfifo(victim)
+    log = tmp_path / "log.txt"
+    scored = ["--predictions", str(preds)] if which != "val/images" else \
+        [str(exported_models["hiposeg"]), "--device", "cpu", "--workers", "0"]
+    assert run(["eval", *scored, "--data", str(data)], log, timeout=60) == 2, log.read_text()
+    text = squash(log.read_text())
+    assert "Traceback" not in text, log.read_text()
+    for needle in (*needles, data if which == ".prepare-journal.jsonl" else victim):
+        assert squash(str(needle)) in text, (needle, log.read_text())
 
 
 # ------------------------------------------------------------------------------------------

@@ -69,6 +69,6 @@ def hierarchy_validate(
     """Check a hierarchy file: exit 0 if valid, 2 with the problems otherwise."""
     from hiposeg.hierarchy import Hierarchy
 
-    h = Hierarchy.from_file(file)
+    h = Hierarchy.from_file(file, allow_pipe=True)  # named here, so `validate <(...)` works
     console.print(Text.assemble(("valid", "green"), f": {file} — {h.name}: {h.summary()} "
                                 f"(train fine={h.fine_level!r}, coarse={h.coarse_level!r})"))

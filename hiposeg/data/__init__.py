@@ -11,7 +11,8 @@
     manifest.py     manifest.json: build, recognise, print
     output.py       the output folder: whose it is, what hiposeg wrote there
     layout.py       the prepared format's paths and plain-name checks
-    codecs.py       PNG/JPEG decoding and checks, label reading, PNG encoding
+    codecs.py       PNG/JPEG decoding and checks, the pixel limit, label reading, PNG encoding
+    headers.py      image sizes from file headers (PNG, JPEG, BMP, TIFF, WebP, PNM)
     synthetic.py    the built-in synthetic set
     dataset.py transforms.py   loading a prepared dataset for training and evaluation
 

@@ -3,8 +3,9 @@
 Why a module of its own: `prepare`, the training loader (`dataset.py`), the synthetic set and
 `predict` all read or write these files and must agree on what a label map is (palette PNGs are
 read as their indices, grey+alpha only when opaque) and on what a damaged file is (truncated PNG,
-JPEG with corrupt compressed data, a FIFO or device where a file is expected). Problems a person
-can act on are raised as `BadFile` naming the file; nothing here writes anything.
+JPEG with corrupt compressed data, a FIFO or device where a file is expected), and on how large an
+image may be (`max_pixels`: checked from the header before any decoding). Problems a person can act
+on are raised as `BadFile` naming the file; nothing here writes anything.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from typing import Any
 import cv2
 import numpy as np
 import simplejpeg
+
+from hiposeg.data.headers import FORMATS, JPEG_SOI, PNG_SIGNATURE, JpegFrame, image_format, image_size, jpeg_frame
+from hiposeg.errors import UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -45,7 +49,6 @@ class BadFile(Exception):
 # depth (identical IDAT stream: one sample per pixel either way) makes cv2 return the indices.
 # ==========================================================================================
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_GRAY, PNG_PALETTE, PNG_GRAY_ALPHA = 0, 3, 4  # IHDR colour types
 
 
@@ -58,7 +61,7 @@ class PngHeader:
 
     @property
     def is_index_map(self) -> bool:
-        """One value per pixel: grayscale (8/16-bit) or palette indices."""
+        """One value per pixel: grayscale (1 to 16 bits) or palette indices."""
         return self.color_type in (PNG_GRAY, PNG_PALETTE)
 
 
@@ -103,11 +106,20 @@ def decode_label_png(data: bytes) -> np.ndarray | None:
     """
     header = png_header(data)
     if header is not None and header.color_type == PNG_PALETTE:
-        gray = cv2.imdecode(np.frombuffer(_palette_as_grayscale(data), np.uint8), cv2.IMREAD_UNCHANGED)
-        if gray is not None and header.bit_depth < 8 and gray.max(initial=0) >= 1 << header.bit_depth:
-            gray = gray // (255 // ((1 << header.bit_depth) - 1))  # libpng scaled 1/2/4-bit gray to 0..255
-        return gray
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        data = _palette_as_grayscale(data)
+    values = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if values is not None and header is not None and header.is_index_map and header.bit_depth < 8:
+        values = stored_low_bit_values(values, header.bit_depth)
+    return values
+
+
+def stored_low_bit_values(values: np.ndarray, bit_depth: int) -> np.ndarray:
+    """The stored 1/2/4-bit values of a grey (or relabelled palette) PNG. libpng widens them to 0..255
+    by scaling (v * 255 / (2^d - 1): a 1-bit mask reads as 0/255), which would turn class 1 into the
+    usual ignore value 255; a value of 2^d or more can only come from that scaling, so it is undone."""
+    if values.max(initial=0) >= 1 << bit_depth:
+        values = values // (255 // ((1 << bit_depth) - 1))
+    return values
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -186,6 +198,7 @@ def read_label_file(path: Path) -> np.ndarray:
         raise BadFile(path, "not a PNG file: label maps must be lossless PNGs")
     if not png_is_complete(data):
         raise BadFile(path, "truncated: the PNG ends before its IEND chunk (incomplete copy or download)")
+    check_pixels(path, header.height, header.width)
     values = decode_label_png(data)
     if values is None:
         raise BadFile(path, "corrupt PNG: OpenCV cannot decode it")
@@ -205,67 +218,97 @@ def opaque_grey(values: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(values[..., 0])
 
 
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# ==========================================================================================
+# The pixel limit: every image and label is sized from its header (`headers.image_size`) and
+# compared with it before a pixel is decoded (a small file can claim gigapixels).
+# ==========================================================================================
+
+MAX_PIXELS_VAR = "HIPOSEG_MAX_PIXELS"
+# 2^28 = 268,435,456 px (16384 x 16384): 2.5x the largest photos we know people segment (12000 x 9000,
+# 108 MP), 13x Mapillary's largest images (~5000 x 4000); such a label map decodes to 256 MB (512 MB
+# at 16 bits). A 20000 x 20000 image (400 MP, 4.8 GB as predict's float input) is refused.
+DEFAULT_MAX_PIXELS = 1 << 28
+OPENCV_MAX_PIXELS = 1 << 30  # OpenCV's own decoder limit (CV_IO_MAX_IMAGE_PIXELS): no use going above
 
 
-def _jpeg_size(f: Any) -> tuple[int, int] | None:
-    """(height, width) from the first SOF segment, reading only the headers."""
-    if f.read(2) != b"\xff\xd8":
-        return None
-    while True:
-        byte = f.read(1)
-        while byte and byte != b"\xff":
-            byte = f.read(1)
-        while byte == b"\xff":
-            byte = f.read(1)
-        if not byte:
-            return None
-        marker = byte[0]
-        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            continue
-        seg = f.read(2)
-        if len(seg) < 2:
-            return None
-        (length,) = struct.unpack(">H", seg)
-        if marker in _JPEG_SOF:
-            body = f.read(5)
-            if len(body) < 5:
-                return None
-            h, w = struct.unpack(">HH", body[1:5])
-            return h, w
-        f.seek(length - 2, os.SEEK_CUR)
+def max_pixels() -> int:
+    """The pixel limit: $HIPOSEG_MAX_PIXELS, else DEFAULT_MAX_PIXELS; a UserError if the variable is
+    not a whole number from 1 to OPENCV_MAX_PIXELS."""
+    text = os.environ.get(MAX_PIXELS_VAR, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 0 < limit <= OPENCV_MAX_PIXELS:
+        raise UserError(f"{MAX_PIXELS_VAR}={text[:40]!r} is not a pixel count from 1 to {OPENCV_MAX_PIXELS:,} "
+                        "(OpenCV decodes no larger image)",
+                        hint=f"Unset it for the default limit of {DEFAULT_MAX_PIXELS:,} pixels, or give a whole "
+                             "number, e.g. 400000000.")
+    return limit
+
+
+def check_pixels(path: Path, height: int, width: int) -> None:
+    """BadFile if the header's `height` x `width` exceeds the pixel limit (see `max_pixels`)."""
+    limit, pixels = max_pixels(), height * width
+    if pixels <= limit:
+        return
+    fix = (f"if it is a real image, raise the limit: {MAX_PIXELS_VAR}={pixels}" if pixels <= OPENCV_MAX_PIXELS else
+           f"OpenCV decodes no image above {OPENCV_MAX_PIXELS:,} px: split or shrink it")
+    raise BadFile(path, f"is {width}x{height} pixels ({pixels:,} px) by its header, above hiposeg's limit of {limit:,} "
+                        f"px (a damaged file or a decompression bomb looks like this); {fix}")
+
+
+def image_header(path: Path, f: Any) -> tuple[int, int]:
+    """(height, width) of the image file `f` (open at `path`) from its header, within the pixel limit."""
+    hw = image_size(f)
+    if hw is None:
+        kind = image_format(f.read(32))
+        f.seek(0)
+        raise BadFile(path, f"truncated or corrupt {kind} image (its header is cut short or damaged)" if kind
+                      else f"not an image hiposeg reads: it is no {FORMATS} file")
+    check_pixels(path, *hw)
+    return hw
+
+
+def decode_image(path: Path, flags: int) -> np.ndarray:
+    """`cv2.imdecode` of an image file with `flags`, after checking that it is a regular file whose
+    header size is within the pixel limit; BadFile naming the file otherwise."""
+    try:
+        with open_regular(path) as f:
+            image_header(path, f)
+            data = f.read()
+    except OSError as e:
+        raise unreadable(path, e) from None
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if img is None:
+        raise BadFile(path, "corrupt or truncated image: OpenCV cannot decode it")
+    return img
 
 
 def probe_image(path: Path) -> tuple[int, int]:
-    """(height, width) of an image from its header (PNG, JPEG); checks the file is complete (PNG
-    IEND / JPEG EOI) and that a JPEG's compressed data is undamaged. Other formats are decoded by cv2."""
+    """(height, width) of an image from its header, within the pixel limit; checks that the file is
+    complete (PNG IEND / JPEG EOI) and that a JPEG's compressed data is undamaged (`check_jpeg_file`).
+    Other formats are decoded by cv2 (after the size check)."""
     try:
         with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise BadFile(path, "empty file (0 bytes): re-extract or re-download it")
+            hw = image_header(path, f)
             head = f.read(32)
             if head.startswith(PNG_SIGNATURE):
-                header = png_header(head)
                 f.seek(max(0, size - 64))
-                if header is None or not png_is_complete(f.read()):
+                if not png_is_complete(f.read()):
                     raise BadFile(path, "truncated or corrupt PNG image (no IEND chunk at the end)")
-                return header.height, header.width
-            if head.startswith(b"\xff\xd8"):
-                f.seek(0)
-                hw = _jpeg_size(f)
-                f.seek(max(0, size - 4096))
-                if hw is None or b"\xff\xd9" not in f.read():
-                    raise BadFile(path, "truncated or corrupt JPEG image (no end-of-image marker)")
-                f.seek(0)
-                check_jpeg_data(path, f.read())
-                return hw
+            elif head.startswith(JPEG_SOI):
+                check_jpeg_file(path, f, size)
+            elif cv2.imdecode(np.frombuffer(head + f.read(), np.uint8), cv2.IMREAD_UNCHANGED) is None:
+                raise BadFile(path, "unreadable image: OpenCV cannot decode it")
+            return hw
     except OSError as e:
         raise unreadable(path, e) from None
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise BadFile(path, "unreadable image: OpenCV cannot decode it")
-    return img.shape[0], img.shape[1]
 
 
 # libjpeg's warnings for damaged compressed data (jerror.h JWRN_JPEG_EOF, JWRN_*_CORRUPT...). Other
@@ -275,6 +318,35 @@ JPEG_DAMAGE = ("Corrupt JPEG data", "Premature end of JPEG file")
 # decoder that stops hundreds of bytes early has read damaged data as codes.
 JPEG_TRAILING_PADDING = re.compile(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9")
 MAX_PADDING_BYTES = 64
+
+
+# libjpeg decodes a progressive JPEG (or one whose first scan leaves out components) through an array
+# of every DCT coefficient of the image, about 3 bytes a pixel at 4:2:0 and 6 at 4:4:4, even at 1/8
+# scale: the strict check of a 1.5 MB progressive 20000 x 20000 file took 820 MB. Above this size such
+# a file is checked for its structure only (headers, end marker); OpenCV, which decodes it for training
+# and predict, repairs damaged data in it silently. 256 MB admits every progressive photo up to about
+# 89 megapixels at 4:2:0 (every Mapillary image); prepare runs one check per worker process.
+MAX_STRICT_CHECK_BYTES = 256 << 20
+
+
+def check_jpeg_file(path: Path, f: Any, size: int) -> None:
+    """A JPEG file (`f`, `size` bytes) must end with its end-of-image marker, and its compressed data
+    must be undamaged (`check_jpeg_data`) unless decoding it needs more than MAX_STRICT_CHECK_BYTES."""
+    f.seek(max(0, size - 4096))
+    if b"\xff\xd9" not in f.read():
+        raise BadFile(path, "truncated or corrupt JPEG image (no end-of-image marker)")
+    f.seek(0)
+    frame = jpeg_frame(f)
+    f.seek(0)
+    if frame is None:
+        raise BadFile(path, "truncated or corrupt JPEG image (its headers end before the image data)")
+    if strict_check_fits(frame):
+        check_jpeg_data(path, f.read())
+
+
+def strict_check_fits(frame: JpegFrame) -> bool:
+    """Whether entropy-decoding this JPEG at 1/8 scale stays within MAX_STRICT_CHECK_BYTES."""
+    return not frame.buffers_coefficients or frame.coefficient_bytes <= MAX_STRICT_CHECK_BYTES
 
 
 def check_jpeg_data(path: Path, data: bytes) -> None:

@@ -62,11 +62,25 @@ def convert_in_worker(item: Item) -> dict[str, Any]:
     return convert_item(_JOB, item)
 
 
+HISTOGRAM_SLICE = 1 << 22  # pixels per counting call (see `histogram`)
+
+
 def histogram(values: np.ndarray) -> np.ndarray:
-    """Pixel count per raw value (int64)."""
-    if values.dtype == np.uint8 and values.size < 1 << 24:  # calcHist counts in float32: exact below 2^24
-        return cv2.calcHist([values], [0], None, [256], [0, 256]).ravel().astype(np.int64)
-    return np.bincount(values.ravel(), minlength=256 if values.dtype == np.uint8 else 0).astype(np.int64)
+    """Pixel count per raw value (int64; 256 entries for 8-bit maps, up to the largest value for 16-bit),
+    counted in slices: cv2.calcHist counts in float32 (exact below 2^24 per call), and np.bincount
+    copies its input as int64, which for a label map at the pixel limit (2^28) would take 2 GB."""
+    flat = values.reshape(-1)
+    hist = np.zeros(256 if values.dtype == np.uint8 else 65536, np.int64)
+    for start in range(0, flat.size, HISTOGRAM_SLICE):
+        part = flat[start:start + HISTOGRAM_SLICE]
+        if values.dtype == np.uint8:
+            hist += cv2.calcHist([part.reshape(1, -1)], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+        else:
+            hist += np.bincount(part, minlength=len(hist))
+    if values.dtype == np.uint8:
+        return hist
+    used = np.flatnonzero(hist)
+    return hist[:used[-1] + 1 if used.size else 0]
 
 
 def apply_lut(values: np.ndarray, lut: np.ndarray) -> np.ndarray:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from hiposeg.data.codecs import BadFile, encode_png, read_label_file
+from hiposeg.data.codecs import (BadFile, decode_image, encode_png, max_pixels, open_regular, read_label_file,
+                                 read_regular_bytes)
 from hiposeg.data.layout import JOURNAL_NAME
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
@@ -53,15 +54,16 @@ def write_label(path: Path, labels: np.ndarray) -> None:
 
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3) in stored pixel order: EXIF orientation is not applied, because label maps
-    (and the sizes `prepare` read from the headers) are in that order too."""
-    # a missing file (e.g. a link whose raw file moved) is reported here, without OpenCV's warning
-    flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imread(str(path), flags) if os.path.exists(path) else None
-    if img is None:
+    (and the sizes `prepare` read from the headers) are in that order too. A regular file only (a FIFO
+    would block the loader forever), within the pixel limit (`codecs.max_pixels`)."""
+    try:
+        return decode_image(Path(path), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    except BadFile as e:
+        missing = not os.path.exists(path)  # e.g. a link whose raw file moved: no reason but the link
         target = f" (a link to {os.readlink(path)}: was the raw release moved?)" if os.path.islink(path) else ""
-        raise UserError(f"cannot read image {path}{target}",
-                        hint="Prepare the dataset again with --overwrite (add --copy to keep copies instead of links).")
-    return img
+        raise UserError(f"cannot read image {path}{target}" + ("" if missing else f": {e.reason}"),
+                        hint="Prepare the dataset again with --overwrite (add --copy to keep copies instead of "
+                             "links).") from None
 
 
 # ---- the prepared folder ---------------------------------------------------------------------
@@ -75,10 +77,10 @@ def prepare_command(root: Path, dataset: str | None = None) -> str:
     journal = root / JOURNAL_NAME
     if journal.exists():
         try:
-            with open(journal, encoding="utf-8") as f:
+            with open_regular(journal) as f:  # a FIFO there must not block
                 header = load_json(f.readline(), str(journal))
             return f"hiposeg prepare {header['source']} {header['raw_root']} --out {root}"
-        except (OSError, ValueError, KeyError, TypeError, UserError):
+        except (OSError, ValueError, KeyError, TypeError, UserError, BadFile):
             pass
     name = command_for_dataset(dataset or "") or command_for_dataset(root.name)
     if name == SYNTHETIC:
@@ -101,12 +103,14 @@ def open_prepared(root: Path, split: str | None = None, dataset: str | None = No
                         hint="`hiposeg prepare --help` lists the sources; DATA defaults to data/DATASET.")
     fix = f"Prepare the dataset again: `{prepare_command(root, dataset)}` with --overwrite."
     try:
-        manifest = load_json(manifest_path.read_bytes(), str(manifest_path), hint=fix)
+        manifest = load_json(read_regular_bytes(manifest_path), str(manifest_path), hint=fix)
     except OSError as e:
         raise UserError(f"{manifest_path} is unreadable ({e.strerror or e})", hint=fix) from None
+    except BadFile as e:  # a FIFO or device: never opened for a blocking read
+        raise UserError(f"{e.file} {e.reason}", hint=fix) from None
     if not isinstance(manifest, dict):
         raise UserError(f"{manifest_path} is not a hiposeg manifest (a JSON object)", hint=fix)
-    hierarchy = Hierarchy.from_file(root / "hierarchy.json")
+    hierarchy = Hierarchy.from_file(root / "hierarchy.json")  # a regular file only (not a pipe)
     if manifest.get("hierarchy", {}).get("sha256") not in (None, hierarchy.sha256):
         raise UserError(f"{root}/hierarchy.json does not match manifest.json (edited after preparing?)",
                         hint=f"Prepare the dataset again: `{prepare_command(root, dataset)}` with --overwrite.")
@@ -174,6 +178,7 @@ class PreparedDataset(torch.utils.data.Dataset):
         if bad or not levels:
             raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {levels}")
         self.root, self.split = Path(root), split
+        max_pixels()  # a bad $HIPOSEG_MAX_PIXELS is reported here, not from a loader worker
         self.hierarchy, self.manifest = open_prepared(self.root, split)
         self.transforms, self.levels = transforms, tuple(levels)
         h = self.hierarchy

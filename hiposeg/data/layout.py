@@ -16,12 +16,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hiposeg.atomic import NAME_MAX, TEMP_NAME_EXTRA
 from hiposeg.errors import UserError
+from hiposeg.lock import LOCK_NAME
 
 JOURNAL_NAME = ".prepare-journal.jsonl"
 MANIFEST_NAME = "manifest.json"
 HIERARCHY_NAME = "hierarchy.json"
 LEVEL_DIRS = ("images", "fine", "coarse")
+TOP_LEVEL_FILES = (MANIFEST_NAME, HIERARCHY_NAME, JOURNAL_NAME, LOCK_NAME)  # beside the split folders
 
 
 def is_plain_name(name: Any) -> bool:
@@ -37,6 +40,26 @@ def plain_name(name: Any, what: str, source: str | os.PathLike, hint: str) -> st
         raise UserError(f"{source}: {what} {name!r} is not a plain folder or file name (it must not be empty, "
                         "'.' or '..', nor contain '/' or NUL)", hint=hint)
     return name
+
+
+def check_split_name(split: str, source: str | os.PathLike, hint: str) -> None:
+    """A split folder sits beside the dataset's own files: one named like them could never be written."""
+    if split in TOP_LEVEL_FILES:
+        raise UserError(f"{source}: split {split!r} has the name of a file hiposeg keeps beside the split folders "
+                        f"of a prepared dataset ({', '.join(TOP_LEVEL_FILES)}), so it can never be prepared",
+                        hint=hint)
+
+
+def check_output_name(name: str, source: str | os.PathLike, what: str) -> None:
+    """An output file `name` made from an input's (`source`) name must fit NAME_MAX bytes together with
+    its temp-name overhead, else the write fails late with "File name too long"; checked before the work."""
+    size = len(os.fsencode(name))
+    if size + TEMP_NAME_EXTRA > NAME_MAX:
+        keep = NAME_MAX - TEMP_NAME_EXTRA - (size - len(os.fsencode(os.path.splitext(name)[0])))
+        raise UserError(f"{what} {source}: its output file {name[:24]}...{name[-12:]} would be {size} bytes long, and "
+                        f"hiposeg writes it through a temp name {TEMP_NAME_EXTRA} bytes longer, beyond the "
+                        f"{NAME_MAX}-byte limit of a file name",
+                        hint=f"Rename the file: a name (without its extension) of at most {keep} bytes.")
 
 
 def folder_inside(root: Path, folder: Path) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hiposeg.atomic import TMP_PREFIX
+from hiposeg.atomic import TMP_PREFIX, name_too_long_fix
 from hiposeg.data.journal import Journal
 from hiposeg.data.layout import (HIERARCHY_NAME, JOURNAL_NAME, MANIFEST_NAME, folder_inside, is_plain_name,
                                  split_dirs)
@@ -249,6 +249,8 @@ def write_error(e: OSError, out: Path, command: str, done: int | None = None) ->
         fix = f"{out} is on a read-only file system: choose an --out on a writable disk"
     elif e.errno in (errno.EACCES, errno.EPERM):
         fix = f"Make {out} writable for you, or choose another --out"
+    elif e.errno == errno.ENAMETOOLONG:
+        fix = name_too_long_fix(e)
     else:
         fix = "Fix the cause, or choose another --out"
     kept = f"The {done} files finished so far are kept" if done is not None else "Finished files are kept"

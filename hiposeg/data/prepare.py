@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from hiposeg.atomic import atomic_write_json
-from hiposeg.data.codecs import BadFile
+from hiposeg.data.codecs import BadFile, max_pixels
 from hiposeg.data.convert import Job, build_luts, convert_in_worker, init_worker
 from hiposeg.data.journal import JOURNAL_FORMAT, Journal, file_signature, record_is_current
 from hiposeg.data.layout import HIERARCHY_NAME, JOURNAL_NAME, MANIFEST_NAME, split_dirs
@@ -125,6 +125,7 @@ def prepare(source: Source, raw: Path, out: Path, *, hierarchy: Hierarchy | str 
                         hint=f"Give the folder of the {source.name} release: `{source.command('RAW', out)}` "
                              f"(`hiposeg prepare {source.name} --help` shows the layout).")
     check_out_not_in_raw(raw, out)
+    max_pixels()  # a bad $HIPOSEG_MAX_PIXELS is one message here, not one per worker
     h = hierarchy if isinstance(hierarchy, Hierarchy) else Hierarchy.load(hierarchy or source.default_hierarchy)
     source.check(raw, h)
     found = source.discover(raw)

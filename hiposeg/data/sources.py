@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from hiposeg.data.codecs import BadFile, read_label_file
-from hiposeg.data.layout import plain_name
+from hiposeg.data.layout import check_output_name, check_split_name, plain_name
 from hiposeg.data.options import COMMON_FLAGS, Flag
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
@@ -39,6 +39,9 @@ class Item:
     def __post_init__(self) -> None:
         plain_name(self.split, "split", self.image, RAW_NAME_HINT)
         plain_name(self.stem, "file stem", self.image, RAW_NAME_HINT)
+        check_split_name(self.split, self.image, RAW_NAME_HINT)
+        longest = max((self.stem + self.image.suffix, self.stem + ".png"), key=lambda n: len(os.fsencode(n)))
+        check_output_name(longest, self.image, "raw file")
 
 
 @dataclass
