@@ -125,7 +125,7 @@ def prepare(source: Source, raw: Path, out: Path, *, hierarchy: Hierarchy | str 
                         hint=f"Give the folder of the {source.name} release: `{source.command('RAW', out)}` "
                              f"(`hiposeg prepare {source.name} --help` shows the layout).")
     check_out_not_in_raw(raw, out)
-    h = hierarchy if isinstance(hierarchy, Hierarchy) else Hierarchy.load(hierarchy or source.default_hierarchy)
+    h = hierarchy if isinstance(hierarchy, Hierarchy) else Hierarchy.load(hierarchy or source.hierarchy_for(raw))
     source.check(raw, h)
     found = source.discover(raw)
     selected = {s: items[:limit] if limit else items for s, items in found.items.items()}
