@@ -168,6 +168,26 @@ def test_results_mean_std_delta_and_paper_columns(tmp_path, hierarchy, expected)
     assert collect_results(tmp_path, [joint])["configs"][0]["paper"] is None
 
 
+@pytest.mark.parametrize("hierarchy,paper_column", [("cityscapes", True), ("synthetic", False)])
+def test_the_footnote_explains_the_paper_column_only_when_it_is_shown(tmp_path, hierarchy, paper_column):
+    from rich.console import Console
+
+    from hiposeg.ablate.results import results_table
+
+    recs = [record(list(r)) for r in TABLE5_ROWS]
+    for rec in recs:
+        fake_run(tmp_path, rec, 0, 50.0, 60.0, hierarchy)
+        rec.seeds = [0]
+    res = collect_results(tmp_path, recs)
+    console = Console(width=200, record=True)
+    console.print(results_table(res))
+    assert ("Paper:" in res["notes"]) == paper_column
+    for shown in (results_markdown(res), console.export_text()):  # the column and its explanation go together
+        assert ("paperfinemIoU" in squash(shown)) == paper_column, shown
+        assert ("Paper:" in shown) == paper_column, shown
+        assert squash("Δ: difference of the means") in squash(shown)
+
+
 def test_unfinished_runs_are_counted_but_not_averaged(tmp_path):
     rec = record(["ce"])
     rec.seeds = [0, 1, 2]
