@@ -188,6 +188,18 @@ def test_the_footnote_explains_the_paper_column_only_when_it_is_shown(tmp_path, 
         assert squash("Δ: difference of the means") in squash(shown)
 
 
+def test_a_grid_whose_runs_would_be_refused_is_refused_before_the_ablation_directory_is_written(cli, tiny_data,
+                                                                                               tmp_path):
+    """Was: ablation.json recorded the bad batch first, so the same command with the fix was refused as
+    a grid whose configuration had changed."""
+    out = tmp_path / "abl"
+    fails_with(ablate_args(tiny_data, out, "--losses", "ce", "--batch-size", "1"), "leaves 1 image per process")
+    assert not out.exists()
+    r = cli.invoke(app, ablate_args(tiny_data, out, "--losses", "ce"))
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "results.json").read_text())["configs"][0]["finished"] == 1
+
+
 def test_unfinished_runs_are_counted_but_not_averaged(tmp_path):
     rec = record(["ce"])
     rec.seeds = [0, 1, 2]
