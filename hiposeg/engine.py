@@ -424,8 +424,8 @@ def save(run: Training, name: str) -> None:
 
 
 def end(run: Training) -> FitResult:
-    """Interrupted: checkpoint (the command that started the run says how to continue). Finished: checkpoint, final evaluation,
-    report.json. Then status.json, with every rank's state digest (DDP must keep them equal)."""
+    """Interrupted: checkpoint (the command that started the run says how to continue). Finished:
+    checkpoint, final evaluation, report.json. Then status.json, with every rank's state digest."""
     env, out = run.env, run.out
     interrupted = run.iteration < run.cfg.optim.iters
     report: dict[str, Any] | None = None

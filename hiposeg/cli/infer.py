@@ -93,7 +93,8 @@ def eval_cmd(
             from hiposeg.predict import probe_sizes
 
             files = val.image_files()
-            check_input_sizes(loaded.module, list(zip(files, probe_sizes(files))), mode, loaded.crop, 1)  # type: ignore[arg-type]
+            sizes = list(zip(files, probe_sizes(files)))
+            check_input_sizes(loaded.module, sizes, mode, loaded.crop, batch_size=1)  # type: ignore[arg-type]
         loader = eval_loader(val, env, workers=workers)
         rep = evaluate(loaded.module.to(dev), loader, env, mode=mode, crop=loaded.crop, amp=amp,
                        save_predictions=save_predictions, progress=True, invalid_gt=invalid_gt)
