@@ -1,4 +1,4 @@
-"""Run every benchmark at a small size: `python -m benchmarks` (a few minutes on 2 CPU cores).
+"""Run every benchmark at a small size: `python -m benchmarks` (2 min 42 s on 2 CPU cores, BENCHMARKS.md).
 
 Each benchmark is a standalone script with its own flags for larger sizes (see BENCHMARKS.md);
 this runner only calls them one after another with their default, CPU-sized arguments.

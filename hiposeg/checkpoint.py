@@ -271,14 +271,19 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
     return obj
 
 
-def summary(path: Path) -> dict[str, Any]:
-    """A checkpoint's run id and iteration, read memory-mapped (its tensors stay on disk)."""
+def peek(path: Path) -> dict[str, Any]:
+    """A checkpoint read memory-mapped (its tensors stay on disk): its config, hierarchy, run id and
+    iteration for the checks made before a run loads it."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # any failure: the full loader explains it (corrupt, unsafe, not hiposeg)
         ck = load(path)
-    if not isinstance(ck, dict):
-        ck = load(path)
+    return ck if isinstance(ck, dict) else load(path)
+
+
+def summary(path: Path) -> dict[str, Any]:
+    """A checkpoint's run id and iteration (`peek`)."""
+    ck = peek(path)
     return {"run_id": ck.get("run_id"), "iteration": ck.get("iteration")}
 
 

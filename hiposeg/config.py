@@ -161,7 +161,11 @@ class OptimConfig(_Strict):
 class RunConfig(_Strict):
     out: Path | None = Field(None, description="run directory (default: runs/{dataset}-{backbone})")
     seed: int = 0
-    gpus: int = Field(1, ge=1, description="processes on this machine (one per GPU, or CPU processes with device=cpu)")
+    gpus: int = Field(1, ge=1, description="processes (one per GPU, or CPU processes with device=cpu): --gpus N on this "
+                                           "machine; a run records its world size (under torchrun: WORLD_SIZE)")
+    launcher: Literal["single", "spawn", "torchrun"] = Field(
+        "single", description="how the run's processes were started, recorded by train: one process, --gpus N "
+                              "(spawned by hiposeg) or torchrun")
     device: Literal["auto", "cuda", "cpu"] = "auto"
     amp: Literal["off", "fp16", "bf16"] = "off"
     channels_last: bool = False
@@ -208,7 +212,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "mapillary": {"data": {"crop": (512, 1024)}, "optim": {"batch_size": 8, "iters": 80_000}},
     "ade20k": {"data": {"crop": (512, 512)}, "optim": {"batch_size": 16, "iters": 60_000}},
     "pascal-part": {"data": {"crop": (512, 512)}, "optim": {"batch_size": 16, "iters": 60_000}},
-    # The built-in default: finishes (training + evaluation) in a few minutes on 2 CPU cores.
+    # The built-in default, CPU-sized (its time on 2 CPU cores: BENCHMARKS.md, "Times the README quotes").
     "synthetic": {
         "data": {"crop": (128, 128), "scale_range": (0.75, 1.5), "workers": 2},
         "model": {"backbone": "resnet18", "output_stride": 16},

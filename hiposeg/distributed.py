@@ -50,6 +50,14 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def launch_of(gpus: int) -> tuple[int, str]:
+    """(world size, launcher) of a run asked for `gpus` processes: torchrun's group if this process is
+    one of its ranks, else `gpus` processes spawned here (`spawn`), or this one (`single`)."""
+    if launched_by_torchrun():
+        return int(os.environ["WORLD_SIZE"]), "torchrun"
+    return gpus, "spawn" if gpus > 1 else "single"
+
+
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cpu":
         return torch.device("cpu")

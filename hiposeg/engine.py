@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from hiposeg.checkpoint import restore_model
 from hiposeg.config import TrainConfig
 from hiposeg.data.sampler import train_loader
 from hiposeg.distributed import (DistEnv, StopSignal, any_rank, broadcast_buffers_, check_world, decided_on_rank0,
-                                 init_from_env, launched_by_torchrun, rank_digests, share_cpu_cores, shutdown,
+                                 init_from_env, launch_of, pick_device, rank_digests, share_cpu_cores, shutdown,
                                  spawn_reporting)
 from hiposeg.errors import UserError
 from hiposeg.evaluate import autocast, eval_dataset, eval_loader, evaluate
@@ -68,19 +67,23 @@ class TrainingDiverged(UserError):
 
 def fit(cfg: TrainConfig, *, resume: Path | None = None) -> FitResult:
     """Train (and finally evaluate) per `cfg`; `resume` is a checkpoint file to continue from."""
-    cfg = cfg.with_absolute_paths()
-    if launched_by_torchrun():
-        check_world(int(os.environ["WORLD_SIZE"]), cfg.run.device)
+    cfg = as_launched(cfg.with_absolute_paths())
+    if cfg.run.launcher == "torchrun":
         return _fit_under_torchrun(cfg, resume)
     lock, run_id = open_run(cfg, resume)
     try:
-        world = cfg.run.gpus
-        if world > 1:
-            check_world(world, cfg.run.device)
-            return _fit_spawned(cfg, resume, run_id, world)
+        if cfg.run.launcher == "spawn":
+            return _fit_spawned(cfg, resume, run_id, cfg.run.gpus)
         return train_worker(cfg, resume, run_id)
     finally:
         lock.release()
+
+
+def as_launched(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the run's real world size (`run.gpus`) and how it was started (`run.launcher`), as
+    config.yaml, the checkpoints and the header record them (`distributed.launch_of`)."""
+    world, launcher = launch_of(cfg.run.gpus)
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"gpus": world, "launcher": launcher})})
 
 
 def _fit_spawned(cfg: TrainConfig, resume: Path | None, run_id: str, world: int) -> FitResult:
@@ -105,24 +108,38 @@ def _fit_under_torchrun(cfg: TrainConfig, resume: Path | None) -> FitResult:
 
 
 def open_run(cfg: TrainConfig, resume: Path | None) -> tuple[DirectoryLock, str]:
-    """Everything the launching process checks before the first write: the output path, the data,
-    then the lock on the run directory and which run it holds (`rundir.claim`)."""
+    """Everything the launching process checks before the first write: the output path, the data, what
+    the workers would refuse, then the lock on the run directory and which run it holds (`rundir.claim`)."""
     out = cfg.resolved_out()
     rundir.check_target(out)
-    ensure_prepared(cfg, resume)
+    hierarchy = ensure_prepared(cfg, resume)
+    check_before_start(cfg, hierarchy, resume)
     return rundir.claim(out, resume)
 
 
-def ensure_prepared(cfg: TrainConfig, resume: Path | None = None) -> None:
+def check_before_start(cfg: TrainConfig, hierarchy: Hierarchy, resume: Path | None) -> None:
+    """What the training processes would refuse only after the run directory was claimed and they were
+    started: devices, batch split, precision, pretrained file, a checkpoint that does not fit."""
+    device = pick_device(cfg.run.device)
+    check_world(cfg.run.gpus, cfg.run.device)
+    check_batch_split(cfg, cfg.run.gpus, sync_bn=cfg.run.gpus > 1 and device.type == "cuda")
+    autocast(cfg.run.amp, device)
+    if cfg.model.pretrained is not None:
+        from hiposeg.models import build_segmenter
+
+        build_segmenter(cfg.model, hierarchy.num_fine)  # reads and checks the file, as each worker will
+    if resume is not None:
+        checkpoint.check_compatible(checkpoint.peek(resume), resume, hierarchy, cfg)
+
+
+def ensure_prepared(cfg: TrainConfig, resume: Path | None = None) -> Hierarchy:
     """The built-in synthetic set is generated on the fly; anything else must be prepared. A resumed
-    run never regenerates its data: it must find the data it was trained on."""
-    from hiposeg.data.dataset import open_prepared, prepare_command
+    run never regenerates its data: it must find the data it was trained on. Returns its hierarchy."""
+    from hiposeg.data.dataset import moved_dataset_error, open_prepared
 
     root = cfg.data.resolved_root()
     if resume is not None and not (root / "manifest.json").exists():
-        raise UserError(f"no prepared dataset at {os.path.abspath(root)}, the data of the run resumed from {resume}",
-                        hint="Pass --data DIR with the folder the prepared dataset is in now; or prepare it again "
-                             f"there: `{prepare_command(root, cfg.data.dataset)}`.")
+        raise moved_dataset_error(root, f"the data of the run resumed from {resume}", cfg.data.dataset)
     if cfg.data.dataset == "synthetic" and not (root / "manifest.json").exists():
         from hiposeg.data.synthetic import generate
 
@@ -130,8 +147,9 @@ def ensure_prepared(cfg: TrainConfig, resume: Path | None = None) -> None:
             print(f"hiposeg: no prepared synthetic set at {root}; generating the built-in one now "
                   f"(same as `hiposeg prepare synthetic --out {root}`)", flush=True)
         generate(root)
-    open_prepared(root, cfg.data.train_split, cfg.data.dataset)
+    hierarchy, _ = open_prepared(root, cfg.data.train_split, cfg.data.dataset)
     open_prepared(root, cfg.data.val_split, cfg.data.dataset)
+    return hierarchy
 
 
 # ==========================================================================================
@@ -175,14 +193,14 @@ def configure_determinism(cfg: TrainConfig) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def check_batch_split(cfg: TrainConfig, env: DistEnv, sync_bn: bool) -> None:
-    if cfg.optim.batch_size % env.world_size:
-        raise UserError(f"batch size {cfg.optim.batch_size} does not split evenly over {env.world_size} processes",
-                        hint=f"Use a multiple of {env.world_size} for --batch-size (it is the total over all processes).")
-    if cfg.optim.batch_size // env.world_size < 2 and not sync_bn:
-        raise UserError(f"batch size {cfg.optim.batch_size} over {env.world_size} process(es) leaves 1 image per "
+def check_batch_split(cfg: TrainConfig, world_size: int, sync_bn: bool) -> None:
+    if cfg.optim.batch_size % world_size:
+        raise UserError(f"batch size {cfg.optim.batch_size} does not split evenly over {world_size} processes",
+                        hint=f"Use a multiple of {world_size} for --batch-size (it is the total over all processes).")
+    if cfg.optim.batch_size // world_size < 2 and not sync_bn:
+        raise UserError(f"batch size {cfg.optim.batch_size} over {world_size} process(es) leaves 1 image per "
                         "process: BatchNorm after ASPP's image pooling cannot train on a single 1x1 value",
-                        hint=f"Use --batch-size {2 * env.world_size} or more (SyncBatchNorm on GPUs lifts this).")
+                        hint=f"Use --batch-size {2 * world_size} or more (SyncBatchNorm on GPUs lifts this).")
 
 
 # ==========================================================================================
@@ -249,13 +267,12 @@ def train(cfg: TrainConfig, resume: Path | None, env: DistEnv, run_id: str) -> F
                 break
             step(run, next(run.batches))  # type: ignore[arg-type]
             after_step(run)
-        return end(run, stop)
+        return end(run)
 
 
 def setup(cfg: TrainConfig, env: DistEnv, run_id: str) -> Training:
     """A fresh run at iteration 0: seeds, model and loss on the device, optimiser, the DDP wrapper."""
-    sync_bn = env.distributed and env.device.type == "cuda"
-    check_batch_split(cfg, env, sync_bn)
+    sync_bn = env.distributed and env.device.type == "cuda"  # the split was checked by `check_before_start`
     precision = autocast(cfg.run.amp, env.device)
     configure_determinism(cfg)
     from hiposeg.data.dataset import open_prepared
@@ -305,6 +322,7 @@ def begin(run: Training, resume: Path | None, saved: dict[str, Any] | None) -> N
         return
     rundir.start(run.out, run.cfg)
     run.logger = RunLogger(run.out, run.cfg, run.iteration, fresh=resume is None)
+    run.logger.tick(run.iteration, run.criterion.schedule.phase_name(run.iteration))  # the phase it starts in
     rundir.write_status(run.out, "running", run.iteration, run.run_id)
     if run.iteration:
         run.logger.print(f"resumed from {resume} at iteration {run.iteration}")
@@ -357,10 +375,13 @@ def check_finite(run: Training, loss: torch.Tensor, terms: dict[str, torch.Tenso
 def after_step(run: Training) -> None:
     """Log, evaluate and checkpoint on their cadences (the end of training does its own)."""
     cfg, it, total = run.cfg, run.iteration, run.cfg.optim.iters
+    phase = run.criterion.schedule.phase_name(it - 1)
+    if run.logger:
+        run.logger.tick(it, phase)
     if it % cfg.run.log_every == 0 or it == total:
         means = run.meter.means(run.env)
         if run.logger:
-            run.logger.step(it, poly_lr(cfg, it - 1), run.criterion.schedule.phase_name(it - 1), means)
+            run.logger.step(it, poly_lr(cfg, it - 1), phase, means)
     if cfg.run.eval_every and it % cfg.run.eval_every == 0 and it < total:
         evaluate_now(run)
     if it % cfg.run.ckpt_every == 0 and it < total:
@@ -372,12 +393,16 @@ def evaluate_now(run: Training) -> dict[str, Any]:
     cfg, env = run.cfg, run.env
     if env.distributed and not run.sync_bn:
         broadcast_buffers_(run.net)  # every rank evaluates (and saves) rank 0's BN statistics
+    if run.logger:
+        run.logger.activity(f"evaluating {cfg.data.val_split}")
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         val = eval_dataset(cfg.data.resolved_root(), cfg.data.val_split, cfg.data.mean, cfg.data.std)
         loader = eval_loader(val, env, batch_size=cfg.run.eval_batch_size, workers=cfg.data.workers)
         report = evaluate(run.net.segmenter, loader, env, mode=cfg.run.eval_mode, crop=cfg.data.crop,
                           amp=cfg.run.amp, iteration=run.iteration)
     run.net.train()
+    if run.logger:
+        run.logger.activity(None)
     run.last_eval = {k: lv["mIoU"] for k, lv in report["levels"].items()}
     fine = report["levels"]["fine"]["mIoU"]
     improved = fine is not None and (run.best["value"] is None or fine > run.best["value"])
@@ -398,20 +423,16 @@ def save(run: Training, name: str) -> None:
         checkpoint.save(ckpt, rundir.checkpoint_path(run.out, name))
 
 
-def end(run: Training, stop: StopSignal) -> FitResult:
-    """Interrupted: checkpoint and say how to continue. Finished: checkpoint, final evaluation,
-    report.json. Then status.json, with every rank's state digest (DDP must keep them equal)."""
+def end(run: Training) -> FitResult:
+    """Interrupted: checkpoint (the command that started the run says how to continue). Finished:
+    checkpoint, final evaluation, report.json. Then status.json, with every rank's state digest."""
     env, out = run.env, run.out
     interrupted = run.iteration < run.cfg.optim.iters
     report: dict[str, Any] | None = None
     if interrupted:
         if env.distributed and not run.sync_bn:
             broadcast_buffers_(run.net)
-        save(run, "last")
-        if run.logger:
-            sig = signal.Signals(stop.signum).name if stop.signum else "signal"
-            run.logger.print(f"{sig}: stopped at iteration {run.iteration}; checkpoint written to "
-                             f"{rundir.checkpoint_path(out)}. Continue with `hiposeg train --resume --out {out}`.")
+        save(run, "last")  # the command that started the run says so, and how to continue (once)
     else:
         save(run, "last")  # the trained weights are safe before the final evaluation can fail
         report = evaluate_now(run)

@@ -127,10 +127,9 @@ def _save_predictions(folder: Path, stems: list[str], pred: torch.Tensor, dtype:
 def _eval_progress(enabled: bool, total: int):  # type: ignore[no-untyped-def]
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from hiposeg.progress import work_progress
 
-    p = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                 transient=True)
+    p = work_progress(unit="img", transient=True)
     task = p.add_task("eval", total=total)
     p.start()
     return p, task

@@ -8,11 +8,14 @@ off again), so any image size works with any model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from hiposeg.errors import UserError
 
 Mode = Literal["auto", "whole", "slide"]
 
@@ -30,6 +33,28 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
         return [0]
     n = (size - window + stride - 1) // stride + 1
     return sorted({min(i * stride, size - window) for i in range(n)})
+
+
+def model_input_size(mode: Mode, image_hw: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int]:
+    """The (H, W) the model itself is given for an image: the image, or in slide mode the windows of
+    the crop (a smaller image is padded up to it)."""
+    return tuple(image_hw) if choose_mode(mode, image_hw, crop) == "whole" else tuple(crop)  # type: ignore[return-value]
+
+
+def check_input_sizes(model: object, images: Sequence[tuple[Path, tuple[int, int]]], mode: Mode,
+                      crop: tuple[int, int], batch_size: int) -> None:
+    """Before any output is written: every image ((file, (H, W)), in batches of up to `batch_size`)
+    within the input limits of `model`, if it has any (an exported program's `check_size`); the first
+    that is not is a UserError naming the file."""
+    check = getattr(model, "check_size", None)
+    if check is None:
+        return
+    for path, hw in images:
+        h, w = model_input_size(mode, hw, crop)
+        try:
+            check(min(batch_size, len(images)), h, w)
+        except UserError as e:
+            raise UserError(f"image {path} ({hw[1]}x{hw[0]} pixels, {mode} mode): {e.message}", hint=e.hint) from None
 
 
 @torch.no_grad()

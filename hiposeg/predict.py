@@ -8,8 +8,8 @@
 Nothing else is written, and never over data: --out must lie outside every prepared dataset (whose
 label maps are ground truth) and contain none of the input images, and it must be new or empty
 unless `overwrite` (`--overwrite`) is given; each folder is checked writable before any inference.
-Images are probed first (headers only), so a missing, empty or truncated file stops the command before
-any inference. They are then sorted by size and batched in groups of equal size (no padding, so a
+Images are probed first (headers only), so a missing, empty or truncated file, or an image outside an
+exported program's input limits, stops the command before any inference. They are then sorted by size and batched in groups of equal size (no padding, so a
 batch's logits are exactly the single-image logits), decoded in loader workers, and predicted in
 whole-image or sliding-window mode (`auto`: windows of the training crop when the image is larger).
 """
@@ -33,7 +33,7 @@ from hiposeg.data.codecs import IMAGE_EXTS, BadFile, encode_png, not_regular, pr
 from hiposeg.data.layout import check_output_name
 from hiposeg.errors import UserError
 from hiposeg.export import InferenceModel
-from hiposeg.inference import Mode, predict_logits
+from hiposeg.inference import Mode, check_input_sizes, predict_logits
 from hiposeg.atomic import atomic_write_bytes, check_empty_folder, check_writable, name_too_long_fix, write_failure
 
 IMAGE_SUFFIXES = (*IMAGE_EXTS, ".ppm", ".pgm")
@@ -234,6 +234,7 @@ def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, m
     check_stems(paths)
     sizes = probe_sizes(paths)
     batches = size_batches(sizes, batch_size)
+    check_input_sizes(model.module, list(zip(paths, sizes)), mode, model.crop, max(map(len, batches)))
     for d in dirs.values():
         check_writable(d, "--out folder")
     device = device or torch.device("cpu")
@@ -274,10 +275,8 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from hiposeg.progress import work_progress
 
-    with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
+    with work_progress(unit="img", transient=True) as bar:
         task = bar.add_task("predict", total=total)
         yield lambda n: bar.advance(task, n)

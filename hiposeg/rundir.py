@@ -48,6 +48,13 @@ def checkpoint_path(run: Path, name: str = "last") -> Path:
     return run / CHECKPOINT_DIR / f"{name}.pt"
 
 
+def resume_command(out: Path, launcher: str = "single") -> str:
+    """The command that continues the run in `out` (every message that gives it uses this one)."""
+    if launcher == "torchrun":
+        return f"`torchrun [your launch options] -m hiposeg train --resume --out {out}`"
+    return f"`hiposeg train --resume --out {out}`"
+
+
 def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
     """A checkpoint file, or a run directory (-> its `checkpoints/{prefer}.pt`, else the other one)."""
     if prefer not in ("best", "last"):
@@ -170,7 +177,7 @@ def run_id_for(out: Path, resume: Path | None) -> str:
     if resume is None:
         if last.exists():
             raise UserError(f"run directory {out} already holds a checkpoint (checkpoints/last.pt)",
-                            hint=f"Continue it with `--resume --out {out}`, or choose a new --out.")
+                            hint=f"Resume it with {resume_command(out)}, or choose a new --out.")
         return new_run_id()
     mine = checkpoint.summary(resume)
     if not any((out / m).exists() for m in RUN_MARKERS):
@@ -224,7 +231,7 @@ def write_error(e: OSError, out: Path) -> UserError | None:
     lead = (f"no space left on the device while writing {what}" if e.errno in (errno.ENOSPC, errno.EDQUOT)
             else f"cannot write {what}: {e.strerror or e}")
     return UserError(lead, hint="The last checkpoint written is intact. Free disk space or make the folder writable "
-                                f"(or choose another --out), then continue with `hiposeg train --resume --out {out}`.")
+                                f"(or choose another --out), then resume with {resume_command(out)}.")
 
 
 def is_write_failure(e: OSError, out: Path) -> bool:

@@ -1,7 +1,8 @@
-"""Shared test helpers: running the CLI (`cli`, `fails_with`, `squash`), the real-format sample files,
-the suite's tiny dataset, configuration, run and exported models (`tiny_data`, `tiny_config`, `tiny_run`,
-`exported_models`), and PNG writers for what cv2 cannot write (palette and 1/2/4-bit greyscale PNGs,
-a header claiming any size), written by hand with zlib + struct. Test modules import the plain functions: `from conftest import fails_with, squash`."""
+"""Shared test helpers: running the CLI (`cli`, `fails_with`, `squash`), the real-format sample files
+(`real_sample`, located by HIPOSEG_REAL_FIXTURES), the suite's tiny dataset, configuration, run and
+exported models (`tiny_data`, `tiny_config`, `tiny_run`, `exported_models`), and PNG writers for what cv2
+cannot write (palette and 1/2/4-bit greyscale PNGs, a header claiming any size), written by hand with
+zlib + struct. Test modules import the plain functions: `from conftest import fails_with, squash`."""
 
 from __future__ import annotations
 
@@ -51,16 +52,21 @@ def fails_with(args: list, *needles: str | Path) -> str:
     return r.output
 
 
+# The real-format sample files of public datasets (README "Real-format sample files"): the folder named
+# by HIPOSEG_REAL_FIXTURES, else ../shared/fixtures/real beside the checkout. Read here once; every test
+# takes them through `real_sample`, which skips the test (naming the setting) when they are absent.
+REAL_FIXTURES_VARIABLE = "HIPOSEG_REAL_FIXTURES"
+REAL_FIXTURES = Path(os.environ.get(REAL_FIXTURES_VARIABLE)
+                     or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real")
 
-REAL_FIXTURES = Path(os.environ.get("HIPOSEG_REAL_FIXTURES", Path(__file__).resolve().parents[2] / "shared/fixtures/real"))
 
-
-@pytest.fixture(scope="session")
-def real_fixtures() -> Path:
-    """../shared/fixtures/real (see its README); the test is skipped when it is absent."""
-    if not REAL_FIXTURES.is_dir():
-        pytest.skip(f"real-format sample files not found at {REAL_FIXTURES}")
-    return REAL_FIXTURES
+def real_sample(relative: str) -> Path:
+    """A file or folder of the real-format samples; the calling test is skipped when it is absent."""
+    path = REAL_FIXTURES / relative
+    if not path.exists():
+        pytest.skip(f"real-format sample {path} not found: set {REAL_FIXTURES_VARIABLE} to the samples' folder "
+                    "(README, \"Real-format sample files\")")
+    return path
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:

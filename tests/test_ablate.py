@@ -168,6 +168,38 @@ def test_results_mean_std_delta_and_paper_columns(tmp_path, hierarchy, expected)
     assert collect_results(tmp_path, [joint])["configs"][0]["paper"] is None
 
 
+@pytest.mark.parametrize("hierarchy,paper_column", [("cityscapes", True), ("synthetic", False)])
+def test_the_footnote_explains_the_paper_column_only_when_it_is_shown(tmp_path, hierarchy, paper_column):
+    from rich.console import Console
+
+    from hiposeg.ablate.results import results_table
+
+    recs = [record(list(r)) for r in TABLE5_ROWS]
+    for rec in recs:
+        fake_run(tmp_path, rec, 0, 50.0, 60.0, hierarchy)
+        rec.seeds = [0]
+    res = collect_results(tmp_path, recs)
+    console = Console(width=200, record=True)
+    console.print(results_table(res))
+    assert ("Paper:" in res["notes"]) == paper_column
+    for shown in (results_markdown(res), console.export_text()):  # the column and its explanation go together
+        assert ("paperfinemIoU" in squash(shown)) == paper_column, shown
+        assert ("Paper:" in shown) == paper_column, shown
+        assert squash("Δ: difference of the means") in squash(shown)
+
+
+def test_a_grid_whose_runs_would_be_refused_is_refused_before_the_ablation_directory_is_written(cli, tiny_data,
+                                                                                               tmp_path):
+    """Was: ablation.json recorded the bad batch first, so the same command with the fix was refused as
+    a grid whose configuration had changed."""
+    out = tmp_path / "abl"
+    fails_with(ablate_args(tiny_data, out, "--losses", "ce", "--batch-size", "1"), "leaves 1 image per process")
+    assert not out.exists()
+    r = cli.invoke(app, ablate_args(tiny_data, out, "--losses", "ce"))
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "results.json").read_text())["configs"][0]["finished"] == 1
+
+
 def test_unfinished_runs_are_counted_but_not_averaged(tmp_path):
     rec = record(["ce"])
     rec.seeds = [0, 1, 2]

@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 
 import hiposeg
-from conftest import squash
+from conftest import real_sample, squash
 from hiposeg.cli import app
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy, builtin_dir, builtin_names
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
-SHIPPED = {"cityscapes", "ade20k", "mapillary_v2", "pascal_part_108"}
+SHIPPED = {"cityscapes", "ade20k", "mapillary_v2", "mapillary_v1.2", "pascal_part_108"}
 
 
 def flat(text: str) -> str:
@@ -43,6 +42,7 @@ EXPECTED_COUNTS = {
     "cityscapes": [19, 7],
     "ade20k": [150, 14, 3],
     "mapillary_v2": [124, 17, 7],
+    "mapillary_v1.2": [66, 14, 7],
     "pascal_part_108": [108, 21],
 }
 
@@ -215,13 +215,9 @@ def test_ade20k_obvious_memberships():
     assert group["tree"] == "plant" and group["sky"] == "nature"
 
 
-ADE_CSV = FIXTURES / "ade20k" / "objectInfo150.csv"
-
-
-@pytest.mark.skipif(not ADE_CSV.exists(), reason="real-format fixtures not present")
 def test_ade20k_against_object_info_150():
     h = Hierarchy.load("ade20k")
-    with ADE_CSV.open(newline="") as f:
+    with real_sample("ade20k/objectInfo150.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["Idx"]) for r in rows] == list(range(1, 151))
     tops = h.names("category")
@@ -282,16 +278,77 @@ def test_mapillary_not_evaluated_classes():
     assert names[21] == "construction--flat--road" and names[123] == "void--unlabeled"
 
 
-MAPILLARY_CONFIG = FIXTURES / "mapillary" / "config_v2.0.json"
-
-
-@pytest.mark.skipif(not MAPILLARY_CONFIG.exists(), reason="real-format fixtures not present")
 def test_mapillary_leaves_match_config():
-    labels = json.loads(MAPILLARY_CONFIG.read_text())["labels"]
+    labels = json.loads(real_sample("mapillary/config_v2.0.json").read_text())["labels"]
     h = Hierarchy.load("mapillary_v2")
     assert h.names("class") == [lab["name"] for lab in labels]
     assert h.colors("class").tolist() == [lab["color"] for lab in labels]
     assert [c.evaluate for c in h.classes("class")] == [lab["evaluate"] for lab in labels]
+
+
+# ============================================================================================
+# Mapillary Vistas v1.2
+# ============================================================================================
+
+# The 66 v1.2 labels in config order: names from datumaro (format.py MapillaryVistasLabelMap_V12), colours
+# from mmsegmentation (mapillary.py MapillaryDataset_v1 PALETTE).
+MAPILLARY_V12 = [
+    ("animal--bird", (165, 42, 42)), ("animal--ground-animal", (0, 192, 0)),
+    ("construction--barrier--curb", (196, 196, 196)), ("construction--barrier--fence", (190, 153, 153)),
+    ("construction--barrier--guard-rail", (180, 165, 180)), ("construction--barrier--other-barrier", (90, 120, 150)),
+    ("construction--barrier--wall", (102, 102, 156)), ("construction--flat--bike-lane", (128, 64, 255)),
+    ("construction--flat--crosswalk-plain", (140, 140, 200)), ("construction--flat--curb-cut", (170, 170, 170)),
+    ("construction--flat--parking", (250, 170, 160)), ("construction--flat--pedestrian-area", (96, 96, 96)),
+    ("construction--flat--rail-track", (230, 150, 140)), ("construction--flat--road", (128, 64, 128)),
+    ("construction--flat--service-lane", (110, 110, 110)), ("construction--flat--sidewalk", (244, 35, 232)),
+    ("construction--structure--bridge", (150, 100, 100)), ("construction--structure--building", (70, 70, 70)),
+    ("construction--structure--tunnel", (150, 120, 90)), ("human--person", (220, 20, 60)),
+    ("human--rider--bicyclist", (255, 0, 0)), ("human--rider--motorcyclist", (255, 0, 100)),
+    ("human--rider--other-rider", (255, 0, 200)), ("marking--crosswalk-zebra", (200, 128, 128)),
+    ("marking--general", (255, 255, 255)), ("nature--mountain", (64, 170, 64)), ("nature--sand", (230, 160, 50)),
+    ("nature--sky", (70, 130, 180)), ("nature--snow", (190, 255, 255)), ("nature--terrain", (152, 251, 152)),
+    ("nature--vegetation", (107, 142, 35)), ("nature--water", (0, 170, 30)), ("object--banner", (255, 255, 128)),
+    ("object--bench", (250, 0, 30)), ("object--bike-rack", (100, 140, 180)), ("object--billboard", (220, 220, 220)),
+    ("object--catch-basin", (220, 128, 128)), ("object--cctv-camera", (222, 40, 40)),
+    ("object--fire-hydrant", (100, 170, 30)), ("object--junction-box", (40, 40, 40)), ("object--mailbox", (33, 33, 33)),
+    ("object--manhole", (100, 128, 160)), ("object--phone-booth", (142, 0, 0)), ("object--pothole", (70, 100, 150)),
+    ("object--street-light", (210, 170, 100)), ("object--support--pole", (153, 153, 153)),
+    ("object--support--traffic-sign-frame", (128, 128, 128)), ("object--support--utility-pole", (0, 0, 80)),
+    ("object--traffic-light", (250, 170, 30)), ("object--traffic-sign--back", (192, 192, 192)),
+    ("object--traffic-sign--front", (220, 220, 0)), ("object--trash-can", (140, 140, 20)),
+    ("object--vehicle--bicycle", (119, 11, 32)), ("object--vehicle--boat", (150, 0, 255)),
+    ("object--vehicle--bus", (0, 60, 100)), ("object--vehicle--car", (0, 0, 142)),
+    ("object--vehicle--caravan", (0, 0, 90)), ("object--vehicle--motorcycle", (0, 0, 230)),
+    ("object--vehicle--on-rails", (0, 80, 100)), ("object--vehicle--other-vehicle", (128, 64, 64)),
+    ("object--vehicle--trailer", (0, 0, 110)), ("object--vehicle--truck", (0, 0, 70)),
+    ("object--vehicle--wheeled-slow", (0, 0, 192)), ("void--car-mount", (32, 32, 32)),
+    ("void--ego-vehicle", (120, 10, 10)), ("void--unlabeled", (0, 0, 0)),
+]
+# The v1.2 names v2.0 does not have, and the group of their name's path in v2.0 (README, hierarchy table).
+MAPILLARY_V12_ONLY = {"human--person": "person", "object--traffic-light": "traffic_light", "object--billboard": "object",
+                      "marking--crosswalk-zebra": "marking", "marking--general": "marking"}
+
+
+def test_mapillary_v12_leaves_are_the_v12_labels_in_config_order():
+    h = Hierarchy.load("mapillary_v1.2")
+    assert h.names("class") == [n for n, _ in MAPILLARY_V12]
+    assert h.colors("class").tolist() == [list(c) for _, c in MAPILLARY_V12]
+    assert h.raw_lut().tolist()[:66] == list(range(66)) and h.raw_lut()[66] == -1 and h.raw_ignore == []
+    assert [c.name for c in h.classes("class") if not c.evaluate] == ["void--unlabeled"]  # mmseg scores 65
+    assert (h.fine_level, h.coarse_level) == ("class", "group")
+
+
+def test_mapillary_v12_groups_follow_mapillary_v2_and_categories_are_the_vistas_name_prefixes():
+    v12, v2 = Hierarchy.load("mapillary_v1.2"), Hierarchy.load("mapillary_v2")
+    v2_group = dict(zip(v2.names("class"), (v2.names("group")[g] for g in v2.fine_to_coarse)))
+    group_of = dict(zip(v12.names("class"), (v12.names("group")[g] for g in v12.fine_to_coarse)))
+    assert {n: g for n, g in group_of.items() if n not in MAPILLARY_V12_ONLY} == \
+        {n: v2_group[n] for n in group_of if n not in MAPILLARY_V12_ONLY}  # LogicSeg's quirks included
+    assert {n: group_of[n] for n in MAPILLARY_V12_ONLY} == MAPILLARY_V12_ONLY
+    assert group_of["construction--barrier--wall"] == "flat" and group_of["object--trash-can"] == "traffic_sign"
+    top = v12.ancestor_lut("class", "category")
+    assert [v12.names("category")[t] for t in top] == [n.split("--")[0] for n, _ in MAPILLARY_V12]
+    assert v12.names("category") == v2.names("category")
 
 
 # ============================================================================================

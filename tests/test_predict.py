@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from conftest import fails_with
 from hiposeg.cli import app
@@ -180,3 +182,36 @@ def test_bad_inputs_are_clear_errors_before_any_output(model_file, tmp_path):
         out = tmp_path / "out"
         fails_with(["predict", model, *inputs, "--out", out, "--device", "cpu", "--workers", "0"], words)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt,sides", [("torch-export", "32 to 8192"), ("onnx", "at least 32")])
+def test_program_input_limits_are_checked_for_every_image_before_any_prediction_is_written(
+        exported_models, tiny_data, tmp_path, fmt, sides):
+    """predict: a 20-pixel-high image after a good one stops the command before the good one is written;
+    eval: a split of 24x24 images is refused before --save-predictions gets a file. --mode slide (windows
+    of the 64x64 training crop) works for both."""
+    if fmt not in exported_models:
+        pytest.skip("onnx is not installed")
+    model = exported_models[fmt]
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), np.zeros((64, 64, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "in" / "b.png"), np.zeros((20, 64, 3), np.uint8))
+    out = tmp_path / "out"
+    fails_with(["predict", model, tmp_path / "in", "--out", out, "--mode", "whole", "--device", "cpu",
+                "--workers", "0"], f"image {tmp_path / 'in' / 'b.png'} (64x20 pixels, whole mode)",
+               f"this exported model takes images of {sides} pixels per side; got 20x64", "--mode slide")
+    assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True
+    small = tmp_path / "small"  # the tiny set with its val split shrunk to 24x24 (the generator draws >= 32)
+    shutil.copytree(tiny_data, small)
+    for folder, interpolation in (("images", cv2.INTER_AREA), ("fine", cv2.INTER_NEAREST), ("coarse", cv2.INTER_NEAREST)):
+        for f in (small / "val" / folder).iterdir():
+            pixels = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+            cv2.imwrite(str(f), cv2.resize(pixels, (24, 24), interpolation=interpolation))
+    saved = tmp_path / "saved"
+    fails_with(["eval", model, "--data", small, "--save-predictions", saved, "--device", "cpu", "--workers", "0",
+                "--report", tmp_path / "r.json"], "(24x24 pixels, auto mode)", f"takes images of {sides} pixels")
+    assert not any(saved.iterdir()) if saved.exists() else True
+    for args in (["predict", model, tmp_path / "in", "--out", out], ["eval", model, "--data", small, "--save-predictions",
+                                                                     saved, "--report", tmp_path / "r.json"]):
+        r = CliRunner().invoke(app, [str(a) for a in args] + ["--mode", "slide", "--device", "cpu", "--workers", "0"])
+        assert r.exit_code == 0, r.output

@@ -534,12 +534,15 @@ def test_mapillary_config_and_version_checks(tmp_path, write_palette_png, run):
                "(66 labels) does not have")
     (raw / "config_v2.0.json").unlink()
     fails_with(prep("mapillary", raw, "--out", tmp_path / "o"), raw / "config_v2.0.json", "not found")
-    v12 = tmp_path / "v12"
+    v12 = tmp_path / "v12"  # a v1.2 download is read as v1.2: its own config is checked
     (v12 / "training/v1.2/labels").mkdir(parents=True)
     (v12 / "training/images").mkdir(parents=True)
     (v12 / "config_v1.2.json").write_text("{}")
-    fails_with(prep("mapillary", v12, "--out", tmp_path / "o"), "Mapillary Vistas v1.2 tree", v12 / "training",
-               "Vistas 2.0 download")
+    fails_with(prep("mapillary", v12, "--out", tmp_path / "o"), v12 / "config_v1.2.json", "is not a Mapillary config")
+    (v12 / "config_v1.2.json").write_text(json.dumps({"labels": labels}))  # v2.0's 124 labels in a v1.2 tree
+    fails_with(prep("mapillary", v12, "--out", tmp_path / "o"), "does not match hierarchy 'mapillary_v1.2'",
+               "label 2 is 'construction--barrier--ambiguous' in the config but 'construction--barrier--curb'",
+               "Vistas v1.2 release (66 labels, hierarchy mapillary_v1.2)")
 
 
 def test_a_fifo_as_a_split_list_or_release_config_is_named(tmp_path, write_palette_png):

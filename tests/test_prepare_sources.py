@@ -1,17 +1,19 @@
-"""Each converter on files in its release's real raw format: the real samples in
-../shared/fixtures/real (when present) and trees built here, checked against label tables typed or
+"""Each converter on files in its release's real raw format: the real-format samples (`real_sample`,
+when present) and trees built here, checked against label tables typed or
 derived plainly in the test (not through hiposeg's LUT code)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from conftest import real_sample
 from hiposeg.data.ade20k import ADE20K
 from hiposeg.data.cityscapes import Cityscapes
 from hiposeg.data.folder import Folder
@@ -52,7 +54,12 @@ def json_tables(name: str) -> tuple[dict[int, int], dict[int, int], set[int]]:
     return fine, coarse, set(spec.get("raw", {}).get("ignore", []))
 
 
-def read(path: Path) -> np.ndarray:
+def read(path: Path, palette_indices: bool = False) -> np.ndarray:
+    """A PNG as stored (cv2), or a palette PNG's indices (hiposeg's palette decoder)."""
+    if palette_indices:
+        from hiposeg.data.dataset import read_label
+
+        return read_label(path)
     a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     assert a is not None, path
     return a
@@ -90,8 +97,8 @@ def check_outputs(out: Path, split: str, stem: str, fine: np.ndarray, coarse: np
 # ------------------------------------------------------------------------------------------
 
 
-def test_cityscapes_real_sample_gives_official_train_ids_and_categories(real_fixtures, tmp_path):
-    raw = real_fixtures / "cityscapes"
+def test_cityscapes_real_sample_gives_official_train_ids_and_categories(tmp_path):
+    raw = real_sample("cityscapes")
     m = prepare(Cityscapes(), raw, tmp_path / "cs", workers=1, quiet=True)
     stem = "frankfurt_000000_000294"
     label_ids = read(raw / "gtFine/val/frankfurt" / f"{stem}_gtFine_labelIds.png")
@@ -146,8 +153,8 @@ def test_cityscapes_tree_every_label_id(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def test_ade20k_real_samples_shift_by_one(real_fixtures, tmp_path):
-    raw = real_fixtures / "ade20k/ADEChallengeData2016"
+def test_ade20k_real_samples_shift_by_one(tmp_path):
+    raw = real_sample("ade20k/ADEChallengeData2016")
     prepare(ADE20K(), raw, tmp_path / "ade", workers=1, quiet=True)
     _, coarse_of, _ = json_tables("ade20k")
     for n in (1, 2, 3):
@@ -182,8 +189,8 @@ def test_ade20k_every_value_0_to_150(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def test_mapillary_real_sample_reads_palette_indices(real_fixtures, tmp_path):
-    raw = real_fixtures / "mapillary"
+def test_mapillary_real_sample_reads_palette_indices(tmp_path):
+    raw = real_sample("mapillary/config_v2.0.json").parent  # the reconstructed config (its README) is needed too
     label = raw / "validation/v2.0/labels/__CRyFzoDOXn6unQ6a3DnQ.png"
     assert cv2.imread(str(label), cv2.IMREAD_UNCHANGED).ndim == 3  # cv2 alone would give RGB
     m = prepare(Mapillary(), raw, tmp_path / "map", workers=1, quiet=True)
@@ -201,13 +208,14 @@ def test_mapillary_real_sample_reads_palette_indices(real_fixtures, tmp_path):
     assert m["splits"]["val"]["pixels"]["fine"]["construction--structure--building"] == int((fine == 27).sum())
 
 
-def mapillary_config(path: Path) -> list[dict]:
-    spec = json.loads((builtin_dir() / "mapillary_v2.json").read_text())
+def mapillary_config(path: Path, hierarchy: str = "mapillary_v2") -> list[dict]:
+    """A config_VERSION.json whose labels are the leaves of a built-in hierarchy, in raw-value order."""
+    spec = json.loads((builtin_dir() / f"{hierarchy}.json").read_text())
     leaves = sorted(spec["levels"][0]["classes"], key=lambda c: c.get("raw", [c["id"]])[0])
     labels = [{"name": c["name"], "readable": c["name"], "color": c["color"], "instances": False,
                "evaluate": c.get("evaluate", True)} for c in leaves]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"labels": labels, "version": "2.0"}))
+    path.write_text(json.dumps({"labels": labels, "version": path.stem.split("_v")[-1]}))
     return labels
 
 
@@ -237,6 +245,64 @@ def test_mapillary_palette_tree_all_124_ids(tmp_path, write_palette_png):
     fine = read(tmp_path / "out2/train/fine" / f"{'k' * 21}t.png")
     expected = np.where(np.isin(idx["train"], unevaluated), 255, idx["train"]).astype(np.uint8)
     np.testing.assert_array_equal(fine, expected)
+
+
+# The real sample's v1.2 and v2.0 labels mark the same pixels: v1.2 ids (mmsegmentation MapillaryDataset_v1
+# order) -> (v2.0 id, the v1.2 class's group in mapillary_v1.2).
+V12_SAMPLE = {17: (27, "structure"), 44: (84, "support"), 45: (85, "support")}  # building, street light, pole
+
+
+def test_mapillary_v12_real_sample_is_detected_from_the_layout_and_read_as_v12_ids(tmp_path):
+    """A v1.2 download (config_v1.2.json, v1.2/labels, no v2.0): prepared with the mapillary_v1.2
+    hierarchy, without any flag. The real v1.2 label is read as palette indices, checked pixel by pixel
+    against the same image's real v2.0 label and against its own palette colours."""
+    sample = real_sample("mapillary/validation")
+    label = sample / "v1.2/labels/__CRyFzoDOXn6unQ6a3DnQ.png"
+    raw = tmp_path / "vistas-v1.2"
+    (raw / "validation/v1.2").mkdir(parents=True)
+    (raw / "validation/images").symlink_to(sample / "images")
+    (raw / "validation/v1.2/labels").symlink_to(sample / "v1.2/labels")
+    labels = mapillary_config(raw / "config_v1.2.json", "mapillary_v1.2")
+    assert len(labels) == 66
+    m = prepare(Mapillary(), raw, tmp_path / "out", workers=1, quiet=True)
+    assert m["hierarchy"]["name"] == "mapillary_v1.2" and m["options"]["release"] == "v1.2"
+    fine = read(tmp_path / "out/val/fine/__CRyFzoDOXn6unQ6a3DnQ.png")
+    assert set(np.unique(fine).tolist()) == set(V12_SAMPLE)
+    v2 = read(sample / "v2.0/labels/__CRyFzoDOXn6unQ6a3DnQ.png", palette_indices=True)
+    for v12_id, (v2_id, _) in V12_SAMPLE.items():
+        np.testing.assert_array_equal(fine == v12_id, v2 == v2_id)
+    rgb = cv2.cvtColor(cv2.imread(str(label), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    for v12_id in V12_SAMPLE:  # the file's own palette colour of each id is the v1.2 colour of that class
+        assert (rgb[fine == v12_id] == labels[v12_id]["color"]).all()
+    groups = json.loads((tmp_path / "out/hierarchy.json").read_text())["levels"][1]["classes"]
+    coarse = read(tmp_path / "out/val/coarse/__CRyFzoDOXn6unQ6a3DnQ.png")
+    for v12_id, (_, group) in V12_SAMPLE.items():
+        assert {groups[c]["name"] for c in np.unique(coarse[fine == v12_id]).tolist()} == {group}
+
+
+def test_mapillary_release_is_chosen_by_layout_or_by_flag(tmp_path, write_palette_png):
+    """A v2.0 download holds both versions: v2.0 is prepared (and said so); --release v1.2 prepares the
+    other; a layout that has only one version's labels, or a wrong --release, says what to do."""
+    raw = tmp_path / "vistas"
+    key = "k" * 22
+    write(raw / "validation/images" / f"{key}.jpg", image(8, 8, 0))
+    write_palette_png(raw / "validation/v2.0/labels" / f"{key}.png", np.full((8, 8), 108, np.uint8), np.zeros((256, 3)))
+    write_palette_png(raw / "validation/v1.2/labels" / f"{key}.png", np.full((8, 8), 55, np.uint8), np.zeros((256, 3)))
+    mapillary_config(raw / "config_v2.0.json")
+    mapillary_config(raw / "config_v1.2.json", "mapillary_v1.2")
+    v2 = prepare(Mapillary(), raw, tmp_path / "v2", workers=1, quiet=True)
+    assert v2["hierarchy"]["name"] == "mapillary_v2" and v2["options"]["release"] == "v2.0"
+    assert any("--release v1.2" in note for note in v2["_run"]["notes"])
+    assert np.unique(read(tmp_path / "v2/val/fine" / f"{key}.png")).tolist() == [108]  # object--vehicle--car
+    v1 = prepare(Mapillary(release="v1.2"), raw, tmp_path / "v1", workers=1, quiet=True)
+    assert v1["hierarchy"]["name"] == "mapillary_v1.2" and v1["options"]["release"] == "v1.2"
+    assert np.unique(read(tmp_path / "v1/val/fine" / f"{key}.png")).tolist() == [55]  # object--vehicle--car
+    shutil.rmtree(raw / "validation/v2.0")  # a config_v2.0.json but only v1.2 labels: v2.0 is asked for
+    with pytest.raises(UserError, match="v2.0/labels is missing") as e:
+        prepare(Mapillary(), raw, tmp_path / "v2b", workers=1, quiet=True)
+    assert "add --release v1.2" in e.value.hint
+    with pytest.raises(UserError, match="--release 'v1.1' is not a Mapillary Vistas version"):
+        Mapillary(release="v1.1")
 
 
 @pytest.mark.parametrize("bit_depth", [1, 2, 4])

@@ -46,6 +46,20 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path,
     assert done.report["levels"]["fine"]["mIoU"] == pytest.approx(full.report["levels"]["fine"]["mIoU"])
 
 
+def test_an_interrupted_run_says_once_where_its_checkpoint_is_and_how_to_resume(cli, tiny_data, tmp_path, monkeypatch):
+    """One message (it was said twice, in two wordings: by the training loop and by the command)."""
+    import hiposeg.engine as engine
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(engine, "StopSignal", lambda: StopAfter(3))
+    r = cli.invoke(app, [a for a in train_args(tiny_data, out, iters=6) if a != "--quiet"])
+    assert r.exit_code == 130, r.output
+    said = squash(r.output)
+    assert said.count("--resume") == 1 and said.count("atiteration3") == 1, r.output
+    assert squash(f"interrupted at iteration 3; checkpoint written to {out / 'checkpoints' / 'last.pt'}; resume with "
+                  f"`hiposeg train --resume --out {out}`") in said, r.output
+
+
 def test_existing_run_needs_resume_and_resume_rejects_changed_settings(cli, tiny_data, tmp_path):
     out = tmp_path / "run"
     assert cli.invoke(app, train_args(tiny_data, out, iters=6)).exit_code == 0
@@ -79,6 +93,10 @@ def test_corrupt_and_foreign_checkpoints_are_refused(cli, tiny_data, tmp_path):
                        (["train", "--resume", last, "--data", other, "--quiet", "--device", "cpu"], f"checkpoint {last}")]:
         fails_with(args, f"{what} was trained with hierarchy 'synthetic' (sha256 {ours}), but {other} uses "
                          f"'synthetic' ({theirs}): a different class tree")
+    # into a new folder: refused before the folder is made (was: after it was claimed, in the training process)
+    fails_with(["train", "--resume", last, "--data", other, "--out", tmp_path / "new", "--quiet", "--device", "cpu"],
+               "a different class tree")
+    assert not (tmp_path / "new").exists()
     # truncated file
     bad = tmp_path / "bad.pt"
     data = last.read_bytes()

@@ -171,6 +171,37 @@ def test_resume_and_eval_from_another_working_directory_find_the_data_or_ask_for
     assert status(home / "runs" / "r")["state"] == "finished" and not (elsewhere / "runs").exists()
 
 
+def test_an_exported_model_evaluated_from_another_directory_finds_its_data_or_asks_for_data_first(
+        cli, tiny_data, tmp_path, monkeypatch):
+    """The README's first hour: a run started with relative paths, exported, then evaluated elsewhere."""
+    import torch
+
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(tiny_data, home / "data" / "synthetic")
+    monkeypatch.chdir(home)
+    assert cli.invoke(app, train_args(Path("data/synthetic"), Path("runs/r"), iters=2)).exit_code == 0
+    model = home / "model.pt"
+    assert cli.invoke(app, ["export", "runs/r", "--out", str(model)]).exit_code == 0
+    monkeypatch.chdir(elsewhere)
+    evaluate = ["eval", model, "--device", "cpu", "--workers", "0", "--report", elsewhere / "r.json"]
+    r = cli.invoke(app, [str(a) for a in evaluate])
+    assert r.exit_code == 0, r.output  # the recorded path is absolute
+    (home / "data" / "synthetic").rename(home / "moved")
+    said = fails_with(evaluate, f"no prepared dataset at {home / 'data' / 'synthetic'}, the data recorded in {model}",
+                      "Pass --data DIR with the folder the prepared dataset is in now; or prepare it again there: "
+                      f"`hiposeg prepare synthetic --out {home / 'data' / 'synthetic'}`")
+    assert "run `hiposeg prepare" not in said  # --data first, not "run hiposeg prepare"
+    r = cli.invoke(app, [str(a) for a in evaluate] + ["--data", str(home / "moved")])
+    assert r.exit_code == 0, r.output
+    # a model exported before paths were recorded absolute names the folder it would have been relative to
+    old = torch.load(model, weights_only=True)
+    torch.save({**old, "data": "data/synthetic"}, home / "old.pt")
+    fails_with(["eval", home / "old.pt", "--device", "cpu", "--workers", "0"],
+               f"no prepared dataset at {elsewhere / 'data' / 'synthetic'} (recorded relative to the folder the run was started in)",
+               "Pass --data DIR")
+
+
 def children_of(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]

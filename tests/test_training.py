@@ -56,6 +56,7 @@ def test_end_to_end_train_checkpoint_eval_report(cli, tiny_data, tmp_path):
     # run directory contents
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["optim"]["iters"] == 8 and cfg["model"]["backbone"] == "resnet18"
+    assert (cfg["run"]["gpus"], cfg["run"]["launcher"]) == (1, "single")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if "loss" in r] == [2, 4, 6, 8]
     # lr is the poly lr of the row's last step (iteration - 1); the phase is that step's phase
@@ -196,6 +197,25 @@ def test_batch_must_split_evenly_over_processes(tiny_data, tmp_path):
     fails_with(train_args(tiny_data, tmp_path / "y", "--batch-size", "1", iters=6), "1 image per process")
 
 
+@pytest.mark.parametrize("extra,words", [
+    (["--gpus", "2", "--batch-size", "3"], "batch size 3 does not split evenly over 2 processes"),
+    (["--gpus", "2", "--batch-size", "4", "--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
+    (["--gpus", "2", "--batch-size", "4", "--pretrained", "missing.pth"], "pretrained backbone file missing.pth"),
+    (["--batch-size", "1"], "leaves 1 image per process"),
+    (["--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
+])
+def test_what_a_worker_would_refuse_is_refused_before_any_process_or_file(tiny_data, tmp_path, monkeypatch, extra,
+                                                                           words):
+    """Checked by the launching process: no worker is started (no torch SIGTERM warning), and no run
+    directory, lock or .worker-error.json is left behind."""
+    import hiposeg.engine as engine
+
+    monkeypatch.setattr(engine, "spawn_reporting", lambda *a: pytest.fail("a worker was started"))
+    monkeypatch.chdir(tmp_path)
+    fails_with(train_args(tiny_data, tmp_path / "run", *extra), words)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_two_process_gloo_run_keeps_ranks_identical(cli, tiny_data, tmp_path):
     out = tmp_path / "ddp"
@@ -203,6 +223,8 @@ def test_two_process_gloo_run_keeps_ranks_identical(cli, tiny_data, tmp_path):
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished" and status["iteration"] == 4
     assert len(status["rank_digests"]) == 2 and status["rank_digests"][0] == status["rank_digests"][1]
+    recorded = yaml.safe_load((out / "config.yaml").read_text())["run"]
+    assert (recorded["gpus"], recorded["launcher"]) == (2, "spawn")
     assert result.report is not None and result.report["images"] == 4
     # the ranks scored disjoint halves of the split; their summed confusion matrices must equal a
     # single-process evaluation of the saved model (dropping the all-reduce would halve the pixels)
@@ -233,3 +255,8 @@ def test_torchrun_launch_line_runs_the_same_path(tiny_data, tmp_path):
     assert status["iteration"] == 4 and len(status["rank_digests"]) == 2
     assert status["rank_digests"][0] == status["rank_digests"][1]
     assert (out / "report.json").exists()
+    # the run says and records how many processes trained and how they were launched (was: 1 process)
+    assert proc.stderr.count("2 processes (torchrun)") == 1, proc.stderr[-3000:]
+    recorded = yaml.safe_load((out / "config.yaml").read_text())["run"]
+    assert (recorded["gpus"], recorded["launcher"]) == (2, "torchrun")
+    assert load_plain(out / "checkpoints" / "last.pt")["config"]["run"]["launcher"] == "torchrun"

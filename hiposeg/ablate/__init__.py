@@ -34,6 +34,7 @@ a name that now means different settings (e.g. another --iters) is refused with 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +83,7 @@ def run_ablation(plan: Plan, console: Console, quiet: bool = False) -> dict[str,
     if launched_by_torchrun():
         raise UserError("`hiposeg ablate` starts its own processes per run; do not launch it with torchrun",
                         hint="Use `hiposeg ablate --gpus N` instead.")
+    check_runs_can_start(plan)
     with locked(plan.out):
         records, mine, added = merge_grid(load_records(plan.out), list(zip(plan.variants, plan.configs)), plan.seeds)
         known = len(records) - len(added)
@@ -99,6 +101,22 @@ def run_ablation(plan: Plan, console: Console, quiet: bool = False) -> dict[str,
             write_results(plan.out, results)
     results["interrupted"] = interrupted
     return results
+
+
+def check_runs_can_start(plan: Plan) -> None:
+    """What a run would refuse when it starts (`engine.check_before_start`: batch split, devices,
+    precision, pretrained file), for every configuration before ablation.json is written, so that
+    the same command with the fix runs the grid instead of finding it recorded with the mistake."""
+    from hiposeg import engine
+
+    checked: set[str] = set()
+    for cfg in plan.configs:
+        cfg = engine.as_launched(cfg.with_absolute_paths())
+        key = json.dumps([cfg.run.model_dump(mode="json"), cfg.model.model_dump(mode="json"), cfg.optim.batch_size,
+                          str(cfg.data.resolved_root())])
+        if key not in checked:
+            checked.add(key)
+            engine.check_before_start(cfg, engine.ensure_prepared(cfg), None)
 
 
 def run_jobs(plan: Plan, jobs: Sequence[tuple[str, int]], by_slug: dict[str, tuple[Record, Variant]],

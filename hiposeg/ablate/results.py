@@ -90,14 +90,19 @@ def collect_results(out: Path, records: Sequence[Record]) -> dict[str, Any]:
         paper = paper_value(hierarchy, rec.values, rec.experiment)
         row["paper"] = {"table": paper[0], "fine_mIoU": paper[1]} if paper else None
     return {"format": "hiposeg-ablation-results/1", "hierarchy": hierarchy, "configs": rows,
-            "notes": NOTES}
+            "notes": notes(rows)}
 
 
 NOTES = ("mIoU in %, mean over finished seeds ± sample standard deviation (n − 1). Δ: difference of the means "
-         "to the `ce`-only configuration with otherwise equal settings. Paper: fine-level mIoU from the paper's "
-         "Table 5 (Cityscapes) / Table 6 (high-only = ce,fh,hh; low-only = ce,fl,ll; both = all terms), "
-         "ResNet-101 with the full recipe; shown where the terms match a row and the schedule, σ1, σ2 and m are the "
-         "paper's.")
+         "to the `ce`-only configuration with otherwise equal settings.")
+PAPER_NOTE = ("Paper: fine-level mIoU from the paper's Table 5 (Cityscapes) / Table 6 (high-only = ce,fh,hh; "
+              "low-only = ce,fl,ll; both = all terms), ResNet-101 with the full recipe; shown where the terms match a "
+              "row and the schedule, σ1, σ2 and m are the paper's.")
+
+
+def notes(rows: Sequence[dict[str, Any]]) -> str:
+    """The footnote of the tables: the paper's column is explained only when it is shown."""
+    return NOTES + (" " + PAPER_NOTE if any(r["paper"] for r in rows) else "")
 
 
 def ce_reference(rec: Record, records: Sequence[Record]) -> Record | None:
@@ -143,7 +148,7 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def results_table(results: dict[str, Any]) -> Table:
     header, cells = table_rows(results)
     title = "Ablation" + (f" on {results['hierarchy']}" if results["hierarchy"] else "")
-    t = Table(title=Text(title), title_justify="left", caption=Text(NOTES), caption_justify="left")
+    t = Table(title=Text(title), title_justify="left", caption=Text(results["notes"]), caption_justify="left")
     for i, h in enumerate(header):
         t.add_column(h, justify="left" if i == 0 else "right", style="bold" if h == "fine mIoU" else None,
                      overflow="fold")
@@ -157,7 +162,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Ablation{' on ' + results['hierarchy'] if results['hierarchy'] else ''}", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-    return "\n".join(lines + ["", NOTES, ""])
+    return "\n".join(lines + ["", results["notes"], ""])
 
 
 def results_csv(results: dict[str, Any]) -> str:

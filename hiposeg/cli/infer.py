@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -76,10 +75,10 @@ def eval_cmd(
         data_root = data or loaded.data_root
         if data_root is None:
             raise UserError(f"{model} does not record its dataset; pass --data DATA")
+        from hiposeg.data.dataset import moved_dataset_error, open_prepared
+
         if data is None and not (Path(data_root) / "manifest.json").exists():
-            raise UserError(f"no prepared dataset at {os.path.abspath(data_root)}, the data recorded in {model}",
-                            hint="Pass --data DIR with the folder the prepared dataset is in now.")
-        from hiposeg.data.dataset import open_prepared
+            raise moved_dataset_error(Path(data_root), f"the data recorded in {model}")
 
         h_data, _ = open_prepared(Path(data_root), split)
         if h_data.sha256 != loaded.hierarchy.sha256:
@@ -88,7 +87,15 @@ def eval_cmd(
                             f"({h_data.sha256[:12]}): a different class tree",
                             hint="Evaluate on data prepared with the model's hierarchy.")
         env = DistEnv(device=dev)
-        loader = eval_loader(eval_dataset(Path(data_root), split, loaded.mean, loaded.std), env, workers=workers)
+        val = eval_dataset(Path(data_root), split, loaded.mean, loaded.std)
+        if hasattr(loaded.module, "check_size"):  # an exported program: its input limits, before any output
+            from hiposeg.inference import check_input_sizes
+            from hiposeg.predict import probe_sizes
+
+            files = val.image_files()
+            sizes = list(zip(files, probe_sizes(files)))
+            check_input_sizes(loaded.module, sizes, mode, loaded.crop, batch_size=1)  # type: ignore[arg-type]
+        loader = eval_loader(val, env, workers=workers)
         rep = evaluate(loaded.module.to(dev), loader, env, mode=mode, crop=loaded.crop, amp=amp,
                        save_predictions=save_predictions, progress=True, invalid_gt=invalid_gt)
         rep["model"] = str(model)

@@ -124,6 +124,16 @@ def open_prepared(root: Path, split: str | None = None, dataset: str | None = No
     return hierarchy, manifest
 
 
+def moved_dataset_error(root: Path, whose: str, dataset: str | None = None) -> UserError:
+    """The data folder a run or model recorded (`whose`: e.g. "the data recorded in MODEL") holds no
+    prepared dataset now: the fix is --data first (the data moved), then preparing it again there."""
+    where = Path(os.path.abspath(root))
+    relative = "" if Path(root).is_absolute() else " (recorded relative to the folder the run was started in)"
+    return UserError(f"no prepared dataset at {where}{relative}, {whose}",
+                     hint="Pass --data DIR with the folder the prepared dataset is in now; or prepare it again there: "
+                          f"`{prepare_command(where, dataset)}`.")
+
+
 def prepared_dataset_at(path: Path) -> Path | None:
     """The prepared dataset `path` lies in (itself or an ancestor holding hiposeg's manifest.json and
     hierarchy.json, or the journal of an unfinished `prepare`), after resolving links; else None."""
@@ -199,6 +209,10 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.stems)
+
+    def image_files(self) -> list[Path]:
+        """The split's image files, in item order."""
+        return [self.root / self.split / "images" / name for name in self._image_files]
 
     def load(self, index: int) -> dict[str, Any]:
         """The decoded sample as tv_tensors (uint8 image, label maps as masks)."""

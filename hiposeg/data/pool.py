@@ -102,9 +102,7 @@ def default_workers() -> int:
 
 
 def progress_bar(quiet: bool):  # type: ignore[no-untyped-def]
-    """A Rich progress bar on stderr (stdout stays for the summary); `quiet` hides it."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """The progress bar on stderr (stdout stays for the summary); `quiet` hides it."""
+    from hiposeg.progress import work_progress
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), disable=quiet)
+    return work_progress(unit="img", disable=quiet)

@@ -126,7 +126,7 @@ def prepare(source: Source, raw: Path, out: Path, *, hierarchy: Hierarchy | str 
                              f"(`hiposeg prepare {source.name} --help` shows the layout).")
     check_out_not_in_raw(raw, out)
     max_pixels()  # a bad $HIPOSEG_MAX_PIXELS is one message here, not one per worker
-    h = hierarchy if isinstance(hierarchy, Hierarchy) else Hierarchy.load(hierarchy or source.default_hierarchy)
+    h = hierarchy if isinstance(hierarchy, Hierarchy) else Hierarchy.load(hierarchy or source.hierarchy_for(raw))
     source.check(raw, h)
     found = source.discover(raw)
     selected = {s: items[:limit] if limit else items for s, items in found.items.items()}

@@ -32,4 +32,5 @@ def command_for_dataset(name: str) -> str | None:
 
 def builtin_hierarchy_names() -> list[str]:
     """The releases' built-in hierarchies and the synthetic set's, in the order of `SOURCES`."""
-    return [s.default_hierarchy for s in SOURCES.values() if s.default_hierarchy] + [SYNTHETIC]
+    return [h for s in SOURCES.values() if s.default_hierarchy for h in (s.default_hierarchy, *s.release_hierarchies)] \
+        + [SYNTHETIC]

@@ -189,12 +189,18 @@ class Source:
 
     name: ClassVar[str]  # converter name (CLI command, manifest "source")
     default_hierarchy: ClassVar[str]  # built-in hierarchy name
+    release_hierarchies: ClassVar[tuple[str, ...]] = ()  # those of other releases it reads (see `hierarchy_for`)
     splits: ClassVar[tuple[str, ...]] = ("train", "val")  # output splits a full release has
     label_expected: ClassVar[str] = "one-channel PNG of label ids"
     flags: ClassVar[tuple[Flag, ...]] = COMMON_FLAGS
 
     def discover(self, raw: Path) -> Discovery:
         raise NotImplementedError
+
+    def hierarchy_for(self, raw: Path) -> str:
+        """The built-in hierarchy of the release at `raw` (a source that reads several releases tells
+        them apart by their layout)."""
+        return self.default_hierarchy
 
     def check(self, raw: Path, hierarchy: Hierarchy) -> None:
         """Source-specific consistency checks between RAW and the hierarchy (e.g. a config)."""

@@ -131,9 +131,14 @@ class BoundedInput(nn.Module):
 
     def check(self, x: torch.Tensor) -> None:
         b, _, h, w = x.shape
+        self.check_size(b, h, w)
+
+    def check_size(self, b: int, h: int, w: int) -> None:
+        """The check of `check`, for a batch of `b` images of h x w pixels that is not built yet (eval and
+        predict ask before anything is written)."""
         if min(h, w) < self.min_side or (self.max_side and max(h, w) > self.max_side):
-            raise UserError(f"this exported model takes images of {self.min_side} to {self.max_side or 'any'} pixels "
-                            f"per side; got {h}x{w}",
+            sides = f"{self.min_side} to {self.max_side}" if self.max_side else f"at least {self.min_side}"
+            raise UserError(f"this exported model takes images of {sides} pixels per side; got {h}x{w}",
                             hint="Use --mode slide (windows of the training crop), or the hiposeg format.")
         if self.max_batch and b > self.max_batch:
             raise UserError(f"this exported model takes at most {self.max_batch} images per batch; got {b}",
