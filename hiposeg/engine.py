@@ -40,7 +40,7 @@ from hiposeg.config import TrainConfig
 from hiposeg.data.sampler import train_loader
 from hiposeg.distributed import (DistEnv, StopSignal, any_rank, broadcast_buffers_, check_world, decided_on_rank0,
                                  init_from_env, launched_by_torchrun, rank_digests, share_cpu_cores, shutdown,
-                                 spawn_reporting)
+                                 spawn_reporting, torchrun_env)
 from hiposeg.errors import UserError
 from hiposeg.evaluate import autocast, eval_dataset, eval_loader, evaluate
 from hiposeg.hierarchy import Hierarchy
@@ -70,7 +70,7 @@ def fit(cfg: TrainConfig, *, resume: Path | None = None) -> FitResult:
     """Train (and finally evaluate) per `cfg`; `resume` is a checkpoint file to continue from."""
     cfg = cfg.with_absolute_paths()
     if launched_by_torchrun():
-        check_world(int(os.environ["WORLD_SIZE"]), cfg.run.device)
+        check_world(torchrun_env()[1], cfg.run.device)
         return _fit_under_torchrun(cfg, resume)
     lock, run_id = open_run(cfg, resume)
     try:

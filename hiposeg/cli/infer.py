@@ -29,7 +29,7 @@ def eval_cmd(
     mode: Annotated[str, typer.Option(help="auto (slide if larger than the training crop), whole or slide.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
     amp: Annotated[str, typer.Option(help="off, bf16 or fp16.")] = "off",
-    workers: Annotated[int, typer.Option(help="Data loader workers.")] = 2,
+    workers: Annotated[int, typer.Option(min=0, help="Data loader workers.")] = 2,
     which: Annotated[str, typer.Option("--checkpoint", help="For a run directory: best or last.")] = "best",
     invalid_gt: Annotated[str, typer.Option(
         "--invalid-gt", help="Ground-truth values that are neither a class nor ignore: error (name the files) or "
@@ -181,7 +181,7 @@ def predict_cmd(
                                       show_default=False)],
     mode: Annotated[str, typer.Option(help="auto (sliding windows of the training crop for larger images), whole "
                                            "or slide.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (equal sizes are grouped).")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch (equal sizes are grouped).")] = 4,
     overlay: Annotated[str, typer.Option(help="Colour overlays: fine, coarse (overlay-coarse/), both or none.")] = "fine",
     alpha: Annotated[float, typer.Option(help="Overlay opacity of the palette colours.")] = 0.5,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
