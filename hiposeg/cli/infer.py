@@ -59,12 +59,11 @@ def eval_cmd(
     # every output is checked before the evaluation, whose result it must not lose
     if report is not None:
         check_report_path(report, overwrite=overwrite)
-    if save_predictions is not None:
-        from hiposeg.atomic import check_writable
+        check_report_in_run(report, model, overwrite=overwrite)
+    if save_predictions is not None:  # then, once the split is known, its images (`check_predictions_folder`)
         from hiposeg.predict import check_output_folder
 
         check_output_folder(save_predictions, "--save-predictions", overwrite=overwrite)
-        check_writable(save_predictions, "--save-predictions")
     if predictions is not None:
         rep = evaluate_predictions(predictions, data, split, invalid_gt=invalid_gt)  # type: ignore[arg-type]
     else:
@@ -88,11 +87,24 @@ def eval_cmd(
                             f"({h_data.sha256[:12]}): a different class tree",
                             hint="Evaluate on data prepared with the model's hierarchy.")
         env = DistEnv(device=dev)
-        loader = eval_loader(eval_dataset(Path(data_root), split, loaded.mean, loaded.std), env, workers=workers)
+        dataset = eval_dataset(Path(data_root), split, loaded.mean, loaded.std)
+        if save_predictions is not None:
+            check_predictions_folder(save_predictions, Path(data_root) / split / "images")
+        loader = eval_loader(dataset, env, workers=workers)
         rep = evaluate(loaded.module.to(dev), loader, env, mode=mode, crop=loaded.crop, amp=amp,
                        save_predictions=save_predictions, progress=True, invalid_gt=invalid_gt)
         rep["model"] = str(model)
     publish_report(rep, report)
+
+
+def check_predictions_folder(folder: Path, images: Path) -> None:
+    """--save-predictions, before any is written: never over the images evaluated (nor the raw files
+    the dataset's images link to), and writable."""
+    from hiposeg.atomic import check_writable
+    from hiposeg.predict import refuse_outputs_over_inputs
+
+    refuse_outputs_over_inputs([folder], sorted(images.iterdir()), "--save-predictions")
+    check_writable(folder, "--save-predictions")
 
 
 def check_report_path(report: Path, *, overwrite: bool) -> None:
@@ -111,15 +123,31 @@ def check_report_path(report: Path, *, overwrite: bool) -> None:
     check_writable(report.parent, "the folder of --report")
 
 
+def check_report_in_run(report: Path, model: Optional[Path], *, overwrite: bool) -> None:
+    """A report inside a run directory is written only by an evaluation of that run's own model, and
+    never over the run's training report (report.json, which `ablate` tabulates), unless --overwrite."""
+    from hiposeg.rundir import REPORT_FILE, enclosing_run
+
+    run = None if overwrite else enclosing_run(report)
+    if run is None:
+        return
+    hint = "Write the report elsewhere (`eval RUN` writes RUN/eval-SPLIT.json), or add --overwrite."
+    if model is None or not (Path(model).resolve() == run or run in Path(model).resolve().parents):
+        raise UserError(f"--report {report} is inside the run directory {run}, but the model evaluated "
+                        f"({model or 'none: --predictions'}) is not that run's: it would replace the run's files",
+                        hint=hint)
+    if report.name == REPORT_FILE and report.resolve().parent == run:
+        raise UserError(f"--report {report} is the training report of the run {run} (`ablate` tabulates it): eval "
+                        "does not replace it", hint=hint)
+
+
 def is_hiposeg_report(path: Path) -> bool:
     """Whether `path` holds a report.json written by hiposeg (which a new evaluation may replace)."""
-    from hiposeg.safeload import load_json
+    from hiposeg.rundir import read_json
 
     try:
-        if path.stat().st_size > 64 << 20:
-            return False
-        data = load_json(path.read_bytes(), str(path))
-    except (OSError, UserError):
+        data = read_json(path)
+    except UserError:
         return False
     return isinstance(data, dict) and isinstance(data.get("levels"), dict) and "hierarchy" in data
 
