@@ -154,7 +154,8 @@ def check_target(out: Path, what: str = "run directory", kind: str = "a hiposeg 
                  proven: Callable[[Path], bool] | None = None) -> None:
     """Before anything is written: `out` can be a `what` (also `ablate`'s directory): not a file's
     path, not inside a prepared dataset, and new, empty (but for hiposeg's lock and temp files) or
-    provably one (`proven(out)`; default `is_run_directory`), never a folder of other files. Nothing
+    provably one (`proven(out)`; default `is_run_directory`), never a folder of other files (a failed
+    `--gpus N` launch leaves only its lock and `.worker-error.json`: still empty). Nothing
     is written there, not even a lock file."""
     from hiposeg.data.dataset import refuse_prepared_dataset
 
@@ -165,7 +166,7 @@ def check_target(out: Path, what: str = "run directory", kind: str = "a hiposeg 
     refuse_prepared_dataset(out, what)
     if not out.is_dir() or (proven or is_run_directory)(out):
         return
-    others = [n for n in sorted(os.listdir(out)) if n != LOCK_NAME and not OWN_TEMP.match(n)]
+    others = [n for n in sorted(os.listdir(out)) if n not in (LOCK_NAME, WORKER_ERROR_FILE) and not OWN_TEMP.match(n)]
     if others:
         raise UserError(f"{out} is not {kind}: it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}",
                         hint="Choose a new or empty --out; hiposeg does not write into a folder of other files.")

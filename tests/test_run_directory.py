@@ -246,6 +246,23 @@ def test_a_folder_holding_a_projects_config_status_or_checkpoints_is_not_a_run_d
         assert snapshot(folder) == before and not (folder / LOCK_NAME).exists()
 
 
+def test_a_folder_left_by_a_failed_multi_process_launch_is_still_empty(tmp_path):
+    """A `--gpus N` launch whose worker failed before the run started leaves only its lock and
+    .worker-error.json (hiposeg's own files): the next `train --out` there is accepted; a user's file
+    beside them is not."""
+    from hiposeg.errors import UserError
+    from hiposeg.rundir import WORKER_ERROR_FILE, check_target
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("")
+    (out / WORKER_ERROR_FILE).write_text('{"message": "no data", "hint": null}')
+    check_target(out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not a hiposeg run directory: it holds notes.txt"):
+        check_target(out)
+
+
 def test_ablate_out_holding_results_tables_or_a_runs_folder_is_not_an_ablation_directory(tiny_data, tmp_path):
     """results.csv and runs/ (TensorBoard's default log folder) prove nothing; a foreign ablation.json
     neither. Only an ablation.json of hiposeg's format makes a folder an ablation directory."""
