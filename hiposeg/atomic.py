@@ -10,8 +10,10 @@ import contextlib
 import errno
 import json
 import os
+import re
+import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,6 +25,9 @@ TMP_PREFIX = ".tmp-"
 TEMP_NAME_EXTRA = len(TMP_PREFIX) + 1 + 8
 NAME_MAX = 255  # bytes in one file name on Linux file systems (ext4, XFS, Btrfs, tmpfs, NFS)
 WRITE_PROBE = "write-test"  # the logical name of check_writable's probe file (`.tmp-write-test.XXXX`)
+# hiposeg's temp names: `atomic_open` (mkstemp: 8 random characters) and prepare's image links (the pid)
+# append a dot and a tag to `.tmp-NAME`. Only files of this pattern are ever removed as stale temps.
+OWN_TEMP = re.compile(re.escape(TMP_PREFIX) + r".+\.(?:[a-z0-9_]{8}|\d+)$")
 
 
 @contextlib.contextmanager
@@ -72,17 +77,69 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) ->
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> int:
-    """Delete temp files left by a killed writer in `directory` (not recursive). Returns the count."""
+    """Delete temp files left by a killed writer in `directory` (not recursive): regular files named by
+    hiposeg's temp-name pattern only (`OWN_TEMP`), never a user's `.tmp-notes` or a link. Returns the count."""
     n = 0
     d = Path(directory)
-    if not d.is_dir():
+    if not d.is_dir() or d.is_symlink():
         return 0
-    for p in d.iterdir():
-        if p.name.startswith(TMP_PREFIX) and p.is_file():
+    for e in os.scandir(d):
+        if OWN_TEMP.match(e.name) and e.is_file(follow_symlinks=False):
             with contextlib.suppress(OSError):
-                p.unlink()
+                os.unlink(e.path)
                 n += 1
     return n
+
+
+# ---- files hiposeg keeps open for writing, and its own folders ---------------------------------
+
+
+def open_log(path: str | os.PathLike, *, append: bool, what: str = "output folder") -> IO[str]:
+    """Open a log hiposeg appends to (e.g. metrics.jsonl) for writing: never through a symbolic link
+    (O_NOFOLLOW), never into a hard-linked file or a pipe (checked on the open descriptor, before
+    anything is truncated or written), so no other file's content can change. `append=False` starts it empty."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # a link; a FIFO nobody reads
+            kind = "a symbolic link" if e.errno == errno.ELOOP else "a named pipe (FIFO)"
+            raise link_refusal(path, kind, what) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        raise link_refusal(path, "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file",
+                           what)
+    os.set_blocking(fd, True)
+    if not append:
+        os.ftruncate(fd, 0)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def refuse_links(root: Path, names: Iterable[str], what: str) -> None:
+    """hiposeg writes the entries `names` (relative paths) inside its folder `root`: none of them, nor
+    a folder on the way to it, may be a symbolic link (the writes would land where it points) or a
+    hard-linked file (they would change the other name's content too). Checked before the work."""
+    for name in names:
+        p = root
+        for part in Path(name).parts:
+            p = p / part
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                break
+            if stat.S_ISLNK(st.st_mode):
+                raise link_refusal(p, f"a symbolic link (to {os.readlink(p)})", what)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                raise link_refusal(p, "a hard link to another file", what)
+
+
+def link_refusal(path: Path, kind: str, what: str = "output folder") -> UserError:
+    return UserError(f"{path} is {kind}: hiposeg never writes through a link, nor into a file it did not create, "
+                     f"in its {what}",
+                     hint=f"Remove {path.name} (hiposeg writes its own there), or choose another --out.")
 
 
 # ---- output paths, checked before the long work ------------------------------------------------

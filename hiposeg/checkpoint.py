@@ -24,20 +24,24 @@ import random
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hiposeg import __version__
+from hiposeg.archive import check_torch_file
 from hiposeg.atomic import atomic_save
-from hiposeg.config import ModelConfig, TrainConfig, format_validation_error, upgrade_config
+from hiposeg.config import MIN_CROP, ModelConfig, TrainConfig, format_validation_error, upgrade_config
+from hiposeg.data.codecs import BadFile, open_regular
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
 
 CHECKPOINT_FORMAT = "hiposeg-checkpoint/1"
 MODEL_FORMAT = "hiposeg-model/1"
+UNSAFE_HINT = ("hiposeg files hold plain data only. Do not load files from untrusted sources; re-export or re-save "
+               "the checkpoint with hiposeg.")
 DAMAGED_HINT = ("The file was damaged or edited: use the run's other checkpoint (best.pt / last.pt), export the "
                 "model again, or retrain.")
 
@@ -131,8 +135,10 @@ class ArchFields(_Fields):
 
 
 class NormalizationFields(_Fields):
-    mean: list[float] = Field(min_length=3, max_length=3)
-    std: list[float] = Field(min_length=3, max_length=3)
+    """(x - mean) / std on every input: a zero or non-finite value would make every input NaN."""
+
+    mean: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=3, max_length=3)
+    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(min_length=3, max_length=3)
 
 
 class InputFields(_Fields):
@@ -183,6 +189,22 @@ def check_fields(obj: dict[str, Any], path: Path, fields: type[_Fields] | None =
     if issubclass(fields, ModelMetadata) and obj["arch"]["num_classes"] != hierarchy.num_fine:
         raise UserError(f"{path} has a malformed field 'arch.num_classes': {obj['arch']['num_classes']}, but its "
                         f"hierarchy has {hierarchy.num_fine} fine classes", hint=DAMAGED_HINT)
+    if issubclass(fields, ModelMetadata):
+        check_crop(obj, path)
+
+
+def check_crop(meta: dict[str, Any], path: Path) -> None:
+    """The training crop is the sliding window of inference: a program (which refuses inputs below its
+    `input.min_side`) needs windows at least that large, the hiposeg format the smallest training crop;
+    none may exceed the largest input a program takes (a window of 1 px would mean millions of passes,
+    one of 0 px or of 10^6 px a failure deep inside torch)."""
+    from hiposeg.export.common import MAX_SIDE
+
+    low = meta["input"]["min_side"] if meta.get("container") else MIN_CROP
+    high = meta["input"].get("max_side") or MAX_SIDE
+    if not all(low <= side <= high for side in meta["crop"]):
+        raise UserError(f"{path} has a malformed field 'crop': {meta['crop']}, but the sliding windows of this model "
+                        f"must be {low} to {high} pixels per side", hint=DAMAGED_HINT)
 
 
 def restore(path: Path, field: str, load: Callable[[], Any]) -> None:
@@ -241,26 +263,7 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
     """Load a hiposeg file safely; every failure is a UserError naming the file and the cause."""
     path = Path(path)
     expect = (expect,) if isinstance(expect, str) else expect
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory, not a checkpoint file",
-                        hint="Pass a run directory only where the command accepts one (eval, export, --resume).")
-    if path.stat().st_size == 0:
-        raise UserError(f"checkpoint {path} is empty (0 bytes): it was never written completely",
-                        hint="Use another checkpoint (e.g. the run's best.pt / last.pt) or retrain.")
-    refuse_program(path, expect)
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(
-            f"refusing to load {path}: it contains Python objects that only unsafe unpickling could restore "
-            f"({str(e).splitlines()[0][:200]})",
-            hint="hiposeg files hold plain data only. Do not load files from untrusted sources; re-export or "
-                 "re-save the checkpoint with hiposeg.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})",
-                        hint="Use the run's other checkpoint (best.pt / last.pt) or retrain.") from None
+    obj = _read(path, expect, map_location)
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt not in expect:
         raise UserError(f"{path} is not a {' or '.join(expect)} file (format: {fmt!r})",
@@ -271,20 +274,65 @@ def load(path: str | os.PathLike, *, expect: str | tuple[str, ...] = (CHECKPOINT
     return obj
 
 
+def _read(path: Path, expect: tuple[str, ...], map_location: str | torch.device, mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` of a regular file whose archive was proven before (every entry
+    stored, read alike by Python and torch: `hiposeg.archive`), so loading costs at most its size."""
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a checkpoint file",
+                        hint="Pass a run directory only where the command accepts one (eval, export, --resume).")
+    try:
+        f = open_regular(path)
+    except (BadFile, OSError) as e:
+        why = e.reason if isinstance(e, BadFile) else e.strerror or str(e)
+        raise UserError(f"cannot read checkpoint {path}: {why}", hint="Pass the checkpoint file itself.") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise UserError(f"checkpoint {path} is empty (0 bytes): it was never written completely",
+                            hint="Use another checkpoint (e.g. the run's best.pt / last.pt) or retrain.")
+        refuse_program(path, expect)
+        check_torch_file(f, size, lambda why: UserError(f"refusing to load {path}: {why}", hint=UNSAFE_HINT),
+                         lambda e: _corrupt(path, e))
+        try:
+            return torch.load(str(path) if mmap else f, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"refusing to load {path}: it contains Python objects that only unsafe unpickling could "
+                            f"restore ({str(e).splitlines()[0][:200]})", hint=UNSAFE_HINT) from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+            raise _corrupt(path, e) from None
+
+
+def _corrupt(path: Path, e: Exception) -> UserError:
+    return UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})",
+                     hint="Use the run's other checkpoint (best.pt / last.pt) or retrain.")
+
+
 def peek(path: Path) -> dict[str, Any]:
     """A checkpoint read memory-mapped (its tensors stay on disk): its config, hierarchy, run id and
     iteration for the checks made before a run loads it."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # any failure: the full loader explains it (corrupt, unsafe, not hiposeg)
-        ck = load(path)
-    return ck if isinstance(ck, dict) else load(path)
+    ck = _read(Path(path), (CHECKPOINT_FORMAT,), "cpu", mmap=True)
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        ck = load(path)  # explains what the file is instead
+    return ck
 
 
 def summary(path: Path) -> dict[str, Any]:
     """A checkpoint's run id and iteration (`peek`)."""
     ck = peek(path)
     return {"run_id": ck.get("run_id"), "iteration": ck.get("iteration")}
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a hiposeg training checkpoint (read as `summary` reads it; any failure: no)."""
+    if not path.is_file():
+        return False
+    try:
+        ck = _read(path, (CHECKPOINT_FORMAT,), "cpu", mmap=True)
+    except UserError:
+        return False
+    return isinstance(ck, dict) and ck.get("format") == CHECKPOINT_FORMAT
 
 
 def refuse_program(path: Path, expect: tuple[str, ...]) -> None:

@@ -36,6 +36,7 @@ FINE_LEVEL_TERMS = FINE_TERMS | {"align"}  # terms that read the low-level proto
 PHASE_GROUPS = (COARSE_TERMS, FINE_TERMS, frozenset({"align"}))
 PHASE_NAMES = ("1-ce", "2-high", "3-low", "4-align")
 SCHEDULES = ("sequential", "joint")
+MIN_CROP = 16  # the smallest training crop side (also the smallest sliding window of an exported model)
 # Fields renamed since configs and checkpoints were written: old dotted name -> new one, and why.
 RENAMED = {"loss.momentum": ("loss.memory_momentum", "the momentum m of the prototype memory, eq. 15; SGD's is "
                                                      "optim.momentum")}
@@ -61,8 +62,8 @@ class DataConfig(_Strict):
     @field_validator("crop")
     @classmethod
     def _crop_positive(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] < 16 or v[1] < 16:
-            raise ValueError(f"crop {v[0]}x{v[1]} is too small; use at least 16x16")
+        if v[0] < MIN_CROP or v[1] < MIN_CROP:
+            raise ValueError(f"crop {v[0]}x{v[1]} is too small; use at least {MIN_CROP}x{MIN_CROP}")
         return v
 
     @field_validator("scale_range")

@@ -46,15 +46,53 @@ class DistEnv:
         return self.world_size > 1
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# How long the processes of a group wait for each other to start (a leftover RANK/WORLD_SIZE would
+# otherwise wait for ranks that never come); collectives of a formed group may take far longer.
+RENDEZVOUS_TIMEOUT = timedelta(minutes=5)
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+ENV_HINT = ("To train in one process, unset them (`unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT`); for "
+            "several, launch with `torchrun --nproc_per_node=N -m hiposeg train ...` or use `hiposeg train --gpus N`.")
+
+
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+    return all(k in os.environ for k in TORCHRUN_VARIABLES)
+
+
+def torchrun_variables() -> str:
+    """`RANK=0, WORLD_SIZE=2, LOCAL_RANK=0` as set in the environment, for messages."""
+    return ", ".join(f"{k}={os.environ.get(k, '')}" for k in TORCHRUN_VARIABLES)
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun variables, checked: integers, a rank inside
+    the world, and for a group of several the MASTER_ADDR / MASTER_PORT it meets at. Variables left
+    over in a shell (set by hand or by an earlier torchrun) are a UserError naming them and the fix."""
+    try:
+        rank, world, local = (int(os.environ[k]) for k in TORCHRUN_VARIABLES)
+    except ValueError:
+        raise UserError(f"{torchrun_variables()}: these torchrun variables must be integers", hint=ENV_HINT) from None
+    if not (world >= 1 and 0 <= rank < world and local >= 0):
+        raise UserError(f"{torchrun_variables()}: RANK must lie in 0..WORLD_SIZE-1 (and LOCAL_RANK be >= 0)",
+                        hint=ENV_HINT)
+    if world > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise UserError(f"{torchrun_variables()} are set, as torchrun sets them, but {' and '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not: no torchrun group can be formed",
+                            hint=ENV_HINT)
+        port = os.environ["MASTER_PORT"]
+        if not (port.isdigit() and 0 < int(port) < 2**16):
+            raise UserError(f"MASTER_PORT={port!r} (with {torchrun_variables()}) is not a port number (1..65535)",
+                            hint=ENV_HINT)
+    return rank, world, local
 
 
 def launch_of(gpus: int) -> tuple[int, str]:
     """(world size, launcher) of a run asked for `gpus` processes: torchrun's group if this process is
     one of its ranks, else `gpus` processes spawned here (`spawn`), or this one (`single`)."""
     if launched_by_torchrun():
-        return int(os.environ["WORLD_SIZE"]), "torchrun"
+        return torchrun_env()[1], "torchrun"  # checked: leftover variables are named with the fix
     return gpus, "spawn" if gpus > 1 else "single"
 
 
@@ -88,15 +126,29 @@ def init_from_env(device_pref: str) -> DistEnv:
     """Join the process group described by the torchrun environment variables (if any)."""
     if not launched_by_torchrun():
         return DistEnv(device=pick_device(device_pref))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world, local = torchrun_env()
     device = pick_device(device_pref, local)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30),
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        dist.init_process_group(backend=backend, store=rendezvous(rank, world), rank=rank, world_size=world,
+                                timeout=COLLECTIVE_TIMEOUT, **({"device_id": device} if device.type == "cuda" else {}))
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def rendezvous(rank: int, world: int) -> dist.Store:
+    """The group's store, as `init_process_group("env://")` makes it (torch's env:// rendezvous, the
+    same prefix), but with a bounded wait for the other ranks: RENDEZVOUS_TIMEOUT, then a UserError."""
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=RENDEZVOUS_TIMEOUT))
+    except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError (timeout, refused), a bad port
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise UserError(f"{torchrun_variables()} are set, but the {world} processes of that group did not meet at "
+                        f"{where} within {int(RENDEZVOUS_TIMEOUT.total_seconds())} s "
+                        f"({str(e).strip().splitlines()[0][:160]})", hint=ENV_HINT) from None
+    store.set_timeout(COLLECTIVE_TIMEOUT)
+    return dist.PrefixStore("default_pg", store)
 
 
 def share_cpu_cores(env: DistEnv) -> None:
@@ -136,7 +188,8 @@ def spawn(world_size: int, fn: Callable[..., Any], args: tuple = ()) -> None:
     If the parent is killed outright (SIGKILL), the workers die with it (`die_with_parent`): the parent
     holds the run directory's lock, so no worker may write there once it is gone.
     """
-    port = int(os.environ.get("MASTER_PORT", 0)) or free_port()
+    given = os.environ.get("MASTER_PORT", "")
+    port = int(given) if given.isdigit() and 0 < int(given) < 2**16 else free_port()
     context = mp.start_processes(_spawn_entry, args=(world_size, port, os.getpid(), fn, args), nprocs=world_size,
                                  join=False, start_method="spawn")
 

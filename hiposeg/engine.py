@@ -320,10 +320,9 @@ def begin(run: Training, resume: Path | None, saved: dict[str, Any] | None) -> N
         checkpoint.restore(resume, "rng", lambda: checkpoint.set_rng_state(saved["rng"]))  # type: ignore[arg-type]
     if not run.env.is_main:
         return
-    rundir.start(run.out, run.cfg)
+    rundir.start(run.out, run.cfg, run.iteration, run.run_id)
     run.logger = RunLogger(run.out, run.cfg, run.iteration, fresh=resume is None)
     run.logger.tick(run.iteration, run.criterion.schedule.phase_name(run.iteration))  # the phase it starts in
-    rundir.write_status(run.out, "running", run.iteration, run.run_id)
     if run.iteration:
         run.logger.print(f"resumed from {resume} at iteration {run.iteration}")
 

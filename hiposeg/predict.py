@@ -6,7 +6,8 @@
     DIR/overlay-coarse/{stem}.png  the coarse one with coarse/both)
 
 Nothing else is written, and never over data: --out must lie outside every prepared dataset (whose
-label maps are ground truth) and contain none of the input images, and it must be new or empty
+label maps are ground truth), and neither it nor a folder in it (through links too) may contain an
+input image; and it must be new or empty
 unless `overwrite` (`--overwrite`) is given; each folder is checked writable before any inference.
 Images are probed first (headers only), so a missing, empty or truncated file, or an image outside an
 exported program's input limits, stops the command before any inference. They are then sorted by size and batched in groups of equal size (no padding, so a
@@ -180,13 +181,26 @@ def check_outputs(out: Path, inputs: Sequence[Path], dirs: dict[str, Path], *, o
     check_output_folder(out, "--out", overwrite=overwrite)
     for d in dirs.values():  # e.g. OUT/fine as a link into a dataset
         refuse_prepared_dataset(d, "--out")
-    roots = {os.path.abspath(out), os.fspath(Path(out).resolve())}
-    for p in inputs:
-        for where in (os.path.abspath(p), os.fspath(p.resolve())):
-            if any(where.startswith(r + os.sep) for r in roots):
-                raise UserError(f"--out {out} contains the input image {p}: predictions written there could "
-                                "overwrite inputs (or be read as inputs next time)",
+    refuse_outputs_over_inputs([out, *dirs.values()], inputs, "--out")
+
+
+def refuse_outputs_over_inputs(folders: Sequence[Path], inputs: Sequence[Path], flag: str) -> None:
+    """No folder written may hold an input image, even with --overwrite, after resolving links on both
+    sides: each folder as given and where it leads (OUT/fine as a link to the input folder), each
+    image as given and its real file (a prepared dataset's image links lead to the raw release)."""
+    places = [(p, os.path.abspath(p), os.path.realpath(p)) for p in inputs]
+    for d in folders:
+        roots = (os.path.abspath(d), os.path.realpath(d))
+        for p, given, real in places:
+            if any(w.startswith(r + os.sep) for w in (given, real) for r in roots):
+                raise UserError(f"{flag} {d}{_link_note(*roots)} contains the input image {p}"
+                                f"{_link_note(given, real)}: predictions written there could overwrite inputs (or be "
+                                "read as inputs next time)",
                                 hint="Write the predictions to a folder outside the input folders.")
+
+
+def _link_note(given: str, real: str) -> str:
+    return f" (a link to {real})" if real != given else ""
 
 
 def blend(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:

@@ -1,8 +1,9 @@
 """A run directory: what it holds, who may write it, and the rules of `--resume` (README
 "Checkpoints and resume").
 
-    config.yaml              the resolved configuration (written first: it marks a run directory)
     status.json              {"state": running | interrupted | finished | diverged, "iteration", "run_id", ...}
+                             (written first, when the run starts: it marks a run directory)
+    config.yaml              the resolved configuration
     checkpoints/last.pt      the latest checkpoint; checkpoints/best.pt: the best fine mIoU so far
     metrics.jsonl            one JSON object per log step or evaluation (tensorboard/ beside it)
     report.json              the final evaluation
@@ -10,23 +11,28 @@
 
 A run directory belongs to one run: every run carries a run id (status.json, checkpoints), so
 `--resume` never continues one run in another's directory, nor from an older checkpoint than its
-last.pt. `train` and `ablate` read a run's state here, and `eval`, `export` and `predict` find a
-run's checkpoint here (`resolve_checkpoint`).
+last.pt. A folder is taken for a run directory only if it provably holds one (`is_run_directory`: a
+hiposeg status.json with a run id, or a hiposeg checkpoint), never for a file name it holds; hiposeg
+writes nothing there through a link (`claim`). `train` and `ablate` read a run's state here, and
+`eval`, `export` and `predict` find a run's checkpoint here (`resolve_checkpoint`).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hiposeg import checkpoint
-from hiposeg.atomic import TMP_PREFIX, atomic_write_json, check_writable, file_in_the_way, remove_stale_temps
+from hiposeg.atomic import (OWN_TEMP, atomic_write_json, check_writable, file_in_the_way, refuse_links,
+                            remove_stale_temps)
 from hiposeg.config import (TrainConfig, build_config, deep_update, load_config_file, merge_layers, parse_set,
                             save_config, validate_config)
+from hiposeg.data.codecs import BadFile, read_regular_bytes
 from hiposeg.errors import UserError
 from hiposeg.lock import LOCK_NAME, DirectoryLock
 from hiposeg.safeload import load_json
@@ -38,8 +44,11 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
 WORKER_ERROR_FILE = ".worker-error.json"  # a `--gpus N` worker's UserError, for the launching process
-# A run writes config.yaml first, so a folder without one of these is not (yet) a run directory.
-RUN_MARKERS = (CONFIG_FILE, STATUS_FILE, CHECKPOINT_DIR)
+RUN_STATES = ("running", "interrupted", "finished", "diverged")
+RUN_ID = re.compile(r"[0-9a-f]{16}")  # new_run_id
+# What a run writes in place (not by temp file + rename): never a link, so it cannot write elsewhere.
+WRITTEN_IN_PLACE = (CHECKPOINT_DIR, TENSORBOARD_DIR, METRICS_FILE)
+MAX_JSON_BYTES = 64 << 20  # status.json, report.json, ablation.json: hiposeg writes them far smaller
 # What --resume may change: where the data lives, not what it is (run.* may change too, but the seed).
 MOVABLE_FIELDS = {"data.root", "data.dataset", "data.workers"}
 
@@ -79,11 +88,17 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file hiposeg wrote (status, report), or None when it does not exist."""
+    """A JSON file hiposeg wrote (status, report, ablation.json), or None when it does not exist. Read
+    only if it is a regular file of a plausible size: a named pipe there would block the run forever."""
     if not path.exists():
         return None
     try:
-        return load_json(path.read_bytes(), str(path))
+        if os.stat(path).st_size > MAX_JSON_BYTES:
+            raise UserError(f"{path} is {os.stat(path).st_size:,} bytes, not a file hiposeg wrote",
+                            hint=f"Move {path} away, or choose another folder.")
+        return load_json(read_regular_bytes(path), str(path))
+    except BadFile as e:
+        raise UserError(f"cannot read {e}", hint=f"Remove {path}, or choose another folder.") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -101,10 +116,29 @@ def mark_diverged(run: Path, message: str) -> None:
 def read_status(run: Path) -> dict[str, Any]:
     """status.json as a dict; a missing, unreadable or damaged one reads as no status ({})."""
     try:
-        status = load_json((run / STATUS_FILE).read_bytes(), str(run / STATUS_FILE))
-    except (OSError, UserError):
+        status = read_json(run / STATUS_FILE)
+    except UserError:
         return {}
     return status if isinstance(status, dict) else {}
+
+
+def is_run_directory(out: Path) -> bool:
+    """Whether `out` provably holds a hiposeg run: a status.json of hiposeg's form (a known state, an
+    iteration, a run id), or a hiposeg training checkpoint (runs from before run ids). File names
+    alone (a project's config.yaml, a checkpoints/ folder of other weights) prove nothing."""
+    status = read_status(out)
+    if (status.get("state") in RUN_STATES and type(status.get("iteration")) is int
+            and RUN_ID.fullmatch(str(status.get("run_id")))):
+        return True
+    return any(checkpoint.is_checkpoint(checkpoint_path(out, name)) for name in ("last", "best"))
+
+
+def enclosing_run(path: Path) -> Path | None:
+    """The run directory `path` lies in (after resolving links), if any."""
+    for d in Path(path).resolve().parents:
+        if is_run_directory(d):
+            return d
+    return None
 
 
 def run_state(run: Path) -> str:
@@ -124,10 +158,12 @@ def run_state(run: Path) -> str:
 
 
 def check_target(out: Path, what: str = "run directory", kind: str = "a hiposeg run directory",
-                 foreign: Callable[[Path], list[str]] | None = None) -> None:
+                 proven: Callable[[Path], bool] | None = None) -> None:
     """Before anything is written: `out` can be a `what` (also `ablate`'s directory): not a file's
-    path, not inside a prepared dataset, not a folder of other files (`foreign(out)`: the entries
-    that make it one; default `foreign_entries`). Nothing is written there, not even a lock file."""
+    path, not inside a prepared dataset, and new, empty (but for hiposeg's lock and temp files) or
+    provably one (`proven(out)`; default `is_run_directory`), never a folder of other files (a failed
+    `--gpus N` launch leaves only its lock and `.worker-error.json`: still empty). Nothing
+    is written there, not even a lock file."""
     from hiposeg.data.dataset import refuse_prepared_dataset
 
     blocker = file_in_the_way(out)
@@ -135,16 +171,20 @@ def check_target(out: Path, what: str = "run directory", kind: str = "a hiposeg 
         raise UserError(f"{what} {out} cannot be created: {blocker} is a file, not a folder",
                         hint="Choose another --out (a folder, or a new name to create).")
     refuse_prepared_dataset(out, what)
-    others = (foreign or foreign_entries)(out)
+    if not out.is_dir() or (proven or is_run_directory)(out):
+        return
+    others = [n for n in sorted(os.listdir(out)) if n not in (LOCK_NAME, WORKER_ERROR_FILE) and not OWN_TEMP.match(n)]
     if others:
         raise UserError(f"{out} is not {kind}: it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}",
                         hint="Choose a new or empty --out; hiposeg does not write into a folder of other files.")
 
 
 def claim(out: Path, resume: Path | None) -> tuple[DirectoryLock, str]:
-    """Lock the run directory, check it can be written, and decide the run id to write under."""
+    """Lock the run directory, check it can be written (and that nothing the run writes in place is a
+    link), and decide the run id to write under."""
     lock = DirectoryLock(out, "run directory").acquire()
     try:
+        refuse_links(out, WRITTEN_IN_PLACE, "run directory")
         check_writable(out, "run directory")
         run_id = run_id_for(out, resume)
     except BaseException:
@@ -153,10 +193,11 @@ def claim(out: Path, resume: Path | None) -> tuple[DirectoryLock, str]:
     return lock, run_id
 
 
-def start(out: Path, cfg: TrainConfig) -> None:
-    """The run directory as a new process (group) takes it over: its config, no stale temp files
-    (this process holds the lock: no temp file is live)."""
-    out.mkdir(parents=True, exist_ok=True)
+def start(out: Path, cfg: TrainConfig, iteration: int, run_id: str) -> None:
+    """The run directory as a new process (group) takes it over: status.json first (it marks the
+    folder as a run directory), no stale temp files (the lock is held for it: no temp file is live),
+    its config."""
+    write_status(out, "running", iteration, run_id)
     remove_stale_temps(out / CHECKPOINT_DIR)
     save_config(cfg, out / CONFIG_FILE)
 
@@ -180,7 +221,7 @@ def run_id_for(out: Path, resume: Path | None) -> str:
                             hint=f"Resume it with {resume_command(out)}, or choose a new --out.")
         return new_run_id()
     mine = checkpoint.summary(resume)
-    if not any((out / m).exists() for m in RUN_MARKERS):
+    if not is_run_directory(out):  # new or empty (`check_target` refused a folder of other files)
         return mine["run_id"] or new_run_id()  # continue the run in a new place
     same_file = last.exists() and Path(resume).resolve() == last.resolve()
     theirs = run_id_of(out)
@@ -209,17 +250,6 @@ def run_id_of(out: Path) -> str | None:
         return str(status["run_id"])
     last = checkpoint_path(out)
     return checkpoint.summary(last)["run_id"] if last.exists() else None
-
-
-def foreign_entries(out: Path) -> list[str]:
-    """What makes `out` a folder of other files: its entries, unless it is a run directory (it holds a
-    run's marker files, whatever else the user put there) or holds only a lock or temp files."""
-    if not out.is_dir():
-        return []
-    names = sorted(p.name for p in out.iterdir())
-    if any(m in names for m in RUN_MARKERS):
-        return []
-    return [n for n in names if n not in (LOCK_NAME, WORKER_ERROR_FILE) and not n.startswith(TMP_PREFIX)]
 
 
 def write_error(e: OSError, out: Path) -> UserError | None:
@@ -260,10 +290,17 @@ def resolve_train_config(config_file: Path | None, flags: dict[str, Any], sets: 
         source = f"training configuration (--config {config_file} and flags)" if config_file else "training configuration"
         return build_config(*layers, source=source), None
     explicit = merge_layers(*layers, source="training configuration")
-    path = checkpoint_to_resume(resume, explicit.get("run", {}).get("out"))
-    if resume != "last" and path.parent.name == CHECKPOINT_DIR and not explicit.get("run", {}).get("out"):
+    out = explicit.get("run", {}).get("out")
+    path = checkpoint_to_resume(resume, out)
+    if resume != "last" and path.parent.name == CHECKPOINT_DIR and not out:
         explicit.setdefault("run", {})["out"] = str(path.parent.parent)  # continue in that run directory
-    return resumed_config(path, explicit), path
+    cfg = resumed_config(path, explicit)
+    if not explicit.get("run", {}).get("out"):
+        raise UserError(f"--resume {path}: the checkpoint is not in a run directory's {CHECKPOINT_DIR}/ folder, so "
+                        f"which run directory to continue in is not known (the checkpoint records {cfg.run.out})",
+                        hint=f"Add --out DIR: a new folder continues the run there; --out {cfg.run.out} continues "
+                             "it in the directory it was trained in.")
+    return cfg, path
 
 
 def checkpoint_to_resume(resume: str, out: str | None) -> Path:

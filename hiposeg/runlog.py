@@ -19,6 +19,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from hiposeg.atomic import open_log
 from hiposeg.config import TrainConfig
 from hiposeg.distributed import DistEnv
 from hiposeg.metrics import summary_line
@@ -106,8 +107,9 @@ class RunLogger:
     def __init__(self, out: Path, cfg: TrainConfig, start_iter: int, fresh: bool) -> None:
         self.cfg, self.total = cfg, cfg.optim.iters
         self.console = Console(stderr=True, quiet=cfg.run.quiet)
-        # a new run starts its log afresh (a run killed before its first checkpoint is started over)
-        self.metrics = open(out / METRICS_FILE, "w" if fresh else "a", encoding="utf-8")  # noqa: SIM115
+        # a new run starts its log afresh (a run killed before its first checkpoint is started over);
+        # never written through a link, nor into a hard-linked file
+        self.metrics = open_log(out / METRICS_FILE, append=not fresh, what="run directory")
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -199,3 +199,46 @@ def onnx_with_external_weights(path: Path, location: str, size: int) -> Path:
                               [helper.make_tensor_value_info("out", TensorProto.UINT8, [size])], initializer=[weights])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
+
+
+# ------------------------------------------------------------------------------------------
+# Archives whose entries cost more memory than the file holds
+# ------------------------------------------------------------------------------------------
+
+
+def deflated(src: Path, out: Path) -> Path:
+    """`src` (a torch zip) with every entry deflate-compressed, in the same order: torch's reader inflates
+    such entries in memory, so a file of kilobytes can hold gigabytes of zeros."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as w:
+        for info in z.infolist():
+            w.writestr(info.filename, z.read(info))
+    return out
+
+
+def aliased(src: Path, out: Path, aliases: dict[str, str]) -> Path:
+    """`src` (a torch zip) rewritten so that each entry named in `aliases` stores no bytes of its own: its
+    central-directory record points at the local entry of the name it aliases, so one stored copy is
+    read as many (zip entries that overlap). Every entry stays uncompressed."""
+    import struct
+    import zlib
+
+    with zipfile.ZipFile(src) as z:
+        entries = [(i.filename, z.read(i)) for i in z.infolist()]
+    data = dict(entries)
+    body, offsets = b"", {}
+    for name, payload in entries:
+        if name in aliases:
+            continue
+        offsets[name] = len(body)
+        crc = zlib.crc32(payload)
+        body += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0x21, crc, len(payload), len(payload),
+                            len(name), 0) + name.encode() + payload
+    central = b""
+    for name, payload in entries:
+        target = aliases.get(name, name)
+        payload = data[target]
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0x21, zlib.crc32(payload),
+                               len(payload), len(payload), len(name), 0, 0, 0, 0, 0, offsets[target]) + name.encode()
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(central), len(body), 0)
+    out.write_bytes(body + central + end)
+    return out

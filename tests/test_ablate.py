@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fails_with, squash
-from faults import StopAfter
+from faults import StopAfter, install_full_disk, temp_files
 from hiposeg.ablate.plan import (TABLE5_ROWS, Record, build_grid, experiment_of, ignored_by_ce, load_records, make_plan,
                                  merge_grid, slugify, split_sets)
 from hiposeg.ablate.results import collect_results, results_markdown
@@ -253,6 +253,34 @@ def test_a_diverged_run_is_reported_and_skipped_and_the_grid_goes_on(cli, tiny_d
     assert [(x["finished"], x["diverged"]) for x in rows] == [(1, 0), (0, 1), (1, 0)]
     r = cli.invoke(app, args)  # a rerun does not repeat the diverged run
     assert r.exit_code == 0 and len(calls) == 3 and "diverged earlier, skipped" in " ".join(r.output.split())
+
+
+def test_a_full_disk_in_ablate_is_one_clear_error_that_never_hides_a_runs_own(cli, tiny_data, tmp_path, monkeypatch):
+    """ablation.json or the results tables on a full disk: "could not write FILE: No space left on
+    device" and how to continue, no traceback, no temp file. When a run itself failed, its error is the
+    one shown; the tables that could not be written are only noted."""
+    import hiposeg.engine as engine
+
+    out = tmp_path / "abl"
+    calls: list[str] = []
+    monkeypatch.setattr(engine, "fit", fake_fit_writing(calls, {"ce": (40.0, 60.0), "ce+fh+hh": (45.0, 61.0)}))
+    args = ablate_args(tiny_data, out, "--losses", "fh,hh")
+    for pattern in ("ablation.json", "results.*"):
+        with monkeypatch.context() as m:
+            install_full_disk(m, pattern, 0)
+            fails_with(args, f"could not write {out}/{pattern.replace('*', 'json')}: No space left on device",
+                       "rerun the same command")
+        assert not temp_files(out)
+    assert calls == ["losses=ce", "losses=ce+fh+hh__schedule=joint"]  # the second attempt trained, then failed
+
+    def failing_fit(cfg, resume=None):
+        raise UserError("the run's own error", hint="its own fix")
+
+    monkeypatch.setattr(engine, "fit", failing_fit)
+    install_full_disk(monkeypatch, "results.*", 0)
+    output = fails_with(ablate_args(tiny_data, tmp_path / "abl2", "--losses", "fh,hh"), "the run's own error",
+                        "its own fix", "the results tables were not updated (could not write")
+    assert "No space left on device" in output
 
 
 def test_losses_without_ce_plan_and_train_the_ce_baseline_so_delta_is_filled(cli, tiny_data, tmp_path, monkeypatch):

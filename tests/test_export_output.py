@@ -134,3 +134,36 @@ def test_onnx_without_the_extra_names_it(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("onnx") else real(name, *a))
     fails_with(["export", run, "--out", tmp_path / "m.onnx", "--format", "onnx"], "hiposeg[onnx]")
+
+
+def test_export_never_writes_into_a_dataset_a_runs_checkpoints_or_a_run_another_process_holds(
+        tiny_run, exported_models, tmp_path, cli):
+    """Beyond the file at --out: nothing is written inside a prepared dataset (not even over a model
+    hiposeg exported there, nor a new file), nor into a run's checkpoints/ folder (its own last.pt
+    included), nor into a run directory while another process holds it (a `train` writing it). A run
+    directory nobody holds takes the model."""
+    from hiposeg.lock import DirectoryLock
+
+    data, trained = tiny_run
+    dataset, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data, dataset, symlinks=True)
+    shutil.copytree(trained, run)
+    shutil.copy(exported_models["hiposeg"], dataset / "model.pt")
+    before = {d: digest(d) for d in (dataset, run)}
+    for out in (dataset / "model.pt", dataset / "val" / "new.pt"):
+        fails_with(["export", run, "--out", out], f"--out {out} is inside the prepared dataset {dataset}")
+    fails_with(["export", run, "--out", run / "checkpoints" / "last.pt"], "is not a model written by `hiposeg export`")
+    fails_with(["export", run, "--out", run / "checkpoints" / "model.pt"],
+               f"--out {run / 'checkpoints' / 'model.pt'} is in the checkpoints/ folder of the run directory {run}")
+    with DirectoryLock(run, "run directory"):  # a `train` into that run (here: this process) holds it
+        fails_with(["export", run, "--out", run / "model.pt"],
+                   f"run directory {run} is in use by another hiposeg process (pid {os.getpid()}")
+    assert {d: digest(d) for d in (dataset, run)} == before
+    assert cli.invoke(app, ["export", str(run), "--out", str(run / "model.pt")]).exit_code == 0
+    assert load_inference_model(run / "model.pt").source == "hiposeg"
+
+
+def digest(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (links not followed) with its bytes, but the lock file's holder record."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.name != ".hiposeg.lock"}

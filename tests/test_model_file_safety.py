@@ -340,3 +340,71 @@ def test_truncated_exported_models_are_refused_clearly(exported_models, tmp_path
     bad.write_bytes(data[: len(data) // 2])
     output = fails_with(["predict", bad, tmp_path, "--out", tmp_path / "p", "--device", "cpu"], bad.name, words)
     assert "onnxruntime" not in output
+
+
+# ------------------------------------------------------------------------------------------
+# Archives that cost more memory than the file holds (deflated entries, entries that overlap)
+# ------------------------------------------------------------------------------------------
+
+ZEROS = 1 << 20  # float32 zeros per tensor: 4 MiB once loaded
+
+
+def inflating(attack: str, tmp_path: Path) -> Path:
+    """A small file that torch.load turns into 32 MiB of tensors: 8 zero tensors, their entries deflated
+    (`torch.save` never compresses) or all read from one stored copy (overlapping zip entries)."""
+    plain = tmp_path / "plain.pt"
+    torch.save({"format": "hiposeg-model/1", "t": [torch.zeros(ZEROS) for _ in range(8)]}, plain)
+    if attack == "deflated":
+        return crafted.deflated(plain, tmp_path / "deflated.pt")
+    root = crafted.root_of(crafted.entries_of(plain))
+    return crafted.aliased(plain, tmp_path / "aliased.pt", {f"{root}/data/{i}": f"{root}/data/0" for i in range(1, 8)})
+
+
+@pytest.mark.parametrize("attack", ["deflated", "aliased"])
+def test_inflating_archives_are_live(tmp_path, attack):
+    """torch.load (weights-only) reads several times the file's size into memory from either file."""
+    path = inflating(attack, tmp_path)
+    loaded = torch.load(path, weights_only=True)["t"]
+    assert sum(t.nbytes for t in loaded) == 8 * 4 * ZEROS > 3 * path.stat().st_size
+
+
+@pytest.mark.parametrize("attack, reason", [("deflated", "is compressed, which torch would inflate in memory"),
+                                            ("aliased", "more than the file's")])
+def test_model_and_checkpoint_archives_that_inflate_beyond_their_file_are_refused_before_loading(
+        tiny_run, tmp_path, monkeypatch, attack, reason):
+    """Every command that reads a `.pt` (model, checkpoint, run directory) judges its archive with zipfile
+    and torch's own reader before torch.load: entries stored and adding up to no more than the file."""
+    data, _ = tiny_run
+    path = inflating(attack, tmp_path)
+    loads: list = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))
+    image = sorted((data / "val" / "images").iterdir())[0]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    last = Path(shutil.copy(path, run / "checkpoints" / "last.pt"))
+    for args, file in [(["predict", path, image, "--out", tmp_path / "p", "--device", "cpu", "--workers", "0"], path),
+                       (["eval", path, "--data", data, "--device", "cpu", "--workers", "0"], path),
+                       (["export", path, "--out", tmp_path / "m.pt"], path),
+                       (["train", "--resume", "last", "--out", run, "--data", data, "--quiet"], last)]:
+        fails_with(args, f"refusing to load {file}", reason)
+    assert loads == [] and not (tmp_path / "p").exists() and not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("where", ["archive", "sample inputs"])
+def test_a_program_with_compressed_entries_is_refused(exported_models, tmp_path, where):
+    """The same rule for `.pt2` archives, and for the torch.save archive a program carries inside
+    (its sample inputs), which torch.export.load reads with torch.load."""
+    program = exported_models["torch-export"]
+    if where == "archive":
+        path = crafted.deflated(program, tmp_path / "deflated.pt2")
+    else:
+        inner = tmp_path / "inputs.pt"
+        root = crafted.root_of(crafted.entries_of(program))
+        inner.write_bytes(crafted.python_reads(program, "data/sample_inputs/model.pt"))
+        packed = crafted.deflated(inner, tmp_path / "inputs-deflated.pt").read_bytes()
+        path = crafted.write_entries(tmp_path / "inner.pt2", [
+            (name, packed if name == f"{root}/data/sample_inputs/model.pt" else body)
+            for name, body in crafted.entries_of(program)])
+    within = "in its record data/sample_inputs/model.pt, " if where == "sample inputs" else ""
+    with pytest.raises(UserError, match=f"refusing to load .*: {within}its entry '.+' is compressed"):
+        read_program_archive(path)

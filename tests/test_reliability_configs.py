@@ -306,3 +306,70 @@ def test_an_empty_training_split_is_named(tiny_data, tmp_path):
         f.unlink()
     text = run_fails(data, tmp_path / "run", "--device", "cpu")
     assert squash(f"{data / 'train' / 'fine'} holds no label maps") in squash(text) and "hiposeg prepare" in text
+
+
+# ------------------------------------------------------------------------------------------
+# Counts on the command line, and the environment of a torchrun launch
+# ------------------------------------------------------------------------------------------
+
+COMMANDS = {"train": ["train", "--out"], "ablate": ["ablate", "--out"], "eval": ["eval", "RUN", "--report"],
+            "predict": ["predict", "M.pt", "IMG", "--out"]}  # each followed by its output path
+COUNTS = [("train", "--iters", "0"), ("train", "--batch-size", "0"), ("train", "--workers", "-1"),
+          ("train", "--gpus", "0"), ("train", "--ckpt-every", "0"), ("train", "--eval-every", "-1"),
+          ("ablate", "--iters", "0"), ("ablate", "--batch-size", "0"), ("ablate", "--workers", "-1"),
+          ("ablate", "--gpus", "0"), ("ablate", "--ckpt-every", "0"), ("ablate", "--eval-every", "-1"),
+          ("ablate", "--seeds", "0"), ("eval", "--workers", "-1"), ("predict", "--batch-size", "0"),
+          ("predict", "--workers", "-1")]
+
+
+@pytest.mark.parametrize("command, flag, value", COUNTS, ids=[f"{c} {f} {v}" for c, f, v in COUNTS])
+def test_every_count_option_refuses_a_value_below_its_minimum_by_name(tmp_path, command, flag, value):
+    """Parsed with a lower bound (was: `eval --workers -1` a ValueError traceback from the DataLoader)."""
+    fails_with([*COMMANDS[command], tmp_path / "out", flag, value], f"Invalid value for '{flag}'")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("env, words", [
+    ({}, "RANK=0, WORLD_SIZE=2, LOCAL_RANK=0 are set, as torchrun sets them, but MASTER_ADDR and MASTER_PORT are "
+         "not: no torchrun group can be formed"),
+    ({"RANK": "first"}, "RANK=first, WORLD_SIZE=2, LOCAL_RANK=0: these torchrun variables must be integers"),
+    ({"RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "RANK=2, WORLD_SIZE=2, LOCAL_RANK=0: RANK must lie in 0..WORLD_SIZE-1"),
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"}, "MASTER_PORT='http' (with RANK=0, WORLD_SIZE=2, "
+                                                          "LOCAL_RANK=0) is not a port number"),
+], ids=["no-master", "rank-text", "rank-outside", "port-text"])
+def test_leftover_torchrun_variables_are_one_clear_error(tiny_data, tmp_path, monkeypatch, env, words):
+    """RANK / WORLD_SIZE / LOCAL_RANK left in a shell (was: a ValueError traceback from torch's env://
+    rendezvous, or from int())."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", **env}.items():
+        monkeypatch.setenv(key, value)
+    for key in {"MASTER_ADDR", "MASTER_PORT"} - set(env):
+        monkeypatch.delenv(key, raising=False)
+    fails_with(["train", "--data", tiny_data, "--out", tmp_path / "run", "--device", "cpu", "--quiet"], words,
+               "unset RANK WORLD_SIZE LOCAL_RANK", "torchrun --nproc_per_node=N")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_torchrun_group_whose_other_ranks_never_come_is_a_clear_error_after_a_bounded_wait(tiny_data, tmp_path,
+                                                                                              monkeypatch):
+    """With MASTER_ADDR / MASTER_PORT set too, rank 0 waited for the missing rank until the 30-minute
+    collective timeout (a hang); the rendezvous now has its own bound (shortened here), then names the
+    variables, the address and the fix. `ablate`, which starts its own processes, names them at once."""
+    import datetime
+
+    import hiposeg.distributed as distributed
+
+    port = distributed.free_port()
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed, "RENDEZVOUS_TIMEOUT", datetime.timedelta(seconds=2))
+    started = time.monotonic()
+    fails_with(["train", "--data", tiny_data, "--out", tmp_path / "run", "--device", "cpu", "--quiet"],
+               "RANK=0, WORLD_SIZE=2, LOCAL_RANK=0 are set, but the 2 processes of that group did not meet at "
+               f"127.0.0.1:{port} within 2 s", "unset RANK WORLD_SIZE LOCAL_RANK")
+    assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()
+    fails_with(["ablate", "--data", tiny_data, "--out", tmp_path / "abl", "--device", "cpu", "--quiet"],
+               "RANK=0, WORLD_SIZE=2, LOCAL_RANK=0 are set, as torchrun sets them, but `hiposeg ablate` starts its "
+               "own processes per run", "unset RANK WORLD_SIZE LOCAL_RANK")
+    assert not (tmp_path / "abl").exists()

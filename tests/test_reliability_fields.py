@@ -177,3 +177,36 @@ def test_program_metadata_without_a_field_is_named(tiny_run, model_payload, tmp_
         for args in commands(path, data, tmp_path, resume=False).values():
             if args[0] != "export":  # export takes no programs (tests/test_reliability_programs.py)
                 fails_with(args, f"{path} lacks the field 'normalization'")
+
+
+@pytest.mark.parametrize("loc, value, shown", [
+    (("crop",), [0, 0], "'crop': [0, 0], but the sliding windows of this model must be 16 to 8192 pixels per side"),
+    (("crop",), [1, 1], "'crop': [1, 1], but the sliding windows of this model must be 16 to 8192 pixels per side"),
+    (("crop",), [64, 1_000_000], "'crop': [64, 1000000], but the sliding windows of this model must be 16 to 8192"),
+    (("normalization", "std"), [0.0, 0.0, 0.0], "'normalization.std.0': input should be greater than 0 (got 0.0)"),
+    (("normalization", "std"), [0.2, float("nan"), 0.2], "'normalization.std.1': input should be a finite number"),
+    (("normalization", "mean"), [0.5, 0.5, float("inf")], "'normalization.mean.2': input should be a finite number"),
+], ids=["crop-0", "crop-1", "crop-huge", "std-0", "std-nan", "mean-inf"])
+def test_model_metadata_values_inference_cannot_use_are_named_by_every_command(tiny_run, model_payload, tmp_path, loc,
+                                                                              value, shown):
+    """Well-typed metadata that inference cannot use: a crop of 0 (a failure deep inside torch), of 1
+    (sliding windows of one pixel: hours for one photo) or beyond any input; a std of 0 or NaN (every
+    input NaN, garbage labels, no warning). Each is named before any image is read."""
+    data, _ = tiny_run
+    path = tmp_path / "unusable.pt"
+    torch.save(edited(model_payload, loc, value), path)
+    for args in commands(path, data, tmp_path, resume=False).values():
+        fails_with(args, f"{path} has a malformed field {shown}")
+    assert not (tmp_path / "pred").exists() and not (tmp_path / "exported.pt").exists()
+
+
+def test_a_programs_crop_must_be_an_input_it_takes(tiny_run, model_payload, tmp_path):
+    """A program refuses inputs below its `input.min_side` (32), so its sliding windows must be at least
+    that large: a crop of 16 (fine for the hiposeg format, which runs the module itself) is named."""
+    data, _ = tiny_run
+    meta = {k: v for k, v in model_payload.items() if k != "state_dict"}
+    meta.update(container="torch-export", crop=[16, 16], input={**meta["input"], "max_side": 8192})
+    path = crafted.conv_program(tmp_path / "m.pt2", meta)
+    fails_with(commands(path, data, tmp_path, resume=False)["predict"],
+               f"{path} has a malformed field 'crop': [16, 16], but the sliding windows of this model must be 32 to "
+               "8192")

@@ -205,3 +205,63 @@ def test_a_full_disk_while_predicting_or_saving_predictions_is_one_clear_error(t
     monkeypatch.undo()
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert squash(f"could not write prediction {saved}/") in squash(r.output) and "No space left" in r.output
+
+
+@pytest.mark.parametrize("linked", ["fine", "overlay"])
+def test_predict_never_writes_over_its_inputs_through_a_link_inside_out(tiny_run, photos, tmp_path, linked):
+    """OUT/fine (or OUT/overlay) as a link to the input folder: the label maps would replace the photos
+    of the same names. The folders predict writes are checked after resolving links, even with --overwrite."""
+    _, run = tiny_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / linked).symlink_to(photos, target_is_directory=True)
+    before = digest(photos)
+    fails_with(predict_args(run, [photos], out, "--overwrite"),
+               f"--out {out / linked} (a link to {photos}) contains the input image {photos / 'a.png'}")
+    assert digest(photos) == before and sorted(p.name for p in out.iterdir()) == [linked]
+
+
+def test_eval_save_predictions_never_writes_over_the_images_or_the_raw_files_they_link_to(exported_models, tiny_run,
+                                                                                          tmp_path):
+    """A dataset prepared from a raw folder links its images to the raw files: `--save-predictions
+    RAW/val/images` (or the dataset's own images, or a link to the raw folder) would write label maps
+    over them. Refused even with --overwrite; raw data is never modified."""
+    data, _ = tiny_run
+    raw, prepared, link = tmp_path / "raw", tmp_path / "prepared", tmp_path / "link"
+    for split in ("train", "val"):
+        shutil.copytree(data / split / "images", raw / split / "images")
+        shutil.copytree(data / split / "fine", raw / split / "masks")
+    r = runner.invoke(app, ["prepare", "folder", str(raw), "--hierarchy", "synthetic", "--out", str(prepared),
+                            "--workers", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    link.symlink_to(raw / "val" / "images", target_is_directory=True)
+    image = prepared / "val" / "images" / sorted(p.name for p in (raw / "val" / "images").iterdir())[0]
+    before = digest(raw)
+    model = exported_models["hiposeg"]
+    for folder in (raw / "val" / "images", link):
+        fails_with(eval_args(model, prepared, "--save-predictions", folder, "--overwrite"),
+                   f"--save-predictions {folder}", f"contains the input image {image} (a link to "
+                   f"{raw / 'val' / 'images' / image.name})")
+    assert digest(raw) == before
+
+
+def test_eval_report_inside_a_run_directory_is_that_runs_own_and_never_its_training_report(exported_models, tiny_run,
+                                                                                           data, tmp_path):
+    """`ablate` tabulates each run's report.json: an evaluation of another model must not replace it
+    (nor write its report among another run's files), and no evaluation replaces the training report,
+    unless --overwrite. The run's own evaluations write beside it (RUN/eval-val.json by default)."""
+    _, trained = tiny_run
+    other = tmp_path / "other-run"
+    shutil.copytree(trained, other)
+    model = exported_models["hiposeg"]
+    before = digest(other)
+    for report in (other / "report.json", other / "eval-val.json"):
+        fails_with(eval_args(model, data, "--report", report), f"--report {report} is inside the run directory "
+                   f"{other}, but the model evaluated ({model}) is not that run's")
+    fails_with(eval_args(other, data, "--report", other / "report.json"),
+               f"--report {other / 'report.json'} is the training report of the run {other}")
+    assert digest(other) == before
+    assert runner.invoke(app, [str(a) for a in eval_args(other, data)]).exit_code == 0
+    assert (other / "eval-val.json").exists() and digest(other)["report.json"] == before["report.json"]
+    r = runner.invoke(app, [str(a) for a in eval_args(model, data, "--report", other / "report.json", "--overwrite")])
+    assert r.exit_code == 0, r.output

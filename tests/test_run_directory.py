@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fails_with
+from conftest import fails_with, squash
 from faults import (StopAfter, kill, load_checkpoint, logged_iterations, one_thread, start, tail,  # noqa: F401
                     temp_files, train_args, wait_for)
+from faults import run as run_cli
 from hiposeg.cli import app
 from hiposeg.lock import LOCK_NAME, DirectoryLock
 
@@ -238,3 +239,182 @@ def test_workers_of_a_multi_process_run_die_with_the_launcher_that_holds_the_loc
     assert not (out / "checkpoints" / "last.pt").exists() and status(out)["state"] == "running"
     with DirectoryLock(out, "run directory") as lock:
         assert lock.held
+
+
+# ------------------------------------------------------------------------------------------
+# A run directory is one provably: file names prove nothing, and nothing is written through a link
+# ------------------------------------------------------------------------------------------
+
+
+def hiposeg_status(run: Path, state: str = "running") -> None:
+    """The status.json `hiposeg train` writes when it claims a folder (a run killed before its first checkpoint)."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "status.json").write_text(json.dumps({"state": state, "iteration": 0, "run_id": "0123456789abcdef"}))
+
+
+def test_a_folder_holding_a_projects_config_status_or_checkpoints_is_not_a_run_directory(tiny_data, tmp_path):
+    """The names a run writes (config.yaml, status.json, checkpoints/, report.json) are common in other
+    projects: a folder holding them is refused unless its status.json or checkpoint is hiposeg's, and
+    nothing in it changes."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.yaml").write_text("db: postgres://prod\n")
+    (project / "report.json").write_text('{"my": "report"}\n')
+    weights = tmp_path / "weights"
+    (weights / "checkpoints").mkdir(parents=True)
+    torch_file = weights / "checkpoints" / "best.pt"
+    import torch
+
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, torch_file)
+    tool = tmp_path / "tool"
+    tool.mkdir()
+    (tool / "status.json").write_text('{"state": "running", "iteration": 3, "run_id": "job-17"}\n')
+    for folder, entries in [(project, "config.yaml, report.json, src"), (weights, "checkpoints"),
+                            (tool, "status.json")]:
+        before = snapshot(folder)
+        fails_with(train_args(tiny_data, folder, iters=2),
+                   f"{folder} is not a hiposeg run directory: it holds {entries}")
+        assert snapshot(folder) == before and not (folder / LOCK_NAME).exists()
+
+
+def test_a_folder_left_by_a_failed_multi_process_launch_is_still_empty(tmp_path):
+    """A `--gpus N` launch whose worker failed before the run started leaves only its lock and
+    .worker-error.json (hiposeg's own files): the next `train --out` there is accepted; a user's file
+    beside them is not."""
+    from hiposeg.errors import UserError
+    from hiposeg.rundir import WORKER_ERROR_FILE, check_target
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("")
+    (out / WORKER_ERROR_FILE).write_text('{"message": "no data", "hint": null}')
+    check_target(out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not a hiposeg run directory: it holds notes.txt"):
+        check_target(out)
+
+
+def test_ablate_out_holding_results_tables_or_a_runs_folder_is_not_an_ablation_directory(tiny_data, tmp_path):
+    """results.csv and runs/ (TensorBoard's default log folder) prove nothing; a foreign ablation.json
+    neither. Only an ablation.json of hiposeg's format makes a folder an ablation directory."""
+    args = ["ablate", "--losses", "ce", "--data", str(tiny_data), "--iters", "1", "--batch-size", "2",
+            "--crop", "64x64", "--backbone", "resnet18", "--workers", "0", "--device", "cpu", "--quiet"]
+    tables, logs, other = tmp_path / "tables", tmp_path / "logs", tmp_path / "other"
+    tables.mkdir()
+    (tables / "results.csv").write_text("model,acc\nmine,0.99\n")
+    (logs / "runs" / "exp1").mkdir(parents=True)
+    other.mkdir()
+    (other / "ablation.json").write_text('{"experiments": []}\n')
+    for folder, entries in [(tables, "results.csv"), (logs, "runs"), (other, "ablation.json")]:
+        before = snapshot(folder)
+        fails_with([*args, "--out", folder], f"{folder} is not an ablation directory: it holds {entries}")
+        assert snapshot(folder) == before and not (folder / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("entry", ["metrics.jsonl", "metrics.jsonl (hard link)", "checkpoints", "tensorboard"])
+def test_nothing_in_a_run_directory_is_written_through_a_link(tiny_data, tmp_path, entry):
+    """A run writes metrics.jsonl, checkpoints/ and tensorboard/ in place: a symbolic link there (to a
+    user's file or folder) or a hard-linked metrics.jsonl is refused before anything is written, and
+    the linked file or folder is unchanged."""
+    run, mine = tmp_path / "run", tmp_path / "mine"
+    hiposeg_status(run)
+    name = entry.split()[0]
+    if name == "metrics.jsonl":
+        mine.write_text("my notes\n")
+        (os.link if "hard" in entry else os.symlink)(mine, run / name)
+    else:
+        mine.mkdir()
+        (mine / "best.pt").write_text("my weights\n")
+        (run / name).symlink_to(mine, target_is_directory=True)
+    before = snapshot(mine) if mine.is_dir() else mine.read_text()
+    kind = "a hard link to another file" if "hard" in entry else "a symbolic link"
+    fails_with(train_args(tiny_data, run, iters=2), f"{run / name} is {kind}", "hiposeg never writes through a link")
+    assert (snapshot(mine) if mine.is_dir() else mine.read_text()) == before
+    assert sorted(p.name for p in run.iterdir()) == sorted([LOCK_NAME, "status.json", name])
+
+
+def test_the_metrics_log_is_never_opened_through_a_link(tmp_path):
+    """The opener itself (a link made after the start-of-run check): O_NOFOLLOW for a symbolic link, the
+    link count for a hard link, checked before anything is truncated."""
+    from hiposeg.atomic import open_log
+    from hiposeg.errors import UserError
+
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my notes\n")
+    (tmp_path / "sym.jsonl").symlink_to(mine)
+    os.link(mine, tmp_path / "hard.jsonl")
+    for name, kind in [("sym.jsonl", "a symbolic link"), ("hard.jsonl", "a hard link to another file")]:
+        for append in (False, True):
+            with pytest.raises(UserError, match=f"is {kind}: hiposeg never writes through a link"):
+                open_log(tmp_path / name, append=append)
+    assert mine.read_text() == "my notes\n"
+    with open_log(tmp_path / "new.jsonl", append=False) as f:
+        f.write("{}\n")
+    assert (tmp_path / "new.jsonl").read_text() == "{}\n"
+
+
+def test_stale_temp_files_removed_are_hiposegs_own_only(cli, tiny_data, tmp_path):
+    """A new owner deletes the temp files a killed run left in checkpoints/ (`.tmp-last.pt.` + mkstemp's
+    8 characters), never a user's file that merely starts with `.tmp-`."""
+    run = tmp_path / "run"
+    hiposeg_status(run)
+    ckpts = run / "checkpoints"
+    ckpts.mkdir()
+    users = {".tmp-notes": "mine", ".tmp-last.pt.draft-v2": "mine too"}
+    for name, text in users.items():
+        (ckpts / name).write_text(text)
+    (ckpts / ".tmp-last.pt.k3j9x0qa").write_bytes(b"torn checkpoint")
+    assert cli.invoke(app, train_args(tiny_data, run, iters=2)).exit_code == 0
+    assert {p.name: p.read_text() for p in ckpts.iterdir() if p.name.startswith(".tmp-")} == users
+
+
+def fifo_in_place(path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def test_a_named_pipe_in_a_run_directory_is_named_and_never_waited_on(cli, tiny_run, tmp_path):
+    """status.json, report.json or a checkpoint replaced by a FIFO (which a plain read would wait on
+    forever): `train --resume`, `ablate` (rerun over its runs), `eval --report` and `eval` of the run
+    say what the file is."""
+    data, trained = tiny_run
+    run, abl = tmp_path / "run", tmp_path / "abl"
+    shutil.copytree(trained, run)
+    log = tmp_path / "log"
+    status = fifo_in_place(run / "status.json")
+    cases = [(["train", "--resume", trained / "checkpoints" / "last.pt", "--out", run, "--quiet"], status)]
+    ablate = ["ablate", "--losses", "ce", "--data", data, "--out", abl, "--iters", "1", "--batch-size", "2",
+              "--crop", "64x64", "--backbone", "resnet18", "--workers", "0", "--device", "cpu", "--quiet"]
+    assert cli.invoke(app, [str(a) for a in ablate]).exit_code == 0
+    cases.append((ablate, fifo_in_place(abl / "runs" / "losses=ce" / "seed-0" / "status.json")))
+    report = fifo_in_place(tmp_path / "report.json")
+    cases.append((["eval", run / "checkpoints" / "last.pt", "--report", report, "--device", "cpu", "--workers", "0"],
+                  f"--report {report} exists and is not a hiposeg report"))
+    best = fifo_in_place(run / "checkpoints" / "best.pt")
+    cases.append((["eval", run, "--checkpoint", "best", "--device", "cpu", "--workers", "0"], best))
+    for args, needle in cases:
+        log.write_text("")
+        assert run_cli(args, log, timeout=60) == 2, tail(log)
+        output = squash(tail(log))
+        assert "Traceback" not in output and squash(str(needle)) in output, tail(log)
+        assert isinstance(needle, str) or squash("is a named pipe (FIFO), not a regular file") in output, tail(log)
+
+
+def test_resuming_a_checkpoint_outside_a_run_directory_asks_for_out(cli, tiny_run, tmp_path):
+    """A checkpoint copied out of its run (e.g. downloaded) records the absolute run directory it was
+    trained in, on another machine perhaps: `--resume FILE` names it and asks for --out instead of
+    creating that folder; with --out the run continues there."""
+    _, trained = tiny_run
+    downloads = tmp_path / "Downloads"
+    downloads.mkdir()
+    ckpt = Path(shutil.copy(trained / "checkpoints" / "last.pt", downloads / "last.pt"))
+    before = snapshot(trained)
+    fails_with(["train", "--resume", ckpt, "--quiet", "--device", "cpu"],
+               f"--resume {ckpt}: the checkpoint is not in a run directory's checkpoints/ folder",
+               f"(the checkpoint records {trained})", "Add --out DIR", f"--out {trained} continues")
+    assert snapshot(trained) == before and sorted(p.name for p in downloads.iterdir()) == ["last.pt"]
+    r = cli.invoke(app, ["train", "--resume", str(ckpt), "--out", str(tmp_path / "continued"), "--quiet",
+                         "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert status(tmp_path / "continued")["run_id"] == load_checkpoint(ckpt)["run_id"]

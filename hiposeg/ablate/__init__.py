@@ -43,34 +43,25 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from hiposeg.ablate.plan import Plan, Record, Variant, load_records, make_plan, merge_grid, run_config, save_records
+from hiposeg.ablate.plan import (RUNS_DIR, Plan, Record, Variant, is_ablation_directory, load_records, make_plan,
+                                 merge_grid, run_config, save_records)
 from hiposeg.ablate.results import collect_results, plan_table, results_table, write_results
-from hiposeg.atomic import TMP_PREFIX
+from hiposeg.atomic import refuse_links, write_failure
 from hiposeg.errors import UserError
-from hiposeg.lock import LOCK_NAME, DirectoryLock
+from hiposeg.lock import DirectoryLock
 from hiposeg.rundir import check_target, checkpoint_path, run_state
 
 __all__ = ["make_plan", "plan_table", "results_table", "run_ablation"]
 
-# What an ablation directory holds; a folder holding other files is not written into.
-ABLATION_ENTRIES = {"ablation.json", "runs", "results.md", "results.csv", "results.json", LOCK_NAME}
-
-
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """One `hiposeg ablate` per directory at a time (`DirectoryLock`, released by the OS if we die),
-    and only in a new, empty or ablation directory outside every prepared dataset."""
-    check_target(out, "ablation directory", "an ablation directory", foreign_entries)
+    and only in a new, empty or ablation directory (provably: `is_ablation_directory`) outside every
+    prepared dataset, whose runs/ folder is not a link (the runs would be written where it points)."""
+    check_target(out, "ablation directory", "an ablation directory", is_ablation_directory)
     with DirectoryLock(out, "ablation directory"):
+        refuse_links(out, [RUNS_DIR], "ablation directory")
         yield
-
-
-def foreign_entries(out: Path) -> list[str]:
-    """What makes `out` a folder of other files: entries an ablation directory does not hold, unless
-    it holds ablation.json (then it is one, whatever else the user put there)."""
-    if not out.is_dir() or (out / "ablation.json").exists():
-        return []
-    return sorted(p.name for p in out.iterdir() if p.name not in ABLATION_ENTRIES and not p.name.startswith(TMP_PREFIX))
 
 
 def run_ablation(plan: Plan, console: Console, quiet: bool = False) -> dict[str, Any]:
@@ -78,11 +69,12 @@ def run_ablation(plan: Plan, console: Console, quiet: bool = False) -> dict[str,
 
     Returns the results dict with "interrupted": True when a run was stopped by a signal (the
     ablation stops there; rerunning the same command continues it)."""
-    from hiposeg.distributed import launched_by_torchrun
+    from hiposeg.distributed import launched_by_torchrun, torchrun_variables
 
     if launched_by_torchrun():
-        raise UserError("`hiposeg ablate` starts its own processes per run; do not launch it with torchrun",
-                        hint="Use `hiposeg ablate --gpus N` instead.")
+        raise UserError(f"{torchrun_variables()} are set, as torchrun sets them, but `hiposeg ablate` starts its own "
+                        "processes per run", hint="Unset them (`unset RANK WORLD_SIZE LOCAL_RANK`) and launch without "
+                                                  "torchrun; `hiposeg ablate --gpus N` runs N processes per run.")
     check_runs_can_start(plan)
     with locked(plan.out):
         records, mine, added = merge_grid(load_records(plan.out), list(zip(plan.variants, plan.configs)), plan.seeds)
@@ -90,15 +82,16 @@ def run_ablation(plan: Plan, console: Console, quiet: bool = False) -> dict[str,
         if known and added and not quiet:
             console.print(Text(f"{plan.out} already holds {known} configuration(s); this grid adds {len(added)}: "
                                f"{', '.join(r.name for r in added)}. The results cover all {len(records)}."))
-        save_records(plan.out, records)
+        with ablation_writes():
+            save_records(plan.out, records)
         jobs = list(dict.fromkeys((rec.slug, s) for rec in mine for s in plan.seeds))  # grid order, once each
         by_slug = {rec.slug: (rec, variant) for rec, variant in zip(mine, plan.variants)}
-        interrupted = False
         try:
             interrupted = run_jobs(plan, jobs, by_slug, console, quiet)
-        finally:  # tables of what finished, even when a run fails
-            results = collect_results(plan.out, records)
-            write_results(plan.out, results)
+        except BaseException:  # tables of what finished, then the run's own error (never hidden by theirs)
+            publish_after_failure(plan.out, records, console)
+            raise
+        results = publish_results(plan.out, records)
     results["interrupted"] = interrupted
     return results
 
@@ -119,6 +112,35 @@ def check_runs_can_start(plan: Plan) -> None:
             engine.check_before_start(cfg, engine.ensure_prepared(cfg), None)
 
 
+@contextmanager
+def ablation_writes() -> Iterator[None]:
+    """A failed write into the ablation directory (full, read-only) as one clear error; the writes
+    are atomic, so every file there is still complete."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"could not write {write_failure(e)}",
+                        hint="Free disk space (or make the folder writable), then rerun the same command: finished "
+                             "runs are kept and skipped.") from None
+
+
+def publish_results(out: Path, records: Sequence[Record]) -> dict[str, Any]:
+    """Collect every run's results and write results.{json,md,csv}."""
+    results = collect_results(out, records)
+    with ablation_writes():
+        write_results(out, results)
+    return results
+
+
+def publish_after_failure(out: Path, records: Sequence[Record], console: Console) -> None:
+    """The tables of what finished, after a run failed: a failure to write them is only noted, so
+    that the user sees the run's error, not this one."""
+    try:
+        publish_results(out, records)
+    except UserError as e:
+        console.print(Text(f"note: the results tables were not updated ({e.message})", style="yellow"))
+
+
 def run_jobs(plan: Plan, jobs: Sequence[tuple[str, int]], by_slug: dict[str, tuple[Record, Variant]],
              console: Console, quiet: bool) -> bool:
     """Each (configuration, seed) in turn; True when a run was interrupted (the rest then waits).
@@ -128,6 +150,7 @@ def run_jobs(plan: Plan, jobs: Sequence[tuple[str, int]], by_slug: dict[str, tup
     for k, (slug, s) in enumerate(jobs, 1):
         rec, variant = by_slug[slug]
         run_dir = rec.run_dir(plan.out, s)
+        refuse_links(plan.out, [str(run_dir.relative_to(plan.out))], "ablation directory")
         state = run_state(run_dir)
         where = f"[{k}/{len(jobs)}] {rec.name}, seed {s}"
         if state in ("finished", "diverged"):

@@ -22,9 +22,11 @@ from hiposeg.atomic import atomic_write_json
 from hiposeg.config import (LOSS_TERMS, RENAMED, SCHEDULES, TrainConfig, build_config, load_config_file,
                             normalize_terms, parse_set, upgrade_config)
 from hiposeg.errors import UserError
-from hiposeg.safeload import load_json
+from hiposeg.rundir import read_json
 
 ABLATION_FORMAT = "hiposeg-ablation/1"
+ABLATION_FILE = "ablation.json"
+RUNS_DIR = "runs"  # DIR/runs/{config}/seed-{s}: one run directory per configuration and seed
 TABLE5_ROWS: tuple[tuple[str, ...], ...] = (
     ("ce",), ("ce", "fh", "hh"), ("ce", "fl", "ll"), ("ce", "fh", "hh", "fl", "ll"), LOSS_TERMS)
 RESERVED_KEYS = {"loss.terms": "--losses ce,fh,hh (repeat --losses for a sweep)",
@@ -247,27 +249,36 @@ class Record:
     seeds: list[int] = field(default_factory=list)
 
     def run_dir(self, root: Path, seed: int) -> Path:
-        return root / "runs" / self.slug / f"seed-{seed}"
+        return root / RUNS_DIR / self.slug / f"seed-{seed}"
+
+
+def is_ablation_directory(out: Path) -> bool:
+    """Whether `out` provably holds an ablation: an ablation.json of hiposeg's format (file names such
+    as results.csv or runs/ prove nothing: they are common in other tools' folders)."""
+    try:
+        data = read_json(out / ABLATION_FILE)
+    except UserError:
+        return False
+    return isinstance(data, dict) and data.get("format") == ABLATION_FORMAT and isinstance(data.get("configs"), list)
 
 
 def load_records(out: Path) -> list[Record]:
-    path = out / "ablation.json"
+    path = out / ABLATION_FILE
     if not path.exists():
         return []
     try:
-        data = load_json(path.read_bytes(), str(path))
+        data = read_json(path)
         if data.get("format") != ABLATION_FORMAT:
             raise ValueError(f"format {data.get('format')!r}")
         return [Record(c["name"], c["slug"], c["values"], upgrade_config(c["experiment"], f"{path}"), list(c["seeds"]))
                 for c in data["configs"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as e:
-        raise UserError(f"{path} is unreadable ({e})",
-                        hint="Choose a new --out, or delete that file to start the ablation's bookkeeping over "
-                             "(its run directories are kept and finished runs are reused).") from None
+    except (ValueError, KeyError, TypeError, AttributeError, UserError) as e:
+        raise UserError(f"{path} is unreadable ({e.message if isinstance(e, UserError) else e})",
+                        hint="Restore that file, or choose a new --out.") from None
 
 
 def save_records(out: Path, records: Sequence[Record]) -> None:
-    atomic_write_json(out / "ablation.json", {
+    atomic_write_json(out / ABLATION_FILE, {
         "format": ABLATION_FORMAT, "hiposeg_version": __version__,
         "configs": [{"name": r.name, "slug": r.slug, "values": r.values, "seeds": r.seeds, "experiment": r.experiment}
                     for r in records]})

@@ -18,8 +18,7 @@ from rich.text import Text
 from hiposeg.ablate.plan import Plan, Record, ignored_by_ce, load_records, merge_grid, show
 from hiposeg.atomic import atomic_write_json, atomic_write_text
 from hiposeg.config import LOSS_TERMS
-from hiposeg.rundir import REPORT_FILE, read_status, run_state
-from hiposeg.safeload import load_json
+from hiposeg.rundir import REPORT_FILE, read_json, read_status, run_state
 
 # The paper's fine-level mIoU (%) with ResNet-101 and the full recipe: Table 5 (Cityscapes, five rows)
 # and Table 6 (high-only = ce,fh,hh; low-only = ce,fl,ll; both = all terms), keyed by hierarchy name.
@@ -68,7 +67,7 @@ def collect_results(out: Path, records: Sequence[Record]) -> dict[str, Any]:
             if state == "diverged":
                 entry["error"] = read_status(d).get("error")
             if state == "finished":
-                rep = load_json((d / REPORT_FILE).read_bytes(), str(d / REPORT_FILE))
+                rep = read_json(d / REPORT_FILE)
                 hierarchy = hierarchy or rep.get("hierarchy", {}).get("name")
                 entry.update({k: rep["levels"].get(k, {}).get("mIoU") for k in ("fine", "coarse")})
             runs.append(entry)

@@ -28,7 +28,7 @@ def eval_cmd(
     mode: Annotated[str, typer.Option(help="auto (slide if larger than the training crop), whole or slide.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
     amp: Annotated[str, typer.Option(help="off, bf16 or fp16.")] = "off",
-    workers: Annotated[int, typer.Option(help="Data loader workers.")] = 2,
+    workers: Annotated[int, typer.Option(min=0, help="Data loader workers.")] = 2,
     which: Annotated[str, typer.Option("--checkpoint", help="For a run directory: best or last.")] = "best",
     invalid_gt: Annotated[str, typer.Option(
         "--invalid-gt", help="Ground-truth values that are neither a class nor ignore: error (name the files) or "
@@ -58,12 +58,11 @@ def eval_cmd(
     # every output is checked before the evaluation, whose result it must not lose
     if report is not None:
         check_report_path(report, overwrite=overwrite)
-    if save_predictions is not None:
-        from hiposeg.atomic import check_writable
+        check_report_in_run(report, model, overwrite=overwrite)
+    if save_predictions is not None:  # then, once the split is known, its images (`check_predictions_folder`)
         from hiposeg.predict import check_output_folder
 
         check_output_folder(save_predictions, "--save-predictions", overwrite=overwrite)
-        check_writable(save_predictions, "--save-predictions")
     if predictions is not None:
         rep = evaluate_predictions(predictions, data, split, invalid_gt=invalid_gt)  # type: ignore[arg-type]
     else:
@@ -88,6 +87,8 @@ def eval_cmd(
                             hint="Evaluate on data prepared with the model's hierarchy.")
         env = DistEnv(device=dev)
         val = eval_dataset(Path(data_root), split, loaded.mean, loaded.std)
+        if save_predictions is not None:
+            check_predictions_folder(save_predictions, Path(data_root) / split / "images")
         if hasattr(loaded.module, "check_size"):  # an exported program: its input limits, before any output
             from hiposeg.inference import check_input_sizes
             from hiposeg.predict import probe_sizes
@@ -100,6 +101,16 @@ def eval_cmd(
                        save_predictions=save_predictions, progress=True, invalid_gt=invalid_gt)
         rep["model"] = str(model)
     publish_report(rep, report)
+
+
+def check_predictions_folder(folder: Path, images: Path) -> None:
+    """--save-predictions, before any is written: never over the images evaluated (nor the raw files
+    the dataset's images link to), and writable."""
+    from hiposeg.atomic import check_writable
+    from hiposeg.predict import refuse_outputs_over_inputs
+
+    refuse_outputs_over_inputs([folder], sorted(images.iterdir()), "--save-predictions")
+    check_writable(folder, "--save-predictions")
 
 
 def check_report_path(report: Path, *, overwrite: bool) -> None:
@@ -118,15 +129,31 @@ def check_report_path(report: Path, *, overwrite: bool) -> None:
     check_writable(report.parent, "the folder of --report")
 
 
+def check_report_in_run(report: Path, model: Optional[Path], *, overwrite: bool) -> None:
+    """A report inside a run directory is written only by an evaluation of that run's own model, and
+    never over the run's training report (report.json, which `ablate` tabulates), unless --overwrite."""
+    from hiposeg.rundir import REPORT_FILE, enclosing_run
+
+    run = None if overwrite else enclosing_run(report)
+    if run is None:
+        return
+    hint = "Write the report elsewhere (`eval RUN` writes RUN/eval-SPLIT.json), or add --overwrite."
+    if model is None or not (Path(model).resolve() == run or run in Path(model).resolve().parents):
+        raise UserError(f"--report {report} is inside the run directory {run}, but the model evaluated "
+                        f"({model or 'none: --predictions'}) is not that run's: it would replace the run's files",
+                        hint=hint)
+    if report.name == REPORT_FILE and report.resolve().parent == run:
+        raise UserError(f"--report {report} is the training report of the run {run} (`ablate` tabulates it): eval "
+                        "does not replace it", hint=hint)
+
+
 def is_hiposeg_report(path: Path) -> bool:
     """Whether `path` holds a report.json written by hiposeg (which a new evaluation may replace)."""
-    from hiposeg.safeload import load_json
+    from hiposeg.rundir import read_json
 
     try:
-        if path.stat().st_size > 64 << 20:
-            return False
-        data = load_json(path.read_bytes(), str(path))
-    except (OSError, UserError):
+        data = read_json(path)
+    except UserError:
         return False
     return isinstance(data, dict) and isinstance(data.get("levels"), dict) and "hierarchy" in data
 
@@ -188,7 +215,7 @@ def predict_cmd(
                                       show_default=False)],
     mode: Annotated[str, typer.Option(help="auto (sliding windows of the training crop for larger images), whole "
                                            "or slide.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (equal sizes are grouped).")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch (equal sizes are grouped).")] = 4,
     overlay: Annotated[str, typer.Option(help="Colour overlays: fine, coarse (overlay-coarse/), both or none.")] = "fine",
     alpha: Annotated[float, typer.Option(help="Overlay opacity of the palette colours.")] = 0.5,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",

@@ -23,16 +23,17 @@ DATASET_HELP = "cityscapes, ade20k, mapillary, pascal-part or synthetic (the bui
 TERMS = ",".join(LOSS_TERMS)
 Dataset = Annotated[Optional[str], typer.Option(help=f"Dataset recipe: {DATASET_HELP}")]
 Data = Annotated[Optional[Path], typer.Option(help="Prepared dataset directory (default: data/DATASET).")]
-BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Total batch over all processes.")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Total batch over all processes.")]
 Crop = Annotated[Optional[str], typer.Option(help="Training crop HxW, e.g. 512x1024.")]
 Backbone = Annotated[Optional[str], typer.Option(help="resnet18, resnet50 or resnet101.")]
 OutputStride = Annotated[Optional[int], typer.Option("--output-stride", help="8 or 16.")]
 Pretrained = Annotated[Optional[Path], typer.Option(help="Local torchvision ResNet state-dict (.pth).")]
 Lr = Annotated[Optional[float], typer.Option(help="Base learning rate (poly decay).")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cuda or cpu.")]
-Workers = Annotated[Optional[int], typer.Option(help="Data loader workers per process.")]
-CkptEvery = Annotated[Optional[int], typer.Option("--ckpt-every", help="Checkpoint every N iterations.")]
-EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N iterations (0: at the end).")]
+Workers = Annotated[Optional[int], typer.Option(min=0, help="Data loader workers per process.")]
+CkptEvery = Annotated[Optional[int], typer.Option("--ckpt-every", min=1, help="Checkpoint every N iterations.")]
+EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", min=0,
+                                                  help="Evaluate every N iterations (0: at the end).")]
 ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")]
 
 # Where each flag goes in the configuration (None: not given). `ablate` takes all but the last row:
@@ -92,7 +93,7 @@ def train_cmd(
     data: Data = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/DATASET-BACKBONE).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON config file.")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="Training iterations.")] = None,
+    iters: Annotated[Optional[int], typer.Option(min=1, help="Training iterations.")] = None,
     batch_size: BatchSize = None,
     crop: Crop = None,
     backbone: Backbone = None,
@@ -102,7 +103,7 @@ def train_cmd(
     schedule: Annotated[Optional[str], typer.Option(help="sequential (paper) or joint.")] = None,
     lr: Lr = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    gpus: Annotated[Optional[int], typer.Option(help="Processes on this machine, one per GPU. Without GPUs, add "
+    gpus: Annotated[Optional[int], typer.Option(min=1, help="Processes on this machine, one per GPU. Without GPUs, add "
                                                      "--device cpu to run N CPU processes (gloo backend).")] = None,
     device: Device = None,
     amp: Annotated[Optional[str], typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a GradScaler).")] = None,
@@ -177,14 +178,14 @@ def ablate_cmd(
     dataset: Dataset = None,
     data: Data = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON config file (base of every run).")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="Training iterations per run.")] = None,
+    iters: Annotated[Optional[int], typer.Option(min=1, help="Training iterations per run.")] = None,
     batch_size: BatchSize = None,
     crop: Crop = None,
     backbone: Backbone = None,
     output_stride: OutputStride = None,
     pretrained: Pretrained = None,
     lr: Lr = None,
-    gpus: Annotated[Optional[int], typer.Option(help="Processes per run, one per GPU (with --device cpu: CPU "
+    gpus: Annotated[Optional[int], typer.Option(min=1, help="Processes per run, one per GPU (with --device cpu: CPU "
                                                      "processes).")] = None,
     device: Device = None,
     amp: Annotated[Optional[str], typer.Option(help="Mixed precision: off, bf16 or fp16.")] = None,

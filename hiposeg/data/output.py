@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hiposeg.atomic import TMP_PREFIX, name_too_long_fix
+from hiposeg.atomic import OWN_TEMP, TMP_PREFIX, name_too_long_fix
 from hiposeg.data.journal import Journal
 from hiposeg.data.layout import (HIERARCHY_NAME, JOURNAL_NAME, MANIFEST_NAME, folder_inside, is_plain_name,
                                  split_dirs)
@@ -29,9 +29,6 @@ from hiposeg.lock import LOCK_NAME
 OWN_FILES = (JOURNAL_NAME, MANIFEST_NAME, HIERARCHY_NAME)
 SYNTHETIC_STEM = re.compile(r"^synthetic_(?P<split>.+)_\d{5,}\.png$")  # synthetic.stem_of + ".png"
 
-# hiposeg's temp names: `hiposeg.atomic.atomic_open` (mkstemp: 8 random characters) and the image links
-# (`link_or_copy_image`: the pid) append a dot and a tag to `.tmp-NAME`.
-OWN_TEMP = re.compile(re.escape(TMP_PREFIX) + r".+\.(?:[a-z0-9_]{8}|\d+)$")
 
 
 @dataclass

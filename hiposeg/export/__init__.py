@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -37,7 +38,8 @@ from hiposeg.export import onnx, plain, torch_export
 from hiposeg.export.common import (REEXPORT_HINT, InferenceModel, count_parameters, load_weights, model_metadata,
                                    parameters_in, segmenter_of)
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.rundir import resolve_checkpoint
+from hiposeg.lock import DirectoryLock
+from hiposeg.rundir import CHECKPOINT_DIR, enclosing_run, resolve_checkpoint
 
 # Each format module has NAME, SUFFIX, TOLERANCE, write(segmenter, meta, out), load(path, device) and
 # read_metadata(path). Adding a format: its module and one entry here.
@@ -109,6 +111,13 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
         raise UserError(f"--out {out} is a directory; give the model's file name",
                         hint=f"Example: --out {out / ('model' + FORMATS[fmt])}")
     refuse_foreign_out(out)
+    with out_place(out):
+        return _export(source, out, fmt, prefer, check_shape)
+
+
+def _export(source: str | Path, out: Path, fmt: str, prefer: str, check_shape: tuple[int, int, int, int]
+            ) -> ExportSummary:
+    """The export itself, once --out's place is checked (and held: `out_place`)."""
     src = resolve_checkpoint(source, prefer=prefer)
     read = _read_source(src)
     segmenter = segmenter_of(read.meta["arch"], src)  # by the one model builder, as training builds it
@@ -183,6 +192,26 @@ def refuse_foreign_out(out: Path) -> None:
     if not is_exported_model(out):
         raise UserError(f"--out {out} exists and is not a model written by `hiposeg export`: export would replace it",
                         hint="Choose another --out, or remove that file yourself if it is no longer needed.")
+
+
+@contextlib.contextmanager
+def out_place(out: Path) -> Iterator[None]:
+    """Where --out may be written: never inside a prepared dataset (whatever the file), never in a run's
+    checkpoints/ folder (its training checkpoints only), and inside a run directory only while no
+    other process holds it (its lock is held until the model is in place)."""
+    from hiposeg.data.dataset import refuse_prepared_dataset
+
+    refuse_prepared_dataset(out, "--out")
+    run = enclosing_run(out)
+    if run is None:
+        yield
+        return
+    if out.resolve().parent == (run / CHECKPOINT_DIR).resolve():
+        raise UserError(f"--out {out} is in the {CHECKPOINT_DIR}/ folder of the run directory {run}, which holds that "
+                        "run's training checkpoints only",
+                        hint=f"Write the model elsewhere, e.g. --out {run / 'model.pt'}.")
+    with DirectoryLock(run, "run directory"):
+        yield
 
 
 def is_exported_model(path: Path) -> bool:

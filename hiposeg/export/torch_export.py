@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hiposeg.archive import Archive, check_archive, reading
 from hiposeg.atomic import atomic_write_bytes
 from hiposeg.errors import UserError
 from hiposeg.export.common import (MAX_BATCH, MAX_SIDE, METADATA_NAME, MIN_SIDE, BoundedInput, check_metadata,
@@ -73,7 +74,7 @@ def load(path: Path, device: torch.device) -> tuple[str, dict[str, Any], nn.Modu
 def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata record of a hiposeg program, read from the proven archive without loading the program."""
     data = read_program_archive(path)
-    record = _reading(path, lambda: _program_reader(data, path).get_record(f"extra/{METADATA_NAME}"))
+    record = reading(lambda: _proven_archive(data, path).reader.get_record(f"extra/{METADATA_NAME}"), _invalid(path))
     return check_metadata(metadata_json(record, path), path)
 
 
@@ -103,7 +104,9 @@ class ExportedProgramModule(BoundedInput):
 # code is of the plain form hiposeg's exporter produces. The records are read with torch's own
 # reader (`torch._C.PyTorchFileReader`) from the same bytes then handed to torch, so what is judged
 # is what torch loads: torch matches entry names case-insensitively and, for a name stored twice,
-# reads whichever copy its binary search meets, where Python's `zipfile` reads the last one.
+# reads whichever copy its binary search meets, where Python's `zipfile` reads the last one. Those
+# archive-level checks (and: every entry stored, never inflated) are `hiposeg.archive`'s, shared with
+# the `.pt` loader; the records and strings are judged here.
 
 # The records of a hiposeg program, below the archive's root folder (model name: "model").
 PROGRAM_JSON, SAMPLE_INPUTS = "models/model.json", "data/sample_inputs/model.pt"
@@ -142,12 +145,12 @@ def read_program_archive(path: Path) -> bytes:
     """The bytes of `path` once proven to hold nothing torch.export.load would run, or a UserError.
     The caller hands these very bytes to torch (no second read of the file)."""
     data = path.read_bytes()
-    reader = _program_reader(data, path)
+    archive = _proven_archive(data, path)
 
     def record(name: str) -> bytes:
-        return _reading(path, lambda: reader.get_record(name))
+        return reading(lambda: archive.reader.get_record(name), _invalid(path))
 
-    records = _checked_record_names(_reading(path, reader.get_all_records), _zip_names(data, path), path)
+    records = _checked_record_names(archive.records, path)
     for config, prefix in PAYLOAD_CONFIGS.items():
         _check_payload_config(_program_json(record(config), config, path), config, prefix, records, path)
     _check_sample_inputs(record(SAMPLE_INPUTS), path)
@@ -155,12 +158,15 @@ def read_program_archive(path: Path) -> bytes:
     return data
 
 
-def _reading(path: Path, read: Callable[[], Any]) -> Any:
-    """A call into torch's archive reader; its failures (a damaged or malformed archive) as a UserError."""
-    try:
-        return read()
-    except RuntimeError as e:
-        raise _invalid_archive(path, e) from None
+def _proven_archive(data: bytes, path: Path, within: str = "") -> Archive:
+    """`data` (the file, or its record `within`) as an archive Python and torch read alike, every entry
+    stored (`hiposeg.archive`)."""
+    where = f"in its record {within}, " if within else ""
+    return check_archive(data, len(data), lambda why: program_refusal(path, where + why), _invalid(path))
+
+
+def _invalid(path: Path) -> Callable[[Exception], UserError]:
+    return lambda e: _invalid_archive(path, e)
 
 
 def _invalid_archive(path: Path, e: Exception) -> UserError:
@@ -168,28 +174,10 @@ def _invalid_archive(path: Path, e: Exception) -> UserError:
                      hint="Export the model again with `hiposeg export --format torch-export`.")
 
 
-def _zip_names(data: bytes, path: Path) -> list[str]:
-    """The entry names as Python's zipfile reads them (the central directory)."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            return zf.namelist()
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise _invalid_archive(path, e) from None
-
-
-def _program_reader(data: bytes, path: Path) -> Any:
-    """torch's own archive reader (the one torch.export.load uses), over `data`."""
-    return _reading(path, lambda: torch._C.PyTorchFileReader(io.BytesIO(data)))
-
-
-def _checked_record_names(records: list[str], zip_names: list[str], path: Path) -> set[str]:
-    """Refuse any archive whose entries Python and torch could read differently (names that differ
-    between the two readers, a name stored twice, names equal but for case) or that holds a record
-    hiposeg never writes (AOTInductor libraries, pickled objects, legacy payloads, ...)."""
-    root = zip_names[0].split("/")[0] if zip_names else ""
-    if zip_names != [f"{root}/{r}" for r in records]:
-        raise program_refusal(path, "Python's zip reader and torch's list different entries (a crafted archive)")
-    _refuse_ambiguous_names(records, path)
+def _checked_record_names(records: list[str], path: Path) -> set[str]:
+    """Refuse any archive that holds a record hiposeg never writes (AOTInductor libraries, pickled
+    objects, legacy payloads, ...) or lacks one it always writes; the names themselves were proven
+    unambiguous (`hiposeg.archive.check_archive`)."""
     for name in records:
         if not PROGRAM_RECORD.fullmatch(name):
             what = " (AOTInductor native code)" if name.lower().startswith("data/aotinductor/") else ""
@@ -198,22 +186,6 @@ def _checked_record_names(records: list[str], zip_names: list[str], path: Path) 
     if missing:
         raise _invalid_archive(path, ValueError(f"missing {', '.join(missing)}"))
     return set(records)
-
-
-def _refuse_ambiguous_names(records: list[str], path: Path) -> None:
-    """Names that torch could resolve to another entry than the one judged: the same name twice, or
-    names equal but for case (torch's zip reader, miniz, looks names up case-insensitively)."""
-    seen: dict[str, str] = {}
-    for name in records:
-        other = seen.get(name.lower())
-        if other is None:
-            seen[name.lower()] = name
-        elif other == name:
-            raise program_refusal(path, f"it stores the entry {name[:80]!r} twice (torch reads one copy, Python's "
-                                        "zipfile the other)")
-        else:
-            raise program_refusal(path, f"its entries {other[:80]!r} and {name[:80]!r} differ only in case (torch "
-                                        "looks names up without regard to case, so it may read either)")
 
 
 def _program_json(data: bytes, record: str, path: Path) -> Any:
@@ -239,7 +211,9 @@ def _check_payload_config(config: Any, record: str, prefix: str, records: set[st
 
 
 def _check_sample_inputs(data: bytes, path: Path) -> None:
-    """The traced example: one image batch, loadable without unpickling any Python object."""
+    """The traced example: one image batch (an archive of its own, stored like the outer one),
+    loadable without unpickling any Python object."""
+    _proven_archive(data, path, within=SAMPLE_INPUTS)
     try:
         inputs = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
