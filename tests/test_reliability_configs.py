@@ -76,6 +76,7 @@ CONFIG_RULES: dict[tuple[str, str], tuple[str, str]] = {
     ("optim.warmup_iters", "ge"): ("-1", "greater than or equal to 0"),
     ("run.gpus", "ge"): ("0", "greater than or equal to 1"),
     ("run.device", "literal"): ("tpu", "'auto', 'cuda' or 'cpu'"),
+    ("run.launcher", "literal"): ("slurm", "'single', 'spawn' or 'torchrun'"),
     ("run.amp", "literal"): ("fp8", "'off', 'fp16' or 'bf16'"),
     ("run.ckpt_every", "ge"): ("0", "greater than or equal to 1"),
     ("run.eval_every", "ge"): ("-1", "greater than or equal to 0"),
