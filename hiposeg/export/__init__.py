@@ -34,8 +34,8 @@ from hiposeg import checkpoint
 from hiposeg.atomic import TMP_PREFIX
 from hiposeg.errors import UserError
 from hiposeg.export import onnx, plain, torch_export
-from hiposeg.export.common import (REEXPORT_HINT, InferenceModel, count_parameters, load_weights, model_metadata,
-                                   parameters_in, segmenter_of)
+from hiposeg.export.common import (REEXPORT_HINT, InferenceModel, count_parameters, family_of_record, load_weights,
+                                   model_metadata, parameters_in, segmenter_of)
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.rundir import resolve_checkpoint
 
@@ -72,6 +72,7 @@ class ExportSummary:
     memory_values: int        # prototype memory entries the training state held
     file_bytes: int
     checked_with: str
+    model: str = "DeepLabV3+"  # the family, as messages name it
 
 
 @dataclass
@@ -131,7 +132,8 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hiposeg", pref
     finally:
         staged.unlink(missing_ok=True)
     return ExportSummary(out, fmt, diff, tolerance, shape, parameters_in(read.state_dict), plain_parameters,
-                         read.training_parameters, read.memory_values, out.stat().st_size, checked_with)
+                         read.training_parameters, read.memory_values, out.stat().st_size, checked_with,
+                         family_of_record(read.meta).display)
 
 
 def _read_source(src: Path) -> _Source:
