@@ -113,6 +113,7 @@ def open_run(cfg: TrainConfig, resume: Path | None) -> tuple[DirectoryLock, str]
 
     out = cfg.resolved_out()
     rundir.check_target(out)
+    check_model(cfg.model, with_weights=False)  # a missing optional package first, before data is generated
     ensure_prepared(cfg, resume)
     check_model(cfg.model, with_weights=resume is None)
     return rundir.claim(out, resume)

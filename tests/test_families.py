@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import fails_with
+from conftest import fails_with, squash
 from hiposeg.config import ModelConfig, build_config
 from hiposeg.errors import UserError
 from hiposeg.models import FAMILIES, Segmenter, build_segmenter
@@ -173,3 +173,20 @@ def test_without_the_models_extra_a_family_asks_for_it_in_one_line(family, modul
     fails_with(["train", "--data", tiny_data, "--out", tmp_path / "run", "--model", family, "--iters", "1",
                 "--workers", "0", "--device", "cpu", "--quiet"], f"need the package {package}", "hiposeg[models]")
     assert not (tmp_path / "run").exists()  # refused before the run directory is created
+    monkeypatch.chdir(tmp_path)  # the built-in default: refused before its data set is generated in data/
+    fails_with(["train", "--model", family, "--iters", "1", "--device", "cpu", "--quiet"], "hiposeg[models]")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "ablate"])
+def test_help_at_80_columns_lists_the_families_and_the_extra_to_install(command, cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    from hiposeg.cli import app
+
+    r = cli.invoke(app, [command, "--help"])
+    assert r.exit_code == 0, r.output
+    assert max(len(line) for line in r.output.splitlines()) <= 80, r.output
+    for family in FAMILIES:
+        assert family in r.output, (family, r.output)
+    if command == "train":  # the install hint survives Rich markup ("[models]" is not a style)
+        assert squash("pip install 'hiposeg[models]'") in squash(r.output.replace("│", "")), r.output

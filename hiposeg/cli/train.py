@@ -26,7 +26,8 @@ Data = Annotated[Optional[Path], typer.Option(help="Prepared dataset directory (
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Total batch over all processes.")]
 Crop = Annotated[Optional[str], typer.Option(help="Training crop HxW, e.g. 512x1024.")]
 FAMILIES_HELP = "deeplabv3plus (default), hrnet, segformer, fpn or unet (all but deeplabv3plus: pip install 'hiposeg[models]')"
-Model = Annotated[Optional[str], typer.Option("--model", help=f"Model family: {FAMILIES_HELP}.")]
+# escape: Rich would read "[models]" as markup and print "pip install 'hiposeg'"
+Model = Annotated[Optional[str], typer.Option("--model", help=escape(f"Model family: {FAMILIES_HELP}."))]
 Backbone = Annotated[Optional[str], typer.Option(help=(
     "The family's variant: resnet18/50/101 (deeplabv3plus), hrnet_w18_small ... hrnet_w48, hrnet_w64 (hrnet), "
     "mit_b0 ... mit_b5 (segformer), resnet18/34/50/101 or efficientnet-b0 ... b7 (fpn, unet). Default: the "
@@ -99,7 +100,9 @@ def train_cmd(
     ctx: typer.Context,
     dataset: Dataset = None,
     data: Data = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/DATASET-BACKBONE).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help=(
+        "Run directory (default: runs/DATASET-BACKBONE, runs/DATASET-FAMILY-BACKBONE for a family other than "
+        "deeplabv3plus)."))] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON config file.")] = None,
     iters: Annotated[Optional[int], typer.Option(help="Training iterations.")] = None,
     batch_size: BatchSize = None,
@@ -183,7 +186,8 @@ def ablate_cmd(
         "every run uses it."))] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Runs per configuration (seeds S..S+N-1); mean ± std.")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="First seed S (default: the config's run.seed, 0).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Ablation directory (default: runs/ablate-DATASET-BACKBONE).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help=(
+        "Ablation directory (default: runs/ablate-DATASET-BACKBONE, runs/ablate-DATASET-models for a --model sweep)."))] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the configurations and what a run would do; "
                                                             "train nothing.")] = False,
     dataset: Dataset = None,
