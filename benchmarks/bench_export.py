@@ -62,7 +62,8 @@ def training_checkpoint(cfg: TrainConfig, folder: Path) -> Path:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     best = {"metric": "fine_mIoU", "value": None, "iteration": None}
     path = folder / f"{cfg.model.name}-{cfg.model.backbone}.pt"
-    checkpoint.save(checkpoint.make_checkpoint(cfg, h, net, criterion, optimizer, scaler, 0, best, None), path)
+    checkpoint.save(checkpoint.make_checkpoint(cfg, h, net, criterion, optimizer, scaler, iteration=0, best=best,
+                                               last_eval=None, run_id="benchmark"), path)
     return path
 
 
