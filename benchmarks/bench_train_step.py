@@ -1,6 +1,6 @@
 """Cost of the HiPoSeg branch: one training step with every term active vs the cross-entropy-only step.
 
-Measured side by side in one run: the same DeepLabV3+ weights (two copies), the same batch and input;
+Measured side by side in one run: the same segmenter weights (two copies), the same batch and input;
 the baseline has no projection head and a CE-only criterion, the HiPoSeg step has the head and every
 term active (iteration past all phases). Repeats are interleaved (CE, HiPoSeg, CE, HiPoSeg, ...) after
 warm-up, and the ratio is of the medians. A step is forward + backward + SGD step.
@@ -17,6 +17,8 @@ Cityscapes (19/7), Mapillary Vistas 2.0 (124/17) and ADE20K (150/14) and growing
     python benchmarks/bench_train_step.py                         # CPU sizes (a couple of minutes)
     python benchmarks/bench_train_step.py --device cuda --amp bf16 --backbones resnet101 \\
         --batch 2 --size 512x1024 --repeats 20                    # the paper's per-GPU setting
+    python benchmarks/bench_train_step.py --models hrnet:hrnet_w18_small segformer:mit_b0 --skip-branch
+                                                                  # other families (FAMILY:VARIANT)
 Goal: ratio <= 1.10 at the CPU sizes, <= 1.05 at 512x1024 on a GPU.
 """
 
@@ -35,13 +37,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hiposeg.config import LossConfig  # noqa: E402
+from hiposeg.config import LossConfig, ModelConfig  # noqa: E402
 from hiposeg.hierarchy import Hierarchy  # noqa: E402
-from hiposeg.models.deeplabv3plus import DeepLabV3Plus  # noqa: E402
+from hiposeg.models import build_segmenter  # noqa: E402
 from hiposeg.models.training import HiPoSegNet  # noqa: E402
 from hiposeg.prototypes import HiPoSegCriterion  # noqa: E402
 
-from common import parse_size, sync  # noqa: E402  (benchmarks/common.py: run as a script)
+from common import models_of, parse_size, sync  # noqa: E402  (benchmarks/common.py: run as a script)
 
 TOTAL_ITERS = 1000
 LAST_ITER = TOTAL_ITERS - 1  # past every phase boundary: all terms active
@@ -120,10 +122,13 @@ def make_batch(batch: int, size: tuple[int, int], num_fine: int, ignore: int, de
     return x.to(device), y.to(device)
 
 
-def bench_step(args: argparse.Namespace, backbone: str, batch: int, size: tuple[int, int], device: torch.device) -> dict:
+def bench_step(args: argparse.Namespace, model: tuple[str, str], batch: int, size: tuple[int, int],
+               device: torch.device) -> dict:
     hier = Hierarchy.load("cityscapes")
     torch.manual_seed(0)
-    seg = DeepLabV3Plus(hier.num_fine, backbone, args.output_stride)
+    cfg = ModelConfig(name=model[0], backbone=model[1], output_stride=args.output_stride)
+    seg = build_segmenter(cfg, hier.num_fine)
+    backbone = cfg.backbone if cfg.name == "deeplabv3plus" else f"{cfg.name}:{cfg.backbone}"
     ce_net = HiPoSegNet(copy.deepcopy(seg), embed_dim=args.embed_dim, with_projection=False)
     hp_net = HiPoSegNet(seg, embed_dim=args.embed_dim, with_projection=True)
     if args.channels_last:
@@ -185,7 +190,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
-    p.add_argument("--backbones", nargs="+", default=["resnet18", "resnet101"])
+    p.add_argument("--backbones", nargs="+", default=["resnet18", "resnet101"], help="DeepLabV3+ backbones")
+    p.add_argument("--models", nargs="+", default=None, help="FAMILY:VARIANT instead, e.g. hrnet:hrnet_w18_small "
+                                                             "segformer:mit_b0 fpn:efficientnet-b0 unet:resnet18")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=parse_size, default=(128, 256), help="input HxW (paper: 512x1024)")
     p.add_argument("--output-stride", type=int, default=8, choices=[8, 16])
@@ -213,13 +220,13 @@ def main() -> None:
     mem_how = "CUDA max_memory_allocated" if device.type == "cuda" else "autograd-saved tensors + 3x params (estimate)"
 
     print(f"\nTraining step: HiPoSeg (all terms) vs CE only; memory = {mem_how}")
-    header = f"{'backbone':<10} {'batch':>5} {'input':>9} {'CE ms':>9} {'HiPoSeg ms':>11} {'time x':>7} {'min x':>6} " \
+    header = f"{'model':<22} {'batch':>5} {'input':>9} {'CE ms':>9} {'HiPoSeg ms':>11} {'time x':>7} {'min x':>6} " \
              f"{'spread':>7} {'CE MiB':>8} {'HiPoSeg MiB':>11} {'mem x':>6}"
     print(header)
     print("-" * len(header))
-    for backbone in args.backbones:
-        r = bench_step(args, backbone, args.batch, args.size, device)
-        print(f"{r['backbone']:<10} {r['batch']:>5} {r['size']:>9} {r['ce_ms']:>9.1f} {r['hp_ms']:>11.1f} "
+    for model in models_of(args.models, args.backbones):
+        r = bench_step(args, model, args.batch, args.size, device)
+        print(f"{r['backbone']:<22} {r['batch']:>5} {r['size']:>9} {r['ce_ms']:>9.1f} {r['hp_ms']:>11.1f} "
               f"{r['ratio']:>7.3f} {r['ratio_min']:>6.3f} {r['spread']:>6.0%} {r['mem_ce']:>8.0f} {r['mem_hp']:>11.0f} "
               f"{r['mem_ratio']:>6.3f}")
 

@@ -11,6 +11,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def models_of(models: list[str] | None, backbones: list[str]) -> list[tuple[str, str]]:
+    """`--models FAMILY:VARIANT ...` as (family, variant) pairs; without it, DeepLabV3+ on `--backbones`."""
+    if not models:
+        return [("deeplabv3plus", b) for b in backbones]
+    pairs = [m.partition(":")[::2] for m in models]
+    return [(family, variant or None) for family, variant in pairs]
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so a timer measures the work and not its launch."""
     if device.type == "cuda":

@@ -28,12 +28,12 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hiposeg import __version__
 from hiposeg.archive import check_torch_file
 from hiposeg.atomic import atomic_save
-from hiposeg.config import MIN_CROP, ModelConfig, TrainConfig, format_validation_error, upgrade_config
+from hiposeg.config import DEFAULT_FAMILY, MIN_CROP, ModelConfig, TrainConfig, format_validation_error, upgrade_config
 from hiposeg.data.codecs import BadFile, open_regular
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
@@ -51,7 +51,6 @@ DAMAGED_HINT = ("The file was damaged or edited: use the run's other checkpoint 
 
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
-Backbone = ModelConfig.model_fields["backbone"].annotation
 OutputStride = ModelConfig.model_fields["output_stride"].annotation
 
 
@@ -129,9 +128,16 @@ class CheckpointFields(_Fields):
 
 
 class ArchFields(_Fields):
-    backbone: Backbone  # type: ignore[valid-type]
-    output_stride: OutputStride  # type: ignore[valid-type]
+    """The family (absent from files exported while DeepLabV3+ was the only one), its variant and the
+    family's other architecture fields, checked by the model configuration's own rules."""
+
+    name: str = DEFAULT_FAMILY
+    backbone: str
+    output_stride: OutputStride | None = None  # type: ignore[valid-type]
     num_classes: int = Field(ge=1)
+
+    _known_family = field_validator("name")(ModelConfig._known_family.__func__)
+    _variant_of_family = field_validator("backbone")(ModelConfig._variant_of_family.__func__)
 
 
 class NormalizationFields(_Fields):
@@ -143,6 +149,7 @@ class NormalizationFields(_Fields):
 
 class InputFields(_Fields):
     min_side: int = Field(ge=1)
+    multiple: int = Field(1, ge=1)  # programs of some families take sides that are multiples of it
     max_side: int | None = None
     max_batch: int | None = None
 
@@ -416,7 +423,8 @@ def check_compatible(ckpt: dict[str, Any], path: Path, hierarchy: Hierarchy, cfg
                          ckpt.get("hierarchy_sha256"), hierarchy, cfg.data.resolved_root(),
                          hint="Resume with the dataset the run was trained on, or start a new run.")
     theirs_model = ckpt.get("config", {}).get("model", {})
-    for key in ("backbone", "output_stride", "embed_dim", "embed_source"):
+    theirs_model.setdefault("name", DEFAULT_FAMILY)  # checkpoints from before there were several families
+    for key in ("name", "backbone", "output_stride", "embed_dim", "embed_source"):
         if theirs_model.get(key) != getattr(cfg.model, key):
             raise UserError(f"checkpoint {path} has model.{key}={theirs_model.get(key)!r}, but the configuration "
                             f"asks for {getattr(cfg.model, key)!r}",

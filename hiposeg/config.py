@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from hiposeg.errors import UserError
 from hiposeg.safeload import load_json, load_yaml
@@ -84,13 +84,56 @@ class DataConfig(_Strict):
         return self.root if self.root is not None else Path("data") / self.dataset
 
 
+DEFAULT_FAMILY = "deeplabv3plus"
+
+
+def _families() -> dict[str, Any]:
+    """The registered model families (`hiposeg.models.FAMILIES`; imported when first needed, as the
+    models package imports this module)."""
+    from hiposeg.models import FAMILIES
+
+    return FAMILIES
+
+
 class ModelConfig(_Strict):
-    backbone: Literal["resnet18", "resnet50", "resnet101"] = "resnet101"
-    output_stride: Literal[8, 16] = 8
-    pretrained: Path | None = Field(None, description="local torchvision ResNet state-dict file (.pth)")
+    """The segmentation model: its family (`--model`), the family's variant (`--backbone`), where its
+    pretrained weights come from, and the projection head g_phi."""
+
+    name: str = Field(DEFAULT_FAMILY, description="model family: deeplabv3plus, hrnet, segformer, fpn or unet")
+    backbone: str | None = Field(None, validate_default=True, description=(
+        "the family's variant, e.g. resnet101, hrnet_w48, mit_b5 (default: the family's paper-scale one)"))
+    output_stride: Literal[8, 16] = Field(8, description="DeepLabV3+ only: 8 (dilated layer3+4) or 16")
+    pretrained: Literal["imagenet"] | Path | None = Field(None, description=(
+        "backbone weights: 'imagenet' (the library's ImageNet weights, cached once downloaded), a local "
+        "weights file, or none"))
     embed_dim: int = Field(256, ge=8, description="d' of the projection head g_phi (eq. 3)")
     embed_source: Literal["decoder", "backbone"] = Field(
-        "decoder", description="feature g_phi reads: the 256-ch stride-4 decoder feature, or backbone stage 4")
+        "decoder", description="feature g_phi reads: the stride-4 decoder feature, or the backbone's last stage")
+
+    @field_validator("name")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        families = _families()
+        if v not in families:
+            raise ValueError(f"{v!r} is not a model family; choose one of {', '.join(families)}")
+        return v
+
+    @field_validator("backbone")
+    @classmethod
+    def _variant_of_family(cls, v: str | None, info: ValidationInfo) -> str | None:
+        family = _families().get(info.data.get("name"))
+        if family is None:  # the family itself is refused
+            return v
+        if v is None:
+            return family.default_variant
+        if v not in family.variants:
+            raise ValueError(f"{v!r} is not a {family.name} variant; choose one of {', '.join(family.variants)}")
+        return v
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _none_is_no_weights(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip().lower() in ("", "none") else v
 
 
 class LossConfig(_Strict):
@@ -190,7 +233,14 @@ class TrainConfig(_Strict):
     def resolved_out(self) -> Path:
         if self.run.out is not None:
             return self.run.out
-        return Path("runs") / f"{self.data.dataset}-{self.model.backbone}"
+        return Path("runs") / self.run_name()
+
+    def run_name(self) -> str:
+        """DATASET-BACKBONE for DeepLabV3+, DATASET-FAMILY-BACKBONE for the other families (whose
+        encoders can share DeepLabV3+'s backbone names)."""
+        model = self.model
+        family = "" if model.name == DEFAULT_FAMILY else f"{model.name}-"
+        return f"{self.data.dataset}-{family}{model.backbone}"
 
     def to_plain(self) -> dict[str, Any]:
         """JSON-compatible dict: safe inside a `weights_only` checkpoint."""
@@ -208,15 +258,19 @@ class TrainConfig(_Strict):
 # Recipes: the paper's settings (Sec. 4.1) per dataset, and a CPU-sized one for the built-in set.
 # --------------------------------------------------------------------------------------------
 
+# The paper recipes start from ImageNet weights (the paper's baselines do); each family at its
+# paper-scale variant (ModelConfig's default backbone).
+_PAPER_MODEL = {"pretrained": "imagenet"}
 RECIPES: dict[str, dict[str, Any]] = {
-    "cityscapes": {"data": {"crop": (512, 1024)}, "optim": {"batch_size": 8, "iters": 80_000}},
-    "mapillary": {"data": {"crop": (512, 1024)}, "optim": {"batch_size": 8, "iters": 80_000}},
-    "ade20k": {"data": {"crop": (512, 512)}, "optim": {"batch_size": 16, "iters": 60_000}},
-    "pascal-part": {"data": {"crop": (512, 512)}, "optim": {"batch_size": 16, "iters": 60_000}},
-    # The built-in default, CPU-sized (its time on 2 CPU cores: BENCHMARKS.md, "Times the README quotes").
+    "cityscapes": {"data": {"crop": (512, 1024)}, "model": _PAPER_MODEL, "optim": {"batch_size": 8, "iters": 80_000}},
+    "mapillary": {"data": {"crop": (512, 1024)}, "model": _PAPER_MODEL, "optim": {"batch_size": 8, "iters": 80_000}},
+    "ade20k": {"data": {"crop": (512, 512)}, "model": _PAPER_MODEL, "optim": {"batch_size": 16, "iters": 60_000}},
+    "pascal-part": {"data": {"crop": (512, 512)}, "model": _PAPER_MODEL, "optim": {"batch_size": 16, "iters": 60_000}},
+    # The built-in default, CPU-sized (its time on 2 CPU cores: BENCHMARKS.md, "Times the README quotes"), with each
+    # family's smallest variant (`smallest_variant`), from random weights.
     "synthetic": {
         "data": {"crop": (128, 128), "scale_range": (0.75, 1.5), "workers": 2},
-        "model": {"backbone": "resnet18", "output_stride": 16},
+        "model": {"output_stride": 16},
         "optim": {"batch_size": 8, "iters": 400, "lr": 0.02},
         "run": {"ckpt_every": 100, "log_every": 10},
     },
@@ -290,13 +344,28 @@ def merge_layers(*layers: dict[str, Any], source: str = "configuration") -> dict
     return merged
 
 
+# Recipes that train each family's smallest variant when no --backbone is given.
+SMALLEST_VARIANT_RECIPES = frozenset({"synthetic"})
+
+
 def build_config(*layers: dict[str, Any], source: str = "configuration") -> TrainConfig:
     """Merge override layers (later wins) on top of the dataset's recipe and validate."""
     merged = merge_layers(*layers, source=source)
     dataset = merged.get("data", {}).get("dataset", "synthetic")
     recipe = RECIPES.get(dataset, {})
     merged = deep_update(recipe, merged)
+    if dataset in SMALLEST_VARIANT_RECIPES:
+        merged = smallest_variant(merged)
     return validate_config(merged, source=source)
+
+
+def smallest_variant(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with model.backbone set to its family's smallest variant when none is given."""
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    family = _families().get(model.get("name", DEFAULT_FAMILY))
+    if family is None or model.get("backbone") is not None:
+        return config  # an unknown family is named by validation; a given variant is kept
+    return {**config, "model": {**model, "backbone": family.variants[0]}}
 
 
 def upgrade_config(data: Any, source: str) -> Any:

@@ -108,10 +108,15 @@ def _fit_under_torchrun(cfg: TrainConfig, resume: Path | None) -> FitResult:
 
 
 def open_run(cfg: TrainConfig, resume: Path | None) -> tuple[DirectoryLock, str]:
-    """Everything the launching process checks before the first write: the output path, the data, what
-    the workers would refuse, then the lock on the run directory and which run it holds (`rundir.claim`)."""
+    """Everything the launching process checks before the first write: the output path, the model
+    family's packages (before data is generated), the data, what the workers would refuse (with the
+    pretrained weights of a new run, downloaded into the library's cache once), then the lock on the
+    run directory and which run it holds (`rundir.claim`)."""
+    from hiposeg.models import check_model
+
     out = cfg.resolved_out()
     rundir.check_target(out)
+    check_model(cfg.model, with_weights=False)  # a missing optional package first, before data is generated
     hierarchy = ensure_prepared(cfg, resume)
     check_before_start(cfg, hierarchy, resume)
     return rundir.claim(out, resume)
@@ -124,10 +129,11 @@ def check_before_start(cfg: TrainConfig, hierarchy: Hierarchy, resume: Path | No
     check_world(cfg.run.gpus, cfg.run.device)
     check_batch_split(cfg, cfg.run.gpus, sync_bn=cfg.run.gpus > 1 and device.type == "cuda")
     autocast(cfg.run.amp, device)
-    if cfg.model.pretrained is not None:
+    if resume is None and cfg.model.pretrained is not None:  # a resumed run takes its weights from the checkpoint
         from hiposeg.models import build_segmenter
 
-        build_segmenter(cfg.model, hierarchy.num_fine)  # reads and checks the file, as each worker will
+        # ImageNet weights land in the library's cache here, once; a file is read and checked as each worker will
+        build_segmenter(cfg.model, hierarchy.num_fine)
     if resume is not None:
         checkpoint.check_compatible(checkpoint.peek(resume), resume, hierarchy, cfg)
 
@@ -157,15 +163,16 @@ def ensure_prepared(cfg: TrainConfig, resume: Path | None = None) -> Hierarchy:
 # ==========================================================================================
 
 
-def build_model(cfg: TrainConfig, hierarchy: Hierarchy) -> tuple[nn.Module, nn.Module]:
-    """(HiPoSegNet training wrapper, HiPoSegCriterion). No projection head for a CE-only config."""
+def build_model(cfg: TrainConfig, hierarchy: Hierarchy, pretrained: bool = True) -> tuple[nn.Module, nn.Module]:
+    """(HiPoSegNet training wrapper, HiPoSegCriterion). No projection head for a CE-only config; the
+    segmenter's pretrained weights loaded if `pretrained`."""
     from hiposeg.models import build_segmenter
     from hiposeg.models.training import HiPoSegNet
     from hiposeg.prototypes import HiPoSegCriterion
 
     criterion = HiPoSegCriterion(cfg.loss, hierarchy.fine_to_coarse, cfg.model.embed_dim,
                                  hierarchy.ignore_index, cfg.optim.iters)
-    segmenter = build_segmenter(cfg.model, hierarchy.num_fine)
+    segmenter = build_segmenter(cfg.model, hierarchy.num_fine, pretrained=pretrained)
     net = HiPoSegNet(segmenter, embed_dim=cfg.model.embed_dim, embed_source=cfg.model.embed_source,
                      with_projection=criterion.needs_embeddings)
     return net, criterion
@@ -223,6 +230,7 @@ class Training:
     scaler: torch.amp.GradScaler
     precision: AbstractContextManager  # autocast per --amp (`evaluate.autocast`)
     sync_bn: bool
+    pretrained: Any = None  # models.LoadReport of a new run started from pretrained weights
     iteration: int = 0  # completed iterations
     best: dict[str, Any] = field(default_factory=lambda: {"metric": "fine_mIoU", "value": None, "iteration": None})
     last_eval: dict[str, Any] | None = None
@@ -257,7 +265,7 @@ def train_worker(cfg: TrainConfig, resume: Path | None, run_id: str) -> FitResul
 
 def train(cfg: TrainConfig, resume: Path | None, env: DistEnv, run_id: str) -> FitResult:
     """One process's run, top to bottom."""
-    run = setup(cfg, env, run_id)
+    run = setup(cfg, env, run_id, fresh=resume is None)
     saved = restore(run, resume) if resume is not None else None
     begin(run, resume, saved)
     del saved  # the checkpoint's tensors are restored: free them before the loop
@@ -270,15 +278,19 @@ def train(cfg: TrainConfig, resume: Path | None, env: DistEnv, run_id: str) -> F
         return end(run)
 
 
-def setup(cfg: TrainConfig, env: DistEnv, run_id: str) -> Training:
-    """A fresh run at iteration 0: seeds, model and loss on the device, optimiser, the DDP wrapper."""
+def setup(cfg: TrainConfig, env: DistEnv, run_id: str, fresh: bool = True) -> Training:
+    """A run at iteration 0: seeds, model (with its pretrained weights when `fresh`) and loss on the
+    device, optimiser, the DDP wrapper."""
     sync_bn = env.distributed and env.device.type == "cuda"  # the split was checked by `check_before_start`
     precision = autocast(cfg.run.amp, env.device)
     configure_determinism(cfg)
     from hiposeg.data.dataset import open_prepared
+    from hiposeg.models import load_pretrained
 
     hierarchy, _ = open_prepared(cfg.data.resolved_root(), cfg.data.train_split)
-    net, criterion = build_model(cfg, hierarchy)
+    net, criterion = build_model(cfg, hierarchy, pretrained=False)
+    # A new run reports what its pretrained weights gave; a resumed one takes every weight from its checkpoint.
+    loaded = load_pretrained(net.segmenter, cfg.model) if fresh and cfg.model.pretrained is not None else None
     if sync_bn:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # global BN statistics: the batch is global
     net.to(env.device)
@@ -298,7 +310,7 @@ def setup(cfg: TrainConfig, env: DistEnv, run_id: str) -> Training:
             forward_sync_buffers=env.device.type != "cuda")
     if cfg.run.compile:
         model = torch.compile(model)
-    return Training(cfg, env, run_id, hierarchy, net, model, criterion, optimizer, scaler, precision, sync_bn)
+    return Training(cfg, env, run_id, hierarchy, net, model, criterion, optimizer, scaler, precision, sync_bn, loaded)
 
 
 def restore(run: Training, path: Path) -> dict[str, Any]:
@@ -323,6 +335,8 @@ def begin(run: Training, resume: Path | None, saved: dict[str, Any] | None) -> N
     rundir.start(run.out, run.cfg, run.iteration, run.run_id)
     run.logger = RunLogger(run.out, run.cfg, run.iteration, fresh=resume is None)
     run.logger.tick(run.iteration, run.criterion.schedule.phase_name(run.iteration))  # the phase it starts in
+    if run.pretrained is not None:
+        run.logger.print(run.pretrained.line())
     if run.iteration:
         run.logger.print(f"resumed from {resume} at iteration {run.iteration}")
 

@@ -15,6 +15,10 @@ from pathlib import Path
 # (on a busy 2-core machine a 64x64 training step took ~4 s with 2 threads and 0.06 s with 1).
 # Set before torch is imported anywhere; subprocesses (DDP workers, killed-and-resumed runs) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test touches the network: pretrained weights come only from caches the tests fill
+# (tests/test_pretrained_weights.py). Set before huggingface_hub reads its environment at import.
+os.environ["HIPOSEG_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -113,6 +113,61 @@ def test_an_ablation_recorded_before_loss_momentum_was_renamed_keeps_its_configu
     assert added == [] and [r.name for r in mine] == [r.name for r in records] and len(merged) == 2
 
 
+def test_an_ablation_recorded_before_model_families_keeps_its_configurations(tiny_data, tmp_path):
+    """Experiments recorded before `model.name` existed are DeepLabV3+ ones: a rerun reuses them."""
+    out = tmp_path / "abl"
+    plan = make_plan(None, {"data": {"root": str(tiny_data)}}, [], ["fh,hh"], "joint", 1, None, out)
+    records, _, _ = merge_grid([], list(zip(plan.variants, plan.configs)), plan.seeds)
+    out.mkdir()
+    saved = [{"name": r.name, "slug": r.slug, "values": r.values, "seeds": r.seeds,
+              "experiment": {**r.experiment, "model": {k: v for k, v in r.experiment["model"].items() if k != "name"}}}
+             for r in records]
+    (out / "ablation.json").write_text(json.dumps({"format": "hiposeg-ablation/1", "configs": saved}))
+    merged, mine, added = merge_grid(load_records(out), list(zip(plan.variants, plan.configs)), plan.seeds)
+    assert added == [] and [r.name for r in mine] == [r.name for r in records] and len(merged) == 2
+
+
+def test_model_families_sweep_with_each_familys_variant(tiny_data, tmp_path):
+    """--model a,b is an axis of the grid (Table 9: CE and all terms per family); each family takes its
+    variant for the recipe (the smallest on the synthetic set) unless FAMILY:VARIANT names one; one
+    --model value sets the model of every run."""
+    flags = {"data": {"root": str(tiny_data), "dataset": "synthetic"}}
+    plan = make_plan(None, flags, [], ["ce", "fh,hh,fl,ll,align"], None, 1, None, None,
+                     models="deeplabv3plus,hrnet,segformer:mit_b1")
+    assert [v.name for v in plan.variants] == [
+        "losses=ce, model=deeplabv3plus", "losses=ce, model=hrnet", "losses=ce, model=segformer:mit_b1",
+        "losses=ce+fh+hh+fl+ll+align, model=deeplabv3plus", "losses=ce+fh+hh+fl+ll+align, model=hrnet",
+        "losses=ce+fh+hh+fl+ll+align, model=segformer:mit_b1"]
+    assert [(c.model.name, c.model.backbone) for c in plan.configs[:3]] == [
+        ("deeplabv3plus", "resnet18"), ("hrnet", "hrnet_w18_small"), ("segformer", "mit_b1")]
+    assert plan.out == Path("runs") / "ablate-synthetic-models"
+    one = make_plan(None, flags, [], ["ce"], None, 1, None, None, models="unet")
+    assert [v.name for v in one.variants] == ["losses=ce"] and one.configs[0].model.name == "unet"
+    assert one.out == Path("runs") / "ablate-synthetic-unet-resnet18"
+    with pytest.raises(UserError, match="'maskformer' is not a model family") as e:
+        make_plan(None, flags, [], None, None, 1, None, None, models="hrnet,maskformer")
+    assert "deeplabv3plus, hrnet, segformer, fpn, unet" in e.value.hint
+    with pytest.raises(UserError, match="(?s)configuration 'losses=ce, model=hrnet:mit_b0'.*'mit_b0' is not a hrnet"):
+        make_plan(None, flags, [], None, None, 1, None, None, models="deeplabv3plus,hrnet:mit_b0")
+
+
+def test_an_ablation_over_two_families_trains_and_tabulates_both(tiny_data, tmp_path, cli):
+    out = tmp_path / "abl"
+    args = ablate_args(tiny_data, out, "--losses", "ce", "--losses", "fh,hh,fl,ll,align", "--model",
+                       "deeplabv3plus:resnet18,segformer:mit_b0")
+    i = args.index("--backbone")
+    r = cli.invoke(app, args[:i] + args[i + 2:])  # the variants come with --model
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["config"]: row for row in results["configs"]}
+    dl, sf, full = "model=deeplabv3plus:resnet18", "model=segformer:mit_b0", "losses=ce+fh+hh+fl+ll+align, schedule=joint"
+    assert set(rows) == {f"losses=ce, {dl}", f"losses=ce, {sf}", f"{full}, {dl}", f"{full}, {sf}"}
+    assert all(row["finished"] == 1 and row["fine"]["mean"] is not None for row in rows.values())
+    assert rows[f"{full}, {sf}"]["ce_reference"] == f"losses=ce, {sf}"
+    cfg = (out / rows[f"losses=ce, {sf}"]["dir"] / "seed-0" / "config.yaml").read_text()
+    assert "name: segformer" in cfg and "backbone: mit_b0" in cfg
+
+
 # ------------------------------------------------------------------------------------------
 # Results from run directories (hand-made reports: no training)
 # ------------------------------------------------------------------------------------------
@@ -198,6 +253,40 @@ def test_a_grid_whose_runs_would_be_refused_is_refused_before_the_ablation_direc
     r = cli.invoke(app, ablate_args(tiny_data, out, "--losses", "ce"))
     assert r.exit_code == 0, r.output
     assert json.loads((out / "results.json").read_text())["configs"][0]["finished"] == 1
+
+
+# The paper's Table 9 (fine mIoU without / with HiPoSeg), typed from the paper for this test.
+TABLE9 = {"hrnet": {"cityscapes": (80.85, 81.39), "pascal_part_108": (43.77, 43.98), "ade20k": (38.59, 38.95),
+                    "mapillary_v2": (30.17, 43.48)},
+          "segformer": {"cityscapes": (80.11, 80.63), "pascal_part_108": (51.32, 51.59), "ade20k": (43.69, 44.29),
+                        "mapillary_v2": (44.29, 45.04)},
+          "deeplabv3plus": {"cityscapes": (73.55, 84.04), "pascal_part_108": (46.90, 49.33),
+                            "ade20k": (44.48, 48.99), "mapillary_v2": (31.65, 41.42)}}
+
+
+@pytest.mark.parametrize("hierarchy", ["cityscapes", "pascal_part_108", "ade20k", "mapillary_v2"])
+def test_each_family_is_shown_beside_its_table9_row(tmp_path, hierarchy):
+    """A sweep over families (--model) puts Table 9's numbers beside the CE and all-terms rows of the
+    families it reports (DeepLabV3+ ResNet-101's are Tables 5/6's); no paper number for the others."""
+    recs = []
+    for family in ("deeplabv3plus", "hrnet", "segformer", "fpn"):
+        for terms in (["ce"], ["ce", "fh", "hh"], list(TABLE5_ROWS[-1])):
+            rec = record(terms)
+            rec.name, rec.slug = f"{rec.name}, model={family}", f"{rec.slug}-{family}"
+            rec.values = {**rec.values, "model": {"name": family}}
+            rec.experiment = {**rec.experiment, "model": {"name": family, "backbone": "x"}}
+            fake_run(tmp_path, rec, 0, 50.0, 70.0, hierarchy)
+            fake_run(tmp_path, rec, 1, 50.0, 70.0, hierarchy)
+            recs.append(rec)
+    rows = {r["config"]: r for r in collect_results(tmp_path, recs)["configs"]}
+    for family, table in (("deeplabv3plus", "Table 6"), ("hrnet", "Table 9"), ("segformer", "Table 9")):
+        ce, full = TABLE9[family][hierarchy]
+        table = "Table 5" if family == "deeplabv3plus" and hierarchy == "cityscapes" else table
+        assert rows[f"losses=ce, model={family}"]["paper"] == {"table": table, "fine_mIoU": ce}
+        assert rows[f"losses=ce+fh+hh+fl+ll+align, model={family}"]["paper"] == {"table": table, "fine_mIoU": full}
+    assert rows["losses=ce+fh+hh, model=hrnet"]["paper"] is None  # Table 9 has no high-level-only row
+    assert all(rows[f"{t}, model=fpn"]["paper"] is None for t in ("losses=ce", "losses=ce+fh+hh+fl+ll+align"))
+    assert rows["losses=ce+fh+hh+fl+ll+align, model=hrnet"]["ce_reference"] == "losses=ce, model=hrnet"
 
 
 def test_unfinished_runs_are_counted_but_not_averaged(tmp_path):

@@ -65,7 +65,7 @@ REASON = {
     "case-shadowed-config": "'DATA/constants/model_constants_config.json' and "
                             "'data/constants/model_constants_config.json' differ only in case",
     "sympy": "which sympy would evaluate as Python",
-    "guards": "it carries guard code, which torch would run as Python",
+    "guards": "that is not integer arithmetic on the input's sizes, which torch would run as Python",
     "parameter-name": "is not a plain name (torch would write it into generated Python code) in "
                       "data/weights/model_weights_config.json",
     "aoti": "(AOTInductor native code)",
@@ -176,8 +176,30 @@ def test_a_genuine_program_passes_the_same_checks(tmp_path):
     assert read_program_archive(base) == base.read_bytes()
 
 
+def test_guard_code_of_integer_arithmetic_on_the_input_sizes_is_read(tmp_path):
+    """The guards torch.export writes for the HRNet and SegFormer programs (sides that are multiples of
+    32; stage sizes that line up or are not 1) and range constraints of a multiple of a symbol."""
+    guards = ["(((-1)*L['x'].size()[2]) % 32) == 0",
+              "(1 + (((-1) + L['x'].size()[3]) // 4)) == (2 + 2*(((-1) + L['x'].size()[3]) // 8))",
+              "torch.sym_max(1, 1 + (((-7) + (((-1) + L['x'].size()[3]) // 4)) // 8)) > 1",
+              "(L['x'].size()[0] % (L['x'].size()[0]*(1 + (((-1) + L['x'].size()[3]) // 4)))) != 0",
+              "L['x'].size()[2] ** 2 >= 4096"]
+
+    def plain(p: dict) -> None:
+        p["guards_code"] = guards
+        p["range_constraints"]["32*s9"] = {"min_val": 64, "max_val": 8192}
+
+    path = crafted.edited_program(crafted.conv_program(tmp_path / "base.pt2"), tmp_path / "m.pt2", plain)
+    assert read_program_archive(path) == path.read_bytes()
+
+
 @pytest.mark.parametrize("mutate, reason", [
-    (lambda p: p.__setitem__("guards_code", ["True"]), "carries guard code"),
+    *[(lambda p, g=guard: p.__setitem__("guards_code", ["L['x'].size()[2] >= 64", g]), "carries guard code")
+      for guard in ["True", "L['x'].size()[2] ** 99999 > 1", "__import__('os').system('x') is None",
+                    "L['x'].size()[2] > 1 # ", "L['x'].size()[2] > 1, \"", "L['x'].shape[2] > 1",
+                    "L['x;'].size()[2] > 1", "torch.ops.aten.from_file(1) > 1"]],
+    (lambda p: p["range_constraints"].__setitem__("__import__('os')", {"min_val": 1, "max_val": 2}),
+     "its range constraint \"__import__('os')\" is not a shape symbol"),
     (lambda p: p["graph_module"]["graph"]["nodes"][0].__setitem__("target", "torch.os.system"),
      "it calls 'torch.os.system', not an operator of a hiposeg program"),
     (lambda p: p["graph_module"]["graph"]["nodes"][0].__setitem__("target", "torch.ops.aten.from_file.default"),
@@ -193,7 +215,9 @@ def test_a_genuine_program_passes_the_same_checks(tmp_path):
         "as_expr", {"expr_str": e, "hint": {"as_int": 2}}), "which sympy would evaluate as Python")
       for expr in ["Symbol('s0', positive=True).func", "Symbol('__import__')", "Function('f')(Symbol('s0'))",
                    "Integer(10**9)", "Add(Symbol('s0'), Integer(True))", "s0"]],
-], ids=["guards", "callable-target", "file-reading-op", "name", "treespec-type", "carriage-return",
+], ids=["guards-bool", "guards-power", "guards-call", "guards-comment", "guards-quote", "guards-attribute",
+        "guards-input-name", "guards-op", "range-key", "callable-target", "file-reading-op", "name", "treespec-type",
+        "carriage-return",
         "sym-attribute", "sym-dunder-symbol", "sym-unknown-function", "sym-arithmetic", "sym-bool-integer", "sym-bare-name"])
 def test_program_strings_torch_would_resolve_or_generate_code_from_must_be_plain(tmp_path, mutate, reason):
     """Beyond the live payloads: every string of the serialized program that torch resolves to a

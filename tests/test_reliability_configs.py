@@ -43,7 +43,10 @@ CONFIG_RULES: dict[tuple[str, str], tuple[str, str]] = {
     ("data.color_jitter", "le"): ("1.5", "less than or equal to 1"),
     ("data.workers", "ge"): ("-1", "greater than or equal to 0"),
     ("data.std", "_std_positive"): ("[0.2,0,0.2]", "std values must be > 0"),
-    ("model.backbone", "literal"): ("vgg16", "'resnet18', 'resnet50' or 'resnet101'"),
+    ("model.name", "_known_family"): ("maskformer", "'maskformer' is not a model family; choose one of deeplabv3plus, "
+                                                    "hrnet, segformer, fpn, unet"),
+    ("model.backbone", "_variant_of_family"): ("vgg16", "'vgg16' is not a deeplabv3plus variant; choose one of "
+                                                        "resnet18, resnet50, resnet101"),
     ("model.output_stride", "literal"): ("32", "8 or 16"),
     ("model.embed_dim", "ge"): ("4", "greater than or equal to 8"),
     ("model.embed_source", "literal"): ("stage3", "'decoder' or 'backbone'"),

@@ -80,7 +80,9 @@ def test_the_arch_record_rebuilds_the_same_segmenter_through_the_one_builder():
     a, b = build_segmenter(cfg, 9), build_segmenter(rebuilt_cfg, num_classes)
     assert names_and_shapes(a.state_dict()) == names_and_shapes(b.state_dict())
     assert b.backbone.layer3[1].conv2.dilation == (2, 2)  # output stride 8 kept
-    with pytest.raises(UserError, match="holds a 'hrnet' model, a family this hiposeg does not know"):
+    with pytest.raises(UserError, match="holds a 'maskformer' model, a family this hiposeg does not know"):
+        arch_config({**record, "name": "maskformer"}, Path("m.pt"))
+    with pytest.raises(UserError, match="(?s)malformed field 'arch'.*'resnet50' is not a hrnet variant"):
         arch_config({**record, "name": "hrnet"}, Path("m.pt"))
 
 

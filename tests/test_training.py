@@ -200,7 +200,7 @@ def test_batch_must_split_evenly_over_processes(tiny_data, tmp_path):
 @pytest.mark.parametrize("extra,words", [
     (["--gpus", "2", "--batch-size", "3"], "batch size 3 does not split evenly over 2 processes"),
     (["--gpus", "2", "--batch-size", "4", "--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
-    (["--gpus", "2", "--batch-size", "4", "--pretrained", "missing.pth"], "pretrained backbone file missing.pth"),
+    (["--gpus", "2", "--batch-size", "4", "--pretrained", "missing.pth"], "pretrained weights file missing.pth does not exist"),
     (["--batch-size", "1"], "leaves 1 image per process"),
     (["--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
 ])

@@ -19,8 +19,8 @@ from pydantic import BaseModel
 
 from hiposeg import __version__
 from hiposeg.atomic import atomic_write_json
-from hiposeg.config import (LOSS_TERMS, RENAMED, SCHEDULES, TrainConfig, build_config, load_config_file,
-                            normalize_terms, parse_set, upgrade_config)
+from hiposeg.config import (DEFAULT_FAMILY, LOSS_TERMS, RENAMED, SCHEDULES, TrainConfig, build_config,
+                            load_config_file, normalize_terms, parse_set, upgrade_config)
 from hiposeg.errors import UserError
 from hiposeg.rundir import read_json
 
@@ -82,7 +82,9 @@ def nested(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def show(value: Any) -> str:
-    """A value as it appears in a configuration name."""
+    """A value as it appears in a configuration name (a model axis value {name, backbone} as NAME:BACKBONE)."""
+    if isinstance(value, dict):
+        return ":".join(show(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(show(v) for v in value) + "]"
     if isinstance(value, bool) or value is None:
@@ -171,6 +173,34 @@ def split_sets(items: Sequence[str]) -> tuple[list[str], list[Axis]]:
             raise UserError(f"--set {key}=... is swept twice; give all its values in one comma list")
         axes.append(Axis(key, key, values))
     return plain, axes
+
+
+def parse_models(spec: str | None) -> list[dict[str, str]]:
+    """`--model a,b:variant` -> [{"name": "a"}, {"name": "b", "backbone": "variant"}], families checked
+    (the variants are checked with every configuration)."""
+    from hiposeg.models import FAMILIES
+
+    if spec is None:
+        return []
+    items = [p.strip() for p in spec.split(",")]
+    models = []
+    for item in items:
+        name, _, variant = item.partition(":")
+        if name not in FAMILIES:
+            raise UserError(f"--model {spec!r}: {name!r} is not a model family",
+                            hint=f"Choose among {', '.join(FAMILIES)}, each optionally FAMILY:VARIANT, e.g. "
+                                 "--model deeplabv3plus,hrnet,segformer")
+        models.append({"name": name, **({"backbone": variant} if variant else {})})
+    if len(set(map(show, models))) < len(models):
+        raise UserError(f"--model {spec!r} lists a model twice")
+    return models
+
+
+def model_layer(models: list[dict[str, str]]) -> tuple[dict[str, Any], list[Axis]]:
+    """One --model value sets the model of every run (a config layer); several are a sweep axis."""
+    if len(models) == 1:
+        return {"model": models[0]}, []
+    return {}, [Axis("model", "model", tuple(models))] if models else []
 
 
 def build_grid(losses: Sequence[str] | None, schedule: str | None, sweeps: Sequence[Axis]) -> list[Variant]:
@@ -270,11 +300,21 @@ def load_records(out: Path) -> list[Record]:
         data = read_json(path)
         if data.get("format") != ABLATION_FORMAT:
             raise ValueError(f"format {data.get('format')!r}")
-        return [Record(c["name"], c["slug"], c["values"], upgrade_config(c["experiment"], f"{path}"), list(c["seeds"]))
+        return [Record(c["name"], c["slug"], c["values"], upgrade_experiment(c["experiment"], path), list(c["seeds"]))
                 for c in data["configs"]]
     except (ValueError, KeyError, TypeError, AttributeError, UserError) as e:
         raise UserError(f"{path} is unreadable ({e.message if isinstance(e, UserError) else e})",
                         hint="Restore that file, or choose a new --out.") from None
+
+
+def upgrade_experiment(experiment: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A recorded experiment under today's field names (`config.RENAMED`), and with the model family,
+    which experiments recorded before there were several do not name (they are DeepLabV3+)."""
+    experiment = upgrade_config(experiment, f"{path}")
+    model = experiment.get("model")
+    if isinstance(model, dict) and "name" not in model:
+        experiment = {**experiment, "model": {"name": DEFAULT_FAMILY, **model}}
+    return experiment
 
 
 def save_records(out: Path, records: Sequence[Record]) -> None:
@@ -325,17 +365,18 @@ class Plan:
 
 
 def make_plan(config_file: Path | None, flags: dict[str, Any], sets: Sequence[str], losses: Sequence[str] | None,
-              schedule: str | None, seeds: int, seed: int | None, out: Path | None) -> Plan:
+              schedule: str | None, seeds: int, seed: int | None, out: Path | None, models: str | None = None) -> Plan:
     """Validate everything up front: every configuration is built before the first run starts."""
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     plain, sweeps = split_sets(sets)
-    layers = [load_config_file(config_file) if config_file else {}, flags, parse_set(plain)]
+    one_model, model_axes = model_layer(parse_models(models))
+    layers = [load_config_file(config_file) if config_file else {}, flags, one_model, parse_set(plain)]
     base = build_config(*layers, source="ablation base configuration")
     first = base.run.seed if seed is None else seed
     seed_list = list(range(first, first + seeds))
-    out = out or Path("runs") / f"ablate-{base.data.dataset}-{base.model.backbone}"
-    variants = build_grid(losses, schedule, sweeps)
+    out = out or Path("runs") / f"ablate-{base.data.dataset + '-models' if model_axes else base.run_name()}"
+    variants = build_grid(losses, schedule, [*model_axes, *sweeps])
     configs = [build_config(*layers, v.overrides(), source=f"configuration {v.name!r}") for v in variants]
     return Plan(out, layers, variants, configs, seed_list)
 

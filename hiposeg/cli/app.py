@@ -42,7 +42,8 @@ def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ) -> None:
-    """hiposeg: DeepLabV3+ with a training-only hierarchical prototype branch."""
+    """hiposeg: a segmentation model (DeepLabV3+, HRNet, SegFormer, ...) with a training-only hierarchical
+    prototype branch."""
 
 
 # ------------------------------------------------------------------------------------------

@@ -191,13 +191,13 @@ def export_cmd(
                                                           "program, dynamic H/W) or onnx (needs hiposeg[onnx]).")] = "hiposeg",
     which: Annotated[str, typer.Option("--checkpoint", help="For a run directory: best or last.")] = "best",
 ) -> None:
-    """Write an inference-only model: DeepLabV3+ weights + hierarchy, palette, pi and normalisation, with no
+    """Write an inference-only model: the segmenter's weights + hierarchy, palette, pi and normalisation, with no
     projection head, prototype memory or optimizer. Reloads it and checks its logits against the training model."""
     from hiposeg.export import export_model
 
     s = export_model(source, out, fmt=format_, prefer=which)
     console.print(f"wrote [bold]{escape(str(s.out))}[/bold] ({s.format}, {s.file_bytes / 2**20:.1f} MiB)")
-    console.print(f"parameters: {s.parameters:,} exported = {s.plain_parameters:,} in a plain DeepLabV3+ "
+    console.print(f"parameters: {s.parameters:,} exported = {s.plain_parameters:,} in a plain {s.model} "
                   f"({s.parameters / s.plain_parameters:.2f}x); the training model had {s.training_parameters:,} "
                   f"(+{s.training_parameters - s.parameters:,} projection head) and {s.memory_values:,} prototype "
                   "memory values, none exported")

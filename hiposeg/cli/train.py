@@ -25,9 +25,17 @@ Dataset = Annotated[Optional[str], typer.Option(help=f"Dataset recipe: {DATASET_
 Data = Annotated[Optional[Path], typer.Option(help="Prepared dataset directory (default: data/DATASET).")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Total batch over all processes.")]
 Crop = Annotated[Optional[str], typer.Option(help="Training crop HxW, e.g. 512x1024.")]
-Backbone = Annotated[Optional[str], typer.Option(help="resnet18, resnet50 or resnet101.")]
-OutputStride = Annotated[Optional[int], typer.Option("--output-stride", help="8 or 16.")]
-Pretrained = Annotated[Optional[Path], typer.Option(help="Local torchvision ResNet state-dict (.pth).")]
+FAMILIES_HELP = "deeplabv3plus (default), hrnet, segformer, fpn or unet (all but deeplabv3plus: pip install 'hiposeg[models]')"
+# escape: Rich would read "[models]" as markup and print "pip install 'hiposeg'"
+Model = Annotated[Optional[str], typer.Option("--model", help=escape(f"Model family: {FAMILIES_HELP}."))]
+Backbone = Annotated[Optional[str], typer.Option(help=(
+    "The family's variant: resnet18/50/101 (deeplabv3plus), hrnet_w18_small ... hrnet_w48, hrnet_w64 (hrnet), "
+    "mit_b0 ... mit_b5 (segformer), resnet18/34/50/101 or efficientnet-b0 ... b7 (fpn, unet). Default: the "
+    "family's smallest on the synthetic set, its paper-scale one otherwise."))]
+OutputStride = Annotated[Optional[int], typer.Option("--output-stride", help="8 or 16 (deeplabv3plus).")]
+Pretrained = Annotated[Optional[str], typer.Option(help=(
+    "Backbone weights: imagenet (the library's ImageNet weights, downloaded once into its cache; the default of "
+    "the paper recipes), a local weights file, or none."))]
 Lr = Annotated[Optional[float], typer.Option(help="Base learning rate (poly decay).")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cuda or cpu.")]
 Workers = Annotated[Optional[int], typer.Option(min=0, help="Data loader workers per process.")]
@@ -36,18 +44,18 @@ EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", min=0,
                                                   help="Evaluate every N iterations (0: at the end).")]
 ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")]
 
-# Where each flag goes in the configuration (None: not given). `ablate` takes all but the last row:
-# its --out, --seed, --losses and --schedule mean the ablation's directory, first seed and sweeps.
+# Where each flag goes in the configuration (None: not given). `ablate` takes all but TRAIN_ONLY_FLAGS:
+# its --out, --seed, --losses, --schedule and --model mean the ablation's directory, first seed and sweeps.
 FLAG_FIELDS = {
     "dataset": ("data", "dataset"), "data": ("data", "root"), "crop": ("data", "crop"), "workers": ("data", "workers"),
-    "backbone": ("model", "backbone"), "pretrained": ("model", "pretrained"),
+    "model": ("model", "name"), "backbone": ("model", "backbone"), "pretrained": ("model", "pretrained"),
     "output_stride": ("model", "output_stride"), "iters": ("optim", "iters"), "batch_size": ("optim", "batch_size"),
     "lr": ("optim", "lr"), "gpus": ("run", "gpus"), "device": ("run", "device"), "amp": ("run", "amp"),
     "ckpt_every": ("run", "ckpt_every"), "eval_every": ("run", "eval_every"),
     "deterministic": ("run", "deterministic"), "channels_last": ("run", "channels_last"), "quiet": ("run", "quiet"),
     "out": ("run", "out"), "seed": ("run", "seed"), "losses": ("loss", "terms"), "schedule": ("loss", "schedule"),
 }
-TRAIN_ONLY_FLAGS = ("out", "seed", "losses", "schedule")
+TRAIN_ONLY_FLAGS = ("out", "seed", "losses", "schedule", "model")
 
 
 def parse_crop(value: str) -> tuple[int, int]:
@@ -81,6 +89,14 @@ def processes(world: int, launcher: str) -> str:
     return f"{world} process{'es' if world > 1 else ''}{how}"
 
 
+def model_line(cfg) -> str:
+    """The model as the start line shows it: `resnet18 OS16` (DeepLabV3+) or `hrnet hrnet_w18_small`,
+    and where its weights come from."""
+    m = cfg.model
+    arch = f"{m.backbone} OS{m.output_stride}" if m.name == "deeplabv3plus" else f"{m.name} {m.backbone}"
+    return f"{arch} ({'random init' if m.pretrained is None else f'pretrained: {m.pretrained}'})"
+
+
 # ------------------------------------------------------------------------------------------
 # hiposeg train
 # ------------------------------------------------------------------------------------------
@@ -91,11 +107,14 @@ def train_cmd(
     ctx: typer.Context,
     dataset: Dataset = None,
     data: Data = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/DATASET-BACKBONE).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help=(
+        "Run directory (default: runs/DATASET-BACKBONE, runs/DATASET-FAMILY-BACKBONE for a family other than "
+        "deeplabv3plus)."))] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON config file.")] = None,
     iters: Annotated[Optional[int], typer.Option(min=1, help="Training iterations.")] = None,
     batch_size: BatchSize = None,
     crop: Crop = None,
+    model: Model = None,
     backbone: Backbone = None,
     output_stride: OutputStride = None,
     pretrained: Pretrained = None,
@@ -119,7 +138,7 @@ def train_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: --set loss.sigma1=0.1 "
                                                                    "(repeatable).")] = None,
 ) -> None:
-    """Train DeepLabV3+ with the HiPoSeg branch, then evaluate every hierarchy level.
+    """Train a segmenter (DeepLabV3+ by default) with the HiPoSeg branch, then evaluate every hierarchy level.
 
     With no dataset, trains on the built-in synthetic set (generated on the fly) with a CPU-sized
     recipe (ResNet-18, 400 iterations at 128x128). Multi-GPU: `--gpus 4`, or under torchrun:
@@ -135,7 +154,7 @@ def train_cmd(
         note = " (the built-in default: no dataset given)" if default else ""
         err_console.print(Text.assemble(
             "hiposeg train: dataset ", (cfg.data.dataset, "bold"),
-            f"{note}, {cfg.model.backbone} OS{cfg.model.output_stride}, {cfg.optim.iters} iters, batch "
+            f"{note}, {model_line(cfg)}, {cfg.optim.iters} iters, batch "
             f"{cfg.optim.batch_size}, crop {cfg.data.crop[0]}x{cfg.data.crop[1]}, losses {','.join(cfg.loss.terms)} "
             f"({cfg.loss.schedule}), {processes(launched.gpus, launched.launcher)} -> {launched.out}"))
     result = fit(cfg, resume=resume_path)
@@ -170,9 +189,14 @@ def ablate_cmd(
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="KEY=V1,V2 sweeps a field (Tables 10-11: --set loss.sigma1=0.1,0.25); KEY=V sets it for every "
                       "run. List-valued fields sweep bracketed values: --set loss.phases=[0,0,0],[0.1,0.2,0.3].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help=(
+        "Model families to sweep, comma-separated, each optionally FAMILY:VARIANT, e.g. deeplabv3plus,hrnet,segformer "
+        "(Table 9; each at its default variant for the recipe) or hrnet:hrnet_w48,segformer:mit_b5. One family: "
+        "every run uses it."))] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Runs per configuration (seeds S..S+N-1); mean ± std.")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="First seed S (default: the config's run.seed, 0).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Ablation directory (default: runs/ablate-DATASET-BACKBONE).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help=(
+        "Ablation directory (default: runs/ablate-DATASET-BACKBONE, runs/ablate-DATASET-models for a --model sweep)."))] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the configurations and what a run would do; "
                                                             "train nothing.")] = False,
     dataset: Dataset = None,
@@ -196,8 +220,8 @@ def ablate_cmd(
     channels_last: ChannelsLast = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output (the results table still prints).")] = False,
 ) -> None:
-    """Train one run per loss-term set (and schedule / --set sweep value, and seed) through the training
-    engine, then tabulate fine and coarse mIoU beside the paper's Tables 5/6.
+    """Train one run per loss-term set (and schedule / model family / --set sweep value, and seed) through the
+    training engine, then tabulate fine and coarse mIoU beside the paper's Tables 5/6/9.
 
     Reruns of the same --out skip finished runs, resume interrupted ones and add new configurations.
     Results: OUT/results.md, OUT/results.csv, OUT/results.json.
@@ -205,7 +229,7 @@ def ablate_cmd(
     from hiposeg import ablate
 
     flags = train_overrides(ctx.params, skip=TRAIN_ONLY_FLAGS)
-    plan = ablate.make_plan(config, flags, set_ or [], losses, schedule, seeds, seed, out)
+    plan = ablate.make_plan(config, flags, set_ or [], losses, schedule, seeds, seed, out, models=model)
     if dry_run:
         console.print(ablate.plan_table(plan))
         return

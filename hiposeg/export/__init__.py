@@ -35,8 +35,8 @@ from hiposeg import checkpoint
 from hiposeg.atomic import TMP_PREFIX
 from hiposeg.errors import UserError
 from hiposeg.export import onnx, plain, torch_export
-from hiposeg.export.common import (REEXPORT_HINT, InferenceModel, count_parameters, load_weights, model_metadata,
-                                   parameters_in, segmenter_of)
+from hiposeg.export.common import (REEXPORT_HINT, InferenceModel, count_parameters, family_of_record, load_weights,
+                                   model_metadata, parameters_in, segmenter_of)
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.lock import DirectoryLock
 from hiposeg.rundir import CHECKPOINT_DIR, enclosing_run, resolve_checkpoint
@@ -74,6 +74,7 @@ class ExportSummary:
     memory_values: int        # prototype memory entries the training state held
     file_bytes: int
     checked_with: str
+    model: str = "DeepLabV3+"  # the family, as messages name it
 
 
 @dataclass
@@ -140,7 +141,8 @@ def _export(source: str | Path, out: Path, fmt: str, prefer: str, check_shape: t
     finally:
         staged.unlink(missing_ok=True)
     return ExportSummary(out, fmt, diff, tolerance, shape, parameters_in(read.state_dict), plain_parameters,
-                         read.training_parameters, read.memory_values, out.stat().st_size, checked_with)
+                         read.training_parameters, read.memory_values, out.stat().st_size, checked_with,
+                         family_of_record(read.meta).display)
 
 
 def _read_source(src: Path) -> _Source:

@@ -15,16 +15,18 @@ import torch
 import torch.nn as nn
 
 from hiposeg import __version__, checkpoint
-from hiposeg.config import TrainConfig
+from hiposeg.config import DEFAULT_FAMILY, TrainConfig
 from hiposeg.errors import UserError
 from hiposeg.hierarchy import Hierarchy
-from hiposeg.models import Segmenter, arch_config, arch_record, build_segmenter
+from hiposeg.models import Family, Segmenter, arch_config, arch_record, build_segmenter, family_named, family_of
+from hiposeg.models.segmenter import crop_to_input, pad_to_multiple
 from hiposeg.safeload import load_json
 
 METADATA_NAME = "hiposeg.json"  # torch-export extra file / ONNX metadata_props key
 # Input bounds of the program formats: dynamic H and W up to beyond full-resolution Mapillary images
 # (~5000 px; larger inputs go through sliding windows). Below 17 px the stride-16 feature map collapses
-# to 1x1 and torch.export needs a separate graph, so the programs start at 32.
+# to 1x1 and torch.export needs a separate graph, so the programs start at 32 (a family can ask for
+# more: `Family.min_side`; its programs may also take only multiples of `Family.input_multiple`).
 MIN_SIDE, MAX_SIDE, MAX_BATCH = 32, 8192, 256
 # BatchNorm's running statistics: state-dict entries that are buffers, not learned parameters.
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -59,6 +61,7 @@ def model_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Everything but the weights, as JSON-compatible data, from a training checkpoint."""
     cfg = TrainConfig.model_validate(ckpt["config"])
     h = Hierarchy.from_dict(ckpt["hierarchy"])
+    family = family_of(cfg.model)
     return {
         "format": checkpoint.MODEL_FORMAT,
         "hiposeg_version": __version__,
@@ -69,7 +72,8 @@ def model_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
         "colors": {"fine": h.colors(h.fine_level).tolist(), "coarse": h.colors(h.coarse_level).tolist()},
         "fine_to_coarse": h.fine_to_coarse.tolist(),
         "normalization": {"mean": list(cfg.data.mean), "std": list(cfg.data.std)},
-        "input": {"layout": "NCHW float32, RGB scaled to [0, 1] then (x - mean) / std", "min_side": MIN_SIDE},
+        "input": {"layout": "NCHW float32, RGB scaled to [0, 1] then (x - mean) / std", "min_side": family.min_side,
+                  "multiple": family.input_multiple},
         "output": {"layout": "NKHW float32 fine-class logits at the input size", "num_classes": h.num_fine},
         "crop": list(cfg.data.crop),
         "data": str(cfg.data.resolved_root()),
@@ -113,21 +117,37 @@ def check_metadata(meta: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
-def program_example() -> tuple[torch.Tensor, dict[str, Any]]:
-    """The traced example and the dynamic batch/height/width dims of the program formats."""
+def program_example(family: Family) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The traced example and the dynamic batch/height/width dims of the family's programs: sides from
+    its `min_side` to MAX_SIDE, multiples of its `input_multiple` (then the loaders pad, `BoundedInput`)."""
+    m = family.input_multiple
+    sides = {axis: torch.export.Dim(name, min=-(-family.min_side // m), max=MAX_SIDE // m)
+             for axis, name in ((2, "height"), (3, "width"))}
     dims = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH),
-            2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
-            3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)}
+            **{axis: dim if m == 1 else m * dim for axis, dim in sides.items()}}
     return torch.zeros(2, 3, 128, 160), {"x": dims}
+
+
+def family_of_record(meta: dict[str, Any]) -> Family:
+    """The family of an exported model's (checked) metadata record."""
+    return family_named(meta["arch"].get("name", DEFAULT_FAMILY))
 
 
 class BoundedInput(nn.Module):
     """Base of the program adapters: rejects inputs outside the program's shape range with a UserError
-    (instead of a guard failure deep inside the runtime), naming the way around it."""
+    (instead of a guard failure deep inside the runtime), naming the way around it; pads inputs to
+    the multiple of `multiple` the program takes and crops its logits back (`run`)."""
 
-    def __init__(self, min_side: int, max_side: int | None, max_batch: int | None) -> None:
+    def __init__(self, min_side: int, max_side: int | None, max_batch: int | None, multiple: int = 1) -> None:
         super().__init__()
-        self.min_side, self.max_side, self.max_batch = min_side, max_side, max_batch
+        self.min_side, self.max_side, self.max_batch, self.multiple = min_side, max_side, max_batch, multiple
+
+    def run(self, program: Any, x: torch.Tensor) -> torch.Tensor:
+        """The program's logits for `x`, padded (zeros at the bottom and right, as the segmenter
+        pads itself) to the sides the program takes."""
+        self.check(x)
+        height, width = x.shape[-2:]
+        return crop_to_input(program(pad_to_multiple(x, self.multiple)), height, width, 1)
 
     def check(self, x: torch.Tensor) -> None:
         b, _, h, w = x.shape

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from hiposeg.atomic import atomic_write_bytes
 from hiposeg.errors import UserError
-from hiposeg.export.common import METADATA_NAME, MIN_SIDE, BoundedInput, check_metadata, metadata_json, program_example
+from hiposeg.export.common import (METADATA_NAME, MIN_SIDE, BoundedInput, check_metadata, family_of_record,
+                                   metadata_json, program_example)
 
 NAME, SUFFIX = "onnx", ".onnx"
 # ONNX Runtime has its own convolution kernels, whose summation order differs from torch's (relative
@@ -45,7 +46,7 @@ def require_export() -> None:
 
 
 def write(segmenter: nn.Module, meta: dict[str, Any], out: Path) -> None:
-    example, dynamic = program_example()
+    example, dynamic = program_example(family_of_record(meta))
     # The exporter narrates its passes on stdout and warns about internals; keep the CLI's output ours.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -90,12 +91,15 @@ class OnnxRuntimeModule(BoundedInput):
     """An ONNX Runtime session as a module: torch in, torch out (on the input's device)."""
 
     def __init__(self, session: Any, meta: dict[str, Any]) -> None:
-        super().__init__(meta.get("input", {}).get("min_side", MIN_SIDE), None, None)
+        inp = meta.get("input", {})
+        super().__init__(inp.get("min_side", MIN_SIDE), None, None, inp.get("multiple", 1))
         self.session = session
         self.input_name = session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check(x)
+        return self.run(self._session_run, x)
+
+    def _session_run(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
         return torch.from_numpy(out).to(x.device)
 
@@ -159,7 +163,9 @@ def reference_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     operators' semantics, so it checks the exported graph where onnxruntime is not installed."""
     from onnx.reference import ReferenceEvaluator
 
-    proto, _ = _read_proto(path)
+    proto, meta = _read_proto(path)
     evaluator = ReferenceEvaluator(proto)
     name = proto.graph.input[0].name
-    return lambda x: torch.from_numpy(np.asarray(evaluator.run(None, {name: x.numpy()})[0]))
+    inp = meta.get("input", {})
+    bounds = BoundedInput(inp.get("min_side", MIN_SIDE), None, None, inp.get("multiple", 1))
+    return lambda x: bounds.run(lambda t: torch.from_numpy(np.asarray(evaluator.run(None, {name: t.numpy()})[0])), x)

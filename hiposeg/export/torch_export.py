@@ -9,7 +9,6 @@ Runs with plain PyTorch, no hiposeg code; the metadata record is the archive's e
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import json
@@ -28,8 +27,8 @@ from hiposeg.archive import Archive, check_archive, reading
 from hiposeg.atomic import atomic_write_bytes
 from hiposeg.errors import UserError
 from hiposeg.export.common import (MAX_BATCH, MAX_SIDE, METADATA_NAME, MIN_SIDE, BoundedInput, check_metadata,
-                                   metadata_json, program_example)
-from hiposeg.models import PROGRAM_OPS
+                                   family_of_record, metadata_json, program_example)
+from hiposeg.export.program_strings import RANGE_KEY, plain_guard, unplain_string
 from hiposeg.safeload import load_json
 
 NAME, SUFFIX = "torch-export", ".pt2"
@@ -39,7 +38,7 @@ TOLERANCE = 1e-5
 
 
 def write(segmenter: nn.Module, meta: dict[str, Any], out: Path) -> None:
-    example, dynamic = program_example()
+    example, dynamic = program_example(family_of_record(meta))
     program = torch.export.export(segmenter.eval(), (example,), dynamic_shapes=dynamic)
     meta = {**meta, "container": NAME, "input": {**meta["input"], "max_side": MAX_SIDE, "max_batch": MAX_BATCH}}
     # Serialised in memory, then written: torch.export.save's zip writer, handed a file whose write
@@ -84,12 +83,12 @@ class ExportedProgramModule(BoundedInput):
 
     def __init__(self, program: Callable[[torch.Tensor], torch.Tensor], meta: dict[str, Any]) -> None:
         inp = meta.get("input", {})
-        super().__init__(inp.get("min_side", MIN_SIDE), inp.get("max_side", MAX_SIDE), inp.get("max_batch", MAX_BATCH))
+        super().__init__(inp.get("min_side", MIN_SIDE), inp.get("max_side", MAX_SIDE), inp.get("max_batch", MAX_BATCH),
+                         inp.get("multiple", 1))
         self._program = [program]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check(x)
-        return self._program[0](x)
+        return self.run(self._program[0], x)
 
 
 # ------------------------------------------------------------------------------------------
@@ -119,20 +118,7 @@ PROGRAM_RECORD = re.compile(r"archive_format|archive_version|byteorder|\.data/ve
                             r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+")
 REQUIRED_RECORDS = ("archive_format", "archive_version", ".data/version", PROGRAM_JSON, SAMPLE_INPUTS,
                     f"extra/{METADATA_NAME}", *PAYLOAD_CONFIGS)
-# The operators a program may call: PROGRAM_OPS, the union of the registered model families' lists.
-# Program fields torch keeps as text (never resolved, parsed as code or written into generated code).
-TEXT_FIELDS = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "torch_version"})
-TREESPEC_FIELDS = frozenset({"in_spec", "out_spec"})
-TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict"})
-# Every other string (names of tensors, parameters, modules, symbols, dict keys) is a plain dotted name.
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]*")
-# Symbolic shapes, as torch writes them (sympy srepr): Add(FloorDiv(Symbol('s0', positive=True,
-# integer=True), Integer(16)), Integer(1)). Nothing else reaches sympify's eval.
-SYM_FUNCTIONS = frozenset({"Add", "Mul", "FloorDiv", "CeilDiv", "Mod", "Max", "Min",
-                           "Eq", "Ne", "Lt", "Le", "Gt", "Ge"})
-SYMBOL_ASSUMPTIONS = frozenset({"positive", "nonnegative", "integer", "real", "finite"})
-SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")
-MAX_SYM_EXPR = 2000
+# Which strings of the program are plain: export/program_strings.py (operators: models.PROGRAM_OPS).
 
 
 def program_refusal(path: Path, why: str) -> UserError:
@@ -227,18 +213,28 @@ def _check_sample_inputs(data: bytes, path: Path) -> None:
 
 
 def _check_program(program: Any, path: Path) -> None:
-    """The serialized program (models/model.json): no guard code, only hiposeg's operators, and
-    every string torch resolves, evaluates or writes into code of the plain form."""
+    """The serialized program (models/model.json): guard code of integer arithmetic on the input's
+    sizes only, only hiposeg's operators, and every string torch resolves, evaluates or writes into
+    code of the plain form."""
     if not isinstance(program, dict):
         raise program_refusal(path, f"its {PROGRAM_JSON} is not a serialized program")
-    if program.get("guards_code"):
-        raise program_refusal(path, "it carries guard code, which torch would run as Python")
-    _check_strings(program, PROGRAM_JSON, path)
+    guards = program.get("guards_code") or []
+    for guard in guards if isinstance(guards, list) else [guards]:
+        if not (isinstance(guard, str) and plain_guard(guard)):
+            raise program_refusal(path, f"it carries guard code {str(guard)[:80]!r} that is not integer arithmetic on "
+                                        "the input's sizes, which torch would run as Python")
+    ranges = program.get("range_constraints")
+    for key in ranges if isinstance(ranges, dict) else []:  # looked up by name, never parsed
+        if not RANGE_KEY.fullmatch(key):
+            raise program_refusal(path, f"its range constraint {key[:80]!r} is not a shape symbol")
+    _check_strings({k: v for k, v in program.items() if k not in ("guards_code", "range_constraints")}, PROGRAM_JSON,
+                   path)
+    _check_strings(list(ranges.values()) if isinstance(ranges, dict) else ranges, PROGRAM_JSON, path)
 
 
 def _check_strings(data: Any, record: str, path: Path) -> None:
     for field, text in _strings(data):
-        why = _unplain_string(field, text)
+        why = unplain_string(field, text)
         if why:
             raise program_refusal(path, f"{why} in {record}")
 
@@ -257,72 +253,6 @@ def _strings(data: Any) -> Iterator[tuple[str, str]]:
             stack.extend((field, item) for item in value)
         elif isinstance(value, str):
             yield field, value
-
-
-def _unplain_string(field: str, text: str) -> str | None:
-    """Why this program string is not plain (None when it is)."""
-    if field in ("target", "as_operator"):
-        return None if text in PROGRAM_OPS else f"it calls {text[:80]!r}, not an operator of a hiposeg program,"
-    if field == "expr_str":
-        return None if _plain_sym_expr(text) else \
-            f"its symbolic shape {text[:80]!r}, which sympy would evaluate as Python,"
-    if field in TREESPEC_FIELDS:
-        return None if _plain_treespec(text) else f"its {field} names types other than tuples, lists and dicts"
-    if field in TEXT_FIELDS:
-        return None if all(c == "\n" or c.isprintable() for c in text) else f"its {field} holds control characters"
-    if PLAIN_NAME.fullmatch(text):
-        return None
-    return f"its {field or 'key'} {text[:80]!r} is not a plain name (torch would write it into generated Python code)"
-
-
-def _plain_sym_expr(text: str) -> bool:
-    """A sympy srepr of integer arithmetic on shape symbols (what torch.export writes); anything
-    else would run through sympify's eval."""
-    if len(text) > MAX_SYM_EXPR:
-        return False
-    try:
-        tree = ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return False
-    return _plain_sym_node(tree.body)
-
-
-def _plain_sym_node(node: ast.expr) -> bool:
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
-        return False
-    name, args, keywords = node.func.id, node.args, node.keywords
-    if name == "Symbol":
-        return (len(args) == 1 and _constant_of(args[0], str) and SYMBOL_NAME.fullmatch(args[0].value) is not None
-                and all(k.arg in SYMBOL_ASSUMPTIONS and _constant_of(k.value, bool) for k in keywords))
-    if name == "Integer":
-        arg = args[0] if len(args) == 1 else None
-        if isinstance(arg, ast.UnaryOp) and isinstance(arg.op, ast.USub):
-            arg = arg.operand
-        return not keywords and _constant_of(arg, int)
-    return name in SYM_FUNCTIONS and not keywords and bool(args) and all(_plain_sym_node(a) for a in args)
-
-
-def _constant_of(node: ast.expr | None, kind: type) -> bool:
-    """A literal of exactly this type (True is not an int here)."""
-    return isinstance(node, ast.Constant) and type(node.value) is kind
-
-
-def _plain_treespec(text: str) -> bool:
-    """A pytree spec (JSON) of tuples, lists, dicts and leaves: no other type is looked up."""
-    try:
-        spec = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return False
-    stack = [spec]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            if "type" in value and value["type"] not in TREESPEC_TYPES:
-                return False
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-    return True
 
 
 @contextlib.contextmanager

@@ -1,18 +1,25 @@
-"""Pretrained backbones: a local torchvision ResNet state-dict file, checked before loading.
+"""Pretrained weights: a file (from a library's cache or given with `--pretrained PATH`), checked
+before a single tensor is copied into the model.
 
-Nothing is downloaded. Any missing, unreadable or mismatching file is a UserError naming the file,
-the mismatching keys/shapes, the architecture the file looks like, and the fix.
+A file is read as a state dict (safetensors, or `torch.load(weights_only=True)`), wrapper prefixes
+stripped, and compared with the segmenter's pretrained part (`Segmenter.pretrained_part`: the
+backbone or encoder): every tensor of the part must be in the file with its shape; keys of the
+file's classification head (the part's `dropped` prefixes) are left out and listed. Anything else
+(missing keys, keys of another architecture, other shapes, a damaged or truncated file) is a
+UserError naming the file and the mismatch; the part is then untouched, never half-loaded. The
+returned `LoadReport` says what loaded, for the run's output.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from hiposeg.errors import UserError
-from hiposeg.models.resnet import BACKBONES
+from hiposeg.models.resnet import BACKBONES, ResNetBackbone
 
 # Blocks per stage of the torchvision ResNets, to name the architecture a state-dict file holds.
 _RESNET_LAYOUTS = {
@@ -24,6 +31,29 @@ _RESNET_LAYOUTS = {
 }
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+_SHOWN = 5  # keys listed per kind of mismatch
+
+
+@dataclass
+class LoadReport:
+    """What a pretrained file gave the model: printed by `train` at the start of a run."""
+
+    file: Path
+    source: str  # "imagenet: <library weights>" or "file"
+    part: str  # the segmenter's attribute that was loaded, e.g. "backbone"
+    loaded: int  # tensors copied
+    total: int  # tensors of the part
+    dropped: list[str] = field(default_factory=list)  # keys of the file left out (its classification head)
+
+    def line(self) -> str:
+        dropped = (f"; left out {len(self.dropped)} key(s) of the file's classification head "
+                   f"({_show(self.dropped)})") if self.dropped else ""
+        return (f"pretrained {self.part}: loaded {self.loaded}/{self.total} tensors from {self.file} "
+                f"({self.source}){dropped}")
+
+
+def _show(items: list[str]) -> str:
+    return ", ".join(items[:_SHOWN]) + (f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
 
 
 def _strip_prefixes(key: str) -> str:
@@ -36,7 +66,7 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def _guess_resnet(state: dict[str, Tensor]) -> tuple[str | None, str]:
+def guess_resnet(state: dict[str, Tensor]) -> tuple[str | None, str]:
     """(torchvision name or None, how to describe the file) from the blocks per stage of a state dict."""
     kind = "bottleneck" if any(k.endswith(".conv3.weight") for k in state) else "basic"
     blocks = []
@@ -49,53 +79,74 @@ def _guess_resnet(state: dict[str, Tensor]) -> tuple[str | None, str]:
     return name, f"looks like {name}" if name else f"looks like an unknown ResNet ({kind} blocks per stage {blocks})"
 
 
-def load_pretrained_backbone(model: nn.Module, path: Path) -> None:
-    """Load a local torchvision ResNet state dict (e.g. resnet101-63fe2227.pth) into `model.backbone`
-    (a `ResNetBackbone`; `model.backbone_name` names its architecture).
-
-    `fc.*` is dropped and "module."/"_orig_mod." prefixes are stripped. Any missing file, unreadable
-    file or architecture mismatch raises `UserError` naming the file, the mismatching keys/shapes, the
-    architecture the file looks like, and the fix.
-    """
-    path = Path(path)
-    want = model.backbone_name
-    fix = (f"Pass a torchvision {want} state dict (from torchvision.models.{want}(weights=...).state_dict(), "
-           "e.g. the .pth in ~/.cache/torch/hub/checkpoints) with --pretrained, or choose the matching --backbone.")
+def read_state_dict(path: Path, fix: str) -> dict[str, Tensor]:
+    """The tensors of a weights file (safetensors or a torch file; a training checkpoint's "state_dict"
+    or "model" entry), DDP / torch.compile prefixes stripped. A missing, damaged or truncated file,
+    or one that is not a state dict, is a UserError naming it, with `fix` as the hint."""
     if not path.is_file():
-        raise UserError(f"pretrained backbone file {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""),
-                        hint=fix + " Nothing is downloaded: the file must be on this machine.")
+        raise UserError(f"pretrained weights file {path} does not exist" + (" (it is a directory)" if path.is_dir()
+                                                                            else ""), hint=fix)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the same thing to the user
-        raise UserError(f"cannot read pretrained backbone file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                        hint=fix) from None
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling/zip/safetensors error means the same to the user
+        raise UserError(f"cannot read pretrained weights file {path} (damaged, truncated or not a weights file): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", hint=fix) from None
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
             if isinstance(obj.get(wrapper), dict):
                 obj = obj[wrapper]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise UserError(f"pretrained backbone file {path} does not hold a state dict of tensors "
+        raise UserError(f"pretrained weights file {path} does not hold a state dict of tensors "
                         f"(got {type(obj).__name__})", hint=fix)
-    state = {_strip_prefixes(k): v for k, v in obj.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return {_strip_prefixes(k): v for k, v in obj.items()}
 
-    expected = model.backbone.state_dict()
+
+def load_state(model: nn.Module, state: dict[str, Tensor], path: Path, source: str, variant: str,
+               fix: str) -> LoadReport:
+    """Copy `state` into `model`'s pretrained part once every tensor of the part is in it with its
+    shape; the part is untouched when anything does not fit. For a ResNet backbone the message says
+    which ResNet the file looks like."""
+    name, part, dropped_prefixes = model.pretrained_part()
+    expected = part.state_dict()
     optional = {k for k in expected if k.endswith("num_batches_tracked")}  # absent from older torchvision files
+    dropped = sorted(k for k in state if k not in expected and k.startswith(dropped_prefixes))
+    state = {k: v for k, v in state.items() if k not in dropped}
     missing = sorted(set(expected) - set(state) - optional)
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                    for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
-        def show(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
-        details = [f"{name} {len(items)}: {show(items)}" for name, items in
+        details = [f"{kind} {len(items)}: {_show(items)}" for kind, items in
                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape))
                    if items]
-        name, description = _guess_resnet(state)
-        if name in BACKBONES:
-            fix = f"Use --backbone {name} with this file, or pass a torchvision {want} state dict."
-        raise UserError(f"pretrained backbone file {path} does not match backbone {want}; the file {description}."
+        what = ""
+        if isinstance(part, ResNetBackbone):
+            looks, description = guess_resnet(state)
+            what = f"; the file {description}"
+            if looks in BACKBONES and looks != variant:
+                fix = f"Use --backbone {looks} with this file, or pass the {variant} weights."
+        raise UserError(f"pretrained weights file {path} does not match the {name} of {variant}{what}."
                         "\n  " + "\n  ".join(details), hint=fix)
-    model.backbone.load_state_dict(state, strict=False)  # strict=False only for the optional BN counters
+    # The plain nn.Module loader (libraries' encoders override it to drop their own heads, done above);
+    # strict=False only for the optional BN counters, every other key was checked.
+    nn.Module.load_state_dict(part, state, strict=False)
+    return LoadReport(path, source, name, len(state), len(expected), dropped)
+
+
+def local_file_fix(variant: str) -> str:
+    return (f"Pass a weights file of {variant} with --pretrained PATH (a path is read as it is, never downloaded), "
+            "or use --pretrained imagenet to fetch the library's ImageNet weights into its cache.")
+
+
+def load_pretrained_backbone(model: nn.Module, path: Path) -> LoadReport:
+    """Load a local torchvision ResNet state dict (e.g. resnet101-63fe2227.pth) into a DeepLabV3+
+    `model.backbone`; `fc.*` is dropped. A mismatch names the ResNet the file looks like."""
+    path = Path(path)
+    fix = local_file_fix(model.backbone_name)
+    return load_state(model, read_state_dict(path, fix), path, "file", model.backbone_name, fix)

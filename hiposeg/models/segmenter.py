@@ -2,20 +2,32 @@
 
 A segmenter maps a normalised image batch to fine-class logits at the input size. The training
 wrapper (`models/training.py`) reads two more features through `forward_features`; export traces
-`forward` only. A family (DeepLabV3+ today; HRNet, SegFormer next) registers a `Family` in
-`models/__init__.py`: how to build it from the model configuration, which configuration fields
-its exported `arch` record keeps, and the operators its `torch.export` programs may call.
+`forward` only. A family (DeepLabV3+, HRNet, SegFormer and the other segmentation_models_pytorch
+architectures) registers a `Family` in `models/__init__.py`: how to build it from the model
+configuration, its variants (`--backbone`), which configuration fields its exported `arch` record
+keeps, the operators its `torch.export` programs may call, where its ImageNet weights come from,
+and the optional packages it needs.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hiposeg.config import ModelConfig
+from hiposeg.errors import UserError
+
+if TYPE_CHECKING:
+    from hiposeg.models.hub import WeightsSource
+
+# The optional extra that holds every family beyond DeepLabV3+ (pyproject.toml).
+MODELS_EXTRA = "pip install 'hiposeg[models]'  (timm, segmentation-models-pytorch)"
 
 
 class Segmenter(nn.Module, ABC):
@@ -40,6 +52,12 @@ class Segmenter(nn.Module, ABC):
         """(B, num_classes, H, W) fine-class logits at the input size; what exported programs run."""
         return self.forward_features(x)["logits"]
 
+    def pretrained_part(self) -> tuple[str, nn.Module, tuple[str, ...]]:
+        """(attribute name, module, key prefixes of a classification checkpoint it has no use for):
+        where pretrained weights load. By default a torchvision-style `backbone` whose file also holds
+        the ImageNet classifier `fc`."""
+        return "backbone", self.backbone, ("fc.",)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -49,12 +67,54 @@ class Family:
     record holds them (plus "name" and "num_classes"), so `build` rebuilds the exported model.
     `program_ops`: every operator its `torch.export` programs call, at every configuration; the
     .pt2 loader refuses any other (export/torch_export.py).
+    `variants`: the `--backbone` choices, smallest first (the CPU-sized synthetic recipe trains the
+    first); `default_variant`: the paper-scale one, used when no recipe or flag names one.
+    `imagenet`: variant -> where its ImageNet weights live (`--pretrained imagenet`; `models/hub.py`).
+    `requires`: (module, pip name) of the optional packages it needs (the `models` extra).
+    `min_side`, `input_multiple`: what its exported programs take: sides of at least `min_side`,
+    multiples of `input_multiple` (the loaders pad to it; the segmenter itself pads any input).
     """
 
     name: str
     build: Callable[[ModelConfig, int], Segmenter]
     arch_fields: tuple[str, ...]
     program_ops: frozenset[str]
+    variants: tuple[str, ...] = ()
+    default_variant: str = ""
+    imagenet: Callable[[str], WeightsSource] | None = None
+    requires: tuple[tuple[str, str], ...] = ()
+    min_side: int = 32
+    input_multiple: int = 1
+    title: str = ""  # how messages name it, e.g. "DeepLabV3+"
+
+    @property
+    def display(self) -> str:
+        return self.title or self.name
+
+    def require(self) -> None:
+        """A one-line install hint, instead of an ImportError, when an optional package is missing."""
+        for module, pip_name in self.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise UserError(f"the {self.name} models need the package {pip_name}, which is not installed",
+                                hint=f"Install the optional model families: {MODELS_EXTRA}.") from None
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """`x` zero-padded at the bottom and right to sides that are multiples of `multiple`, for the
+    library models whose feature pyramids only line up on such sizes. A no-op (and no graph node in
+    an exported program, whose sides are such multiples) when they already are."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x
+
+
+def crop_to_input(t: Tensor, height: int, width: int, stride: int) -> Tensor:
+    """The part of a stride-`stride` map of a padded input that covers the `height` x `width` input."""
+    h, w = -(-height // stride), -(-width // stride)
+    return t if tuple(t.shape[-2:]) == (h, w) else t[..., :h, :w]
 
 
 def init_new_layers(module: nn.Module) -> None:
