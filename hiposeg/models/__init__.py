@@ -39,9 +39,10 @@ def build_segmenter(cfg: ModelConfig, num_classes: int) -> Segmenter:
 
 
 def arch_record(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
-    """The `arch` record of an exported model: the family, its architecture fields, the class count."""
+    """The `arch` record of an exported model: the family, its architecture fields and tags, the class count."""
     family = family_of(cfg)
-    return {"name": family.name, **{f: getattr(cfg, f) for f in family.arch_fields}, "num_classes": num_classes}
+    return {"name": family.name, **{f: getattr(cfg, f) for f in family.arch_fields}, **family.arch_tags,
+            "num_classes": num_classes}
 
 
 def arch_config(arch: dict[str, Any], path: Path) -> tuple[ModelConfig, int]:
@@ -51,4 +52,6 @@ def arch_config(arch: dict[str, Any], path: Path) -> tuple[ModelConfig, int]:
     if family is None:
         raise UserError(f"{path} holds a {arch['name']!r} model, a family this hiposeg does not know "
                         f"({', '.join(FAMILIES)})", hint="Use the hiposeg version that exported it, or export it again.")
+    if family.check_arch is not None:
+        family.check_arch(arch, path)
     return ModelConfig(**{f: arch[f] for f in family.arch_fields}), arch["num_classes"]
