@@ -2,7 +2,7 @@
 
 The paper claims the prototype branch costs nothing at inference. This script checks that the model
 `hiposeg export` writes is exactly the baseline: it builds a training model WITH the branch (projection
-head + filled prototype memory), writes a real training checkpoint of it (`engine.make_checkpoint`),
+head + filled prototype memory), writes a real training checkpoint of it (`checkpoint.make_checkpoint`),
 exports it in each requested format, loads it as `predict`/`eval` do, and times its forward pass
 against a freshly built plain DeepLabV3+ (same backbone, output stride, class count; its own random
 weights). Side by side in one process, repeats interleaved (plain, exported, plain, exported, ...)
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiposeg import checkpoint  # noqa: E402
 from hiposeg.config import build_config  # noqa: E402
-from hiposeg.engine import build_model, make_checkpoint  # noqa: E402
+from hiposeg.engine import build_model  # noqa: E402
 from hiposeg.export import count_parameters, export_model, load_inference_model  # noqa: E402
 from hiposeg.hierarchy import Hierarchy  # noqa: E402
 from hiposeg.models.deeplabv3plus import DeepLabV3Plus  # noqa: E402
@@ -57,7 +57,8 @@ def training_checkpoint(backbone: str, output_stride: int, folder: Path) -> Path
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     best = {"metric": "fine_mIoU", "value": None, "iteration": None}
     path = folder / f"{backbone}.pt"
-    checkpoint.save(make_checkpoint(cfg, h, net, criterion, optimizer, scaler, 0, best, None), path)
+    checkpoint.save(checkpoint.make_checkpoint(cfg, h, net, criterion, optimizer, scaler, iteration=0, best=best,
+                                               last_eval=None, run_id="bench-export"), path)
     return path
 
 

@@ -62,11 +62,14 @@ class Trainer:
         self.opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training forward and the criterion, as `engine.step` runs them."""
         with autocast(self.device, self.amp):
-            logits, emb = self.net(x, with_embeddings=self.crit.needs_embeddings)
-        loss, _ = self.crit(logits, emb, y, LAST_ITER)
-        self.scaler.scale(loss).backward()
+            out = self.net(x, with_embeddings=self.crit.needs_embeddings)
+        return self.crit(out.logits, out.embeddings, y, LAST_ITER, aux_logits=out.aux_logits)[0]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.scaler.scale(self.loss(x, y)).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
@@ -103,9 +106,7 @@ class Trainer:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with autocast(self.device, self.amp):
-                logits, emb = self.net(x, with_embeddings=self.crit.needs_embeddings)
-            loss, _ = self.crit(logits, emb, y, LAST_ITER)
+            loss = self.loss(x, y)
         loss.backward()
         self.opt.zero_grad(set_to_none=True)
         return sum(seen.values())
