@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,16 +33,10 @@ from hiposeg.engine import build_model  # noqa: E402
 from hiposeg.hierarchy import Hierarchy  # noqa: E402
 from hiposeg.models.deeplabv3plus import ASPP_RATES  # noqa: E402
 
-from common import interleaved, median_ms, min_ms, parse_size  # noqa: E402  (benchmarks/common.py)
+from common import autocast, interleaved, median_ms, min_ms, parse_size, random_batch  # noqa: E402  (benchmarks/common.py)
 
 IGNORE = 255
 LAST_ITER = 10**6 - 1  # past every phase boundary of a 10**6-iteration schedule: every term active
-
-
-def autocast(device: torch.device, amp: str):  # type: ignore[no-untyped-def]
-    if amp == "off":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def count(module: nn.Module) -> int:
@@ -138,16 +131,11 @@ def contenders(args: argparse.Namespace, hierarchy: Hierarchy, device: torch.dev
 
 def make_inputs(batch: int, size: tuple[int, int], classes: int, args: argparse.Namespace,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random image batch and label maps of 16x16 cells with 5 % ignore pixels."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, *size, generator=gen)
-    cells = torch.randint(classes, (batch, size[0] // 16 + 1, size[1] // 16 + 1), generator=gen)
-    y = cells.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, : size[0], : size[1]].contiguous()
-    y[torch.rand(y.shape, generator=gen) < 0.05] = IGNORE
-    x = x.to(device)
+    """`common.random_batch`, channels-last with `--channels-last`."""
+    x, y = random_batch(batch, size, classes, IGNORE, device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device)
+    return x, y
 
 
 def train_steps(models: list[Contender], x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,

@@ -27,7 +27,6 @@ import copy
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,17 +40,11 @@ from hiposeg.models.deeplabv3plus import DeepLabV3Plus  # noqa: E402
 from hiposeg.models.training import HiPoSegNet  # noqa: E402
 from hiposeg.prototypes import HiPoSegCriterion  # noqa: E402
 
-from common import parse_size, sync  # noqa: E402  (benchmarks/common.py: run as a script)
+from common import autocast, parse_size, random_batch, sync  # noqa: E402  (benchmarks/common.py: run as a script)
 
 TOTAL_ITERS = 1000
 LAST_ITER = TOTAL_ITERS - 1  # past every phase boundary: all terms active
 HIERARCHIES = {19: "cityscapes", 124: "mapillary_v2", 150: "ade20k"}
-
-
-def autocast(device: torch.device, amp: str):  # type: ignore[no-untyped-def]
-    if amp == "off":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 class Trainer:
@@ -112,15 +105,6 @@ class Trainer:
         return sum(seen.values())
 
 
-def make_batch(batch: int, size: tuple[int, int], num_fine: int, ignore: int, device: torch.device):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, *size, generator=gen)
-    cells = torch.randint(num_fine, (batch, size[0] // 16 + 1, size[1] // 16 + 1), generator=gen)
-    y = cells.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, : size[0], : size[1]].contiguous()
-    y[torch.rand(y.shape, generator=gen) < 0.05] = ignore
-    return x.to(device), y.to(device)
-
-
 def bench_step(args: argparse.Namespace, backbone: str, batch: int, size: tuple[int, int], device: torch.device) -> dict:
     hier = Hierarchy.load("cityscapes")
     torch.manual_seed(0)
@@ -133,7 +117,7 @@ def bench_step(args: argparse.Namespace, backbone: str, batch: int, size: tuple[
                                           hier.ignore_index, TOTAL_ITERS)
     ce = Trainer(ce_net, crit(["ce"]), device, args.amp)
     hp = Trainer(hp_net, crit(["ce", "fh", "hh", "fl", "ll", "align"]), device, args.amp)
-    x, y = make_batch(batch, size, hier.num_fine, hier.ignore_index, device)
+    x, y = random_batch(batch, size, hier.num_fine, hier.ignore_index, device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     for _ in range(args.warmup):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -51,3 +52,21 @@ def median_ms(times: list[float]) -> float:
 
 def min_ms(times: list[float]) -> float:
     return 1e3 * min(times)
+
+
+def autocast(device: torch.device, amp: str) -> AbstractContextManager:
+    """The `--amp off|bf16|fp16` mixed-precision context."""
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def random_batch(batch: int, size: tuple[int, int], classes: int, ignore: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random image batch and label maps of 16x16 cells with 5 % `ignore` pixels."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, *size, generator=gen)
+    cells = torch.randint(classes, (batch, size[0] // 16 + 1, size[1] // 16 + 1), generator=gen)
+    y = cells.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, : size[0], : size[1]].contiguous()
+    y[torch.rand(y.shape, generator=gen) < 0.05] = ignore
+    return x.to(device), y.to(device)

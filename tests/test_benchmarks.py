@@ -24,7 +24,7 @@ def test_the_peer_benchmark_runs_at_a_tiny_size(monkeypatch, capsys):
                              "--infer-size", "32x32", "--repeats", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     # table rows: model, parameters, median ms, min ms, x SMP (median), x SMP (min)
-    params = {m[1]: int(m[2].replace(",", "")) for m in re.finditer(r"^(\S.*?) {2,}([\d,]+)(?: +[\d.]+){4}$", out, re.M)}
+    params = {m[1]: int(m[2].replace(",", "")) for m in re.finditer(r"^(\S.*?) {2,}([\d,]+)(?: +[\d.]+){4}$", out, re.MULTILINE)}
     assert set(params) == {"hiposeg CE", "HiPoSeg", "SMP DeepLabV3Plus"}
     assert params["hiposeg CE"] == params["SMP DeepLabV3Plus"]
     assert params["HiPoSeg"] == params["hiposeg CE"] + PROJECTION_HEAD

@@ -17,8 +17,8 @@ import crafted
 from conftest import fails_with
 from hiposeg.config import LossConfig, ModelConfig
 from hiposeg.export import load_inference_model
-from hiposeg.models import build_segmenter
 from hiposeg.export.common import program_example
+from hiposeg.models import build_segmenter
 from hiposeg.models.deeplabv3plus import PROGRAM_OPS, DeepLabV3Plus, SeparableConv
 from hiposeg.models.training import HiPoSegNet
 from hiposeg.prototypes import HiPoSegCriterion
@@ -231,9 +231,8 @@ def test_an_exported_model_of_the_plain_model_is_refused_by_name(tiny_run, expor
     fails_with(commands(unknown, data, tmp_path)["eval"], f"{unknown} holds a DeepLabV3+ with the head 'dense-v9'")
 
 
-def test_a_program_exported_from_the_plain_model_still_runs(tiny_run, exported_models, tmp_path):
+def test_a_program_exported_from_the_plain_model_still_runs(exported_models, tmp_path):
     """A .pt2 program carries its own graph: one with an earlier arch record (no head) loads and runs."""
-    data, _ = tiny_run
     meta = {k: v for k, v in torch.load(exported_models["hiposeg"], weights_only=True).items() if k != "state_dict"}
     meta["arch"] = {k: v for k, v in meta["arch"].items() if k not in ("head", "decoder_channels")}
     meta["output"] = {**meta["output"], "num_classes": 2}
