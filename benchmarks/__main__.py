@@ -1,32 +1,46 @@
-"""Run every benchmark at a small size: `python -m benchmarks` (2 min 42 s on 2 CPU cores, BENCHMARKS.md).
+"""Run every benchmark: `python -m benchmarks` (CPU sizes; its time on 2 CPU cores: BENCHMARKS.md) or
+`python -m benchmarks --tiny` (the smallest sizes, a smoke run that every script still works).
 
 Each benchmark is a standalone script with its own flags for larger sizes (see BENCHMARKS.md);
-this runner only calls them one after another with their default, CPU-sized arguments.
+this runner only calls them one after another with their default, CPU-sized arguments, or with
+the tiny ones.
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# title, script, its arguments at the CPU sizes, its arguments at the tiny sizes
 SUITE = [
-    ("training step: HiPoSeg / cross-entropy", ["bench_train_step.py"]),
-    ("inference: exported model / plain DeepLabV3+", ["bench_export.py"]),
-    ("data: prepare vs the decode-LUT-encode floor", ["bench_prepare.py", "--images", "20"]),
-    ("data: training loader vs training step", ["bench_loader.py"]),
-    ("DDP: 2 CPU processes vs 1", ["bench_ddp.py"]),
+    ("training step: HiPoSeg / cross-entropy", "bench_train_step.py", [],
+     ["--backbones", "resnet18", "--size", "64x64", "--output-stride", "16", "--repeats", "1", "--warmup", "0",
+      "--branch-sizes", "16x16"]),
+    ("DeepLabV3+: hiposeg vs SMP and torchvision", "bench_peers.py", [],
+     ["--backbone", "resnet18", "--output-stride", "16", "--size", "64x64", "--infer-size", "64x64",
+      "--repeats", "1", "--warmup", "1"]),
+    ("inference: exported model / plain DeepLabV3+", "bench_export.py", [],
+     ["--backbones", "resnet18", "--size", "64x64", "--output-stride", "16", "--repeats", "1", "--warmup", "0"]),
+    ("data: prepare vs the decode-LUT-encode floor", "bench_prepare.py", ["--images", "20"],
+     ["--images", "2", "--size", "128x256", "--workers", "1", "--repeat", "1"]),
+    ("data: training loader vs training step", "bench_loader.py", [], ["--images", "8", "--steps", "2"]),
+    ("DDP: 2 CPU processes vs 1", "bench_ddp.py", [], ["--iters", "4", "--batch", "4"]),
 ]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="the smallest sizes: checks that every benchmark runs")
+    tiny = p.parse_args(argv).tiny
     failed = []
-    for title, cmd in SUITE:
+    for title, script, cpu_args, tiny_args in SUITE:
         print(f"\n=== {title} ===", flush=True)
-        rc = subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
+        rc = subprocess.call([sys.executable, str(HERE / script), *(tiny_args if tiny else cpu_args)])
         if rc:
-            failed.append(cmd[0])
+            failed.append(script)
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
     return 1 if failed else 0

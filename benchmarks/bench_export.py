@@ -63,7 +63,7 @@ def training_checkpoint(cfg: TrainConfig, folder: Path) -> Path:
     best = {"metric": "fine_mIoU", "value": None, "iteration": None}
     path = folder / f"{cfg.model.name}-{cfg.model.backbone}.pt"
     checkpoint.save(checkpoint.make_checkpoint(cfg, h, net, criterion, optimizer, scaler, iteration=0, best=best,
-                                               last_eval=None, run_id="benchmark"), path)
+                                               last_eval=None, run_id="bench-export"), path)
     return path
 
 

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from hiposeg.config import build_config
-from hiposeg.engine import build_model, build_train_loader
+from hiposeg.data.dataset import open_prepared
+from hiposeg.data.sampler import train_loader
+from hiposeg.engine import build_model
 from hiposeg.distributed import DistEnv
 
 
@@ -32,7 +34,7 @@ def make_data(root: Path, size: tuple[int, int], n: int) -> Path:
     from hiposeg.data.synthetic import generate
 
     if size == (128, 128):
-        return generate(root, train=n, val=2, size=128, seed=0)
+        return generate(root, train=n, val=2, size=128, seed=0).out
     generate(root, train=2, val=2, size=128, seed=0)  # hierarchy + manifest + layout
     rng = np.random.default_rng(0)
     h, w = size
@@ -76,7 +78,8 @@ def main() -> None:
         cfg = build_config(over)
         env = DistEnv()
         b = cfg.optim.batch_size
-        loader, hierarchy = build_train_loader(cfg, env, 0)
+        hierarchy, _ = open_prepared(root, cfg.data.train_split)
+        loader = train_loader(cfg, env, 0, hierarchy.ignore_index)
         batches = iter(loader)
         next(batches)  # start the workers
 
@@ -90,8 +93,8 @@ def main() -> None:
         it_all = int(cfg.optim.iters * 0.5)  # every term active
 
         def step(batch: dict) -> None:
-            logits, emb = net(batch["image"], with_embeddings=criterion.needs_embeddings)
-            loss, _ = criterion(logits, emb, batch["fine"], it_all)
+            out = net(batch["image"], with_embeddings=criterion.needs_embeddings)
+            loss, _ = criterion(out.logits, out.embeddings, batch["fine"], it_all, aux_logits=out.aux_logits)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -29,7 +29,6 @@ import copy
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -43,17 +42,11 @@ from hiposeg.models import build_segmenter  # noqa: E402
 from hiposeg.models.training import HiPoSegNet  # noqa: E402
 from hiposeg.prototypes import HiPoSegCriterion  # noqa: E402
 
-from common import models_of, parse_size, sync  # noqa: E402  (benchmarks/common.py: run as a script)
+from common import autocast, models_of, parse_size, random_batch, sync  # noqa: E402  (benchmarks/common.py: run as a script)
 
 TOTAL_ITERS = 1000
 LAST_ITER = TOTAL_ITERS - 1  # past every phase boundary: all terms active
 HIERARCHIES = {19: "cityscapes", 124: "mapillary_v2", 150: "ade20k"}
-
-
-def autocast(device: torch.device, amp: str):  # type: ignore[no-untyped-def]
-    if amp == "off":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 class Trainer:
@@ -64,11 +57,14 @@ class Trainer:
         self.opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training forward and the criterion, as `engine.step` runs them."""
         with autocast(self.device, self.amp):
-            logits, emb = self.net(x, with_embeddings=self.crit.needs_embeddings)
-        loss, _ = self.crit(logits, emb, y, LAST_ITER)
-        self.scaler.scale(loss).backward()
+            out = self.net(x, with_embeddings=self.crit.needs_embeddings)
+        return self.crit(out.logits, out.embeddings, y, LAST_ITER, aux_logits=out.aux_logits)[0]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.scaler.scale(self.loss(x, y)).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
@@ -105,21 +101,10 @@ class Trainer:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with autocast(self.device, self.amp):
-                logits, emb = self.net(x, with_embeddings=self.crit.needs_embeddings)
-            loss, _ = self.crit(logits, emb, y, LAST_ITER)
+            loss = self.loss(x, y)
         loss.backward()
         self.opt.zero_grad(set_to_none=True)
         return sum(seen.values())
-
-
-def make_batch(batch: int, size: tuple[int, int], num_fine: int, ignore: int, device: torch.device):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, *size, generator=gen)
-    cells = torch.randint(num_fine, (batch, size[0] // 16 + 1, size[1] // 16 + 1), generator=gen)
-    y = cells.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, : size[0], : size[1]].contiguous()
-    y[torch.rand(y.shape, generator=gen) < 0.05] = ignore
-    return x.to(device), y.to(device)
 
 
 def bench_step(args: argparse.Namespace, model: tuple[str, str], batch: int, size: tuple[int, int],
@@ -137,7 +122,7 @@ def bench_step(args: argparse.Namespace, model: tuple[str, str], batch: int, siz
                                           hier.ignore_index, TOTAL_ITERS)
     ce = Trainer(ce_net, crit(["ce"]), device, args.amp)
     hp = Trainer(hp_net, crit(["ce", "fh", "hh", "fl", "ll", "align"]), device, args.amp)
-    x, y = make_batch(batch, size, hier.num_fine, hier.ignore_index, device)
+    x, y = random_batch(batch, size, hier.num_fine, hier.ignore_index, device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     for _ in range(args.warmup):

@@ -4,7 +4,8 @@ A training checkpoint (`make_checkpoint`) is a dict of tensors, numbers, strings
 
     format, hiposeg_version, torch_version, run_id, iteration (completed), config (TrainConfig as
     JSON data), hierarchy (normalised dict) + hierarchy_sha256, model (segmenter state dict),
-    projection (head state dict or {}), memory (prototype buffers), optimizer, scaler, rng
+    projection (head state dict or {}), aux_head (auxiliary head state dict or {}; absent from
+    checkpoints written before it existed), memory (prototype buffers), optimizer, scaler, rng
     (`rng_state`), best, last_eval
 
 Nothing in it needs pickle's code execution, so loading refuses any file that would (a
@@ -119,6 +120,7 @@ class CheckpointFields(_Fields):
     hierarchy_sha256: str
     model: StateDict
     projection: StateDict
+    aux_head: StateDict = Field(default_factory=dict)
     memory: StateDict
     optimizer: OptimizerFields
     scaler: ScalerFields
@@ -135,6 +137,9 @@ class ArchFields(_Fields):
     backbone: str
     output_stride: OutputStride | None = None  # type: ignore[valid-type]
     num_classes: int = Field(ge=1)
+    # absent from files exported before the separable DeepLabV3+: the family's `check_arch` names them
+    decoder_channels: int | None = Field(None, ge=8)
+    head: str | None = None
 
     _known_family = field_validator("name")(ModelConfig._known_family.__func__)
     _variant_of_family = field_validator("backbone")(ModelConfig._variant_of_family.__func__)
@@ -375,6 +380,7 @@ def make_checkpoint(cfg: TrainConfig, hierarchy: Hierarchy, net: torch.nn.Module
         "hierarchy_sha256": hierarchy.sha256,
         "model": net.segmenter.state_dict(),
         "projection": net.projection.state_dict() if net.projection is not None else {},
+        "aux_head": net.aux_head.state_dict() if net.aux_head is not None else {},
         "memory": criterion.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -422,21 +428,29 @@ def check_compatible(ckpt: dict[str, Any], path: Path, hierarchy: Hierarchy, cfg
     check_same_hierarchy(f"checkpoint {path}", ckpt.get("hierarchy", {}).get("name", "?"),
                          ckpt.get("hierarchy_sha256"), hierarchy, cfg.data.resolved_root(),
                          hint="Resume with the dataset the run was trained on, or start a new run.")
-    theirs_model = ckpt.get("config", {}).get("model", {})
-    theirs_model.setdefault("name", DEFAULT_FAMILY)  # checkpoints from before there were several families
-    for key in ("name", "backbone", "output_stride", "embed_dim", "embed_source"):
-        if theirs_model.get(key) != getattr(cfg.model, key):
-            raise UserError(f"checkpoint {path} has model.{key}={theirs_model.get(key)!r}, but the configuration "
+    theirs_model = ModelConfig.model_validate(ckpt["config"].get("model", {}))  # fields it predates: defaults
+    for key in ("name", "backbone", "output_stride", "decoder_channels", "embed_dim", "embed_source", "aux_head"):
+        if getattr(theirs_model, key) != getattr(cfg.model, key):
+            raise UserError(f"checkpoint {path} has model.{key}={getattr(theirs_model, key)!r}, but the configuration "
                             f"asks for {getattr(cfg.model, key)!r}",
                             hint="Resume with the run's own configuration (drop the conflicting flag).")
 
 
 def restore_model(ckpt: dict[str, Any], path: Path, net: torch.nn.Module, criterion: torch.nn.Module) -> None:
-    """The segmenter, projection head and prototype memory of a checkpoint, each checked to fit."""
-    restore(path, "model", lambda: net.segmenter.load_state_dict(ckpt["model"]))
+    """The segmenter, projection head, auxiliary head and prototype memory of a checkpoint, each checked to fit."""
+    restore_segmenter(ckpt, path, net.segmenter)
     if net.projection is not None:
         restore(path, "projection", lambda: net.projection.load_state_dict(ckpt["projection"]))
+    if net.aux_head is not None:
+        restore(path, "aux_head", lambda: net.aux_head.load_state_dict(ckpt["aux_head"]))
     restore(path, "memory", lambda: criterion.load_state_dict(ckpt["memory"]))
+
+
+def restore_segmenter(ckpt: dict[str, Any], path: Path, segmenter: Any) -> None:
+    """The checkpoint's "model" entry into `segmenter` (a `models.Segmenter`): weights of an architecture
+    the family no longer builds are refused by name (`Segmenter.check_weights`), a misfit named as the field."""
+    segmenter.check_weights(ckpt["model"], path)
+    restore(path, "model", lambda: segmenter.load_state_dict(ckpt["model"]))
 
 
 def restore_optimizer(ckpt: dict[str, Any], path: Path, optimizer: torch.optim.Optimizer,

@@ -108,7 +108,12 @@ class ModelConfig(_Strict):
         "weights file, or none"))
     embed_dim: int = Field(256, ge=8, description="d' of the projection head g_phi (eq. 3)")
     embed_source: Literal["decoder", "backbone"] = Field(
-        "decoder", description="feature g_phi reads: the stride-4 decoder feature, or the backbone's last stage")
+        "decoder", description="feature g_phi reads: the stride-4 decoder feature, or backbone stage 4")
+    decoder_channels: int = Field(256, ge=8, description="width of DeepLabV3+'s ASPP and decoder (mmsegmentation's "
+                                                         "R-101 configs: 512)")
+    aux_head: bool = Field(False, description="train an auxiliary FCN head on backbone stage 3 (mmsegmentation's "
+                                              "DeepLabV3+ configs; not in the paper); never exported")
+    aux_weight: float = Field(0.4, ge=0, description="weight of the auxiliary head's cross-entropy (outside eq. 14)")
 
     @field_validator("name")
     @classmethod

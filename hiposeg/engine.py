@@ -165,16 +165,16 @@ def ensure_prepared(cfg: TrainConfig, resume: Path | None = None) -> Hierarchy:
 
 def build_model(cfg: TrainConfig, hierarchy: Hierarchy, pretrained: bool = True) -> tuple[nn.Module, nn.Module]:
     """(HiPoSegNet training wrapper, HiPoSegCriterion). No projection head for a CE-only config; the
-    segmenter's pretrained weights loaded if `pretrained`."""
+    auxiliary head only with `model.aux_head`; the segmenter's pretrained weights loaded if `pretrained`."""
     from hiposeg.models import build_segmenter
     from hiposeg.models.training import HiPoSegNet
     from hiposeg.prototypes import HiPoSegCriterion
 
     criterion = HiPoSegCriterion(cfg.loss, hierarchy.fine_to_coarse, cfg.model.embed_dim,
-                                 hierarchy.ignore_index, cfg.optim.iters)
+                                 hierarchy.ignore_index, cfg.optim.iters, aux_weight=cfg.model.aux_weight)
     segmenter = build_segmenter(cfg.model, hierarchy.num_fine, pretrained=pretrained)
     net = HiPoSegNet(segmenter, embed_dim=cfg.model.embed_dim, embed_source=cfg.model.embed_source,
-                     with_projection=criterion.needs_embeddings)
+                     with_projection=criterion.needs_embeddings, aux_head=cfg.model.aux_head)
     return net, criterion
 
 
@@ -357,8 +357,8 @@ def step(run: Training, batch: dict[str, Any]) -> None:
     for group in run.optimizer.param_groups:
         group["lr"] = poly_lr(cfg, run.iteration)
     with run.precision:
-        logits, emb = run.model(images, with_embeddings=run.criterion.needs_embeddings)
-    loss, terms = run.criterion(logits, emb, target, run.iteration)
+        out = run.model(images, with_embeddings=run.criterion.needs_embeddings)
+    loss, terms = run.criterion(out.logits, out.embeddings, target, run.iteration, aux_logits=out.aux_logits)
     check_finite(run, loss, terms)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)

@@ -32,6 +32,8 @@ and FINE labels y (the coarse labels are y' = pi(y), eq. 2):
 5. Total (eq. 14) = lambda_ce*CE + lambda_fh*L_fh + lambda_hh*L_hh + lambda_fl*L_fl + lambda_ll*L_ll
    + lambda_align*(alpha*L_align.in + beta*L_align.out) (eq. 13); the paper's lambda_1..lambda_6 are
    lambda_ce, lambda_fh, lambda_hh, lambda_fl, lambda_ll, lambda_align. CE averages over valid label pixels.
+   Outside eq. 14: with `model.aux_head`, aux_weight * (the auxiliary head's CE, averaged as CE is;
+   mmsegmentation's DeepLabV3+ recipe, not the paper's), logged as "aux".
 
 Exactness under DDP: CE, eq. 7 and eq. 9 are sums over this rank's pixels times world_size / (GLOBAL
 count of valid pixels), and the prototype terms depend on global quantities only. DDP averages the
@@ -214,13 +216,14 @@ class HiPoSegCriterion(nn.Module):
 
     Holds the two prototype memories (coarse = high level, fine = low level) and the phase schedule.
     `needs_embeddings` is False for a pure-CE configuration: then no projection head is built.
+    `aux_weight` weighs the auxiliary head's CE, a term outside eq. 14 (when the net has that head).
     """
 
     fine_to_coarse: Tensor
     fine_to_coarse_or_dump: Tensor
 
     def __init__(self, cfg: LossConfig, fine_to_coarse: Tensor | np.ndarray, embed_dim: int, ignore_index: int,
-                 total_iters: int) -> None:
+                 total_iters: int, aux_weight: float = 0.0) -> None:
         super().__init__()
         lut = torch.as_tensor(np.asarray(fine_to_coarse), dtype=torch.long)
         if lut.ndim != 1 or lut.numel() == 0 or int(lut.min()) < 0:
@@ -240,13 +243,15 @@ class HiPoSegCriterion(nn.Module):
         self.fine_memory = PrototypeMemory(self.num_fine, embed_dim)  # M^L (eq. 4)
         self.schedule = PhaseSchedule(cfg.terms, cfg.schedule, cfg.phases, total_iters)
         self.needs_embeddings = bool(set(cfg.terms) - {"ce"})
+        self.aux_weight = aux_weight
 
-    def forward(self, logits: Tensor, embeddings: Tensor | None, target: Tensor, iteration: int
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, logits: Tensor, embeddings: Tensor | None, target: Tensor, iteration: int,
+                aux_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """logits (B, K_L, H, W); embeddings (B, d', h, w) unit vectors over d' (eq. 3) or None; target (B, H, W)
-        integer FINE labels with ignore_index, at the logits' size. Returns (total, {term: detached unweighted
-        value}) for the active terms. Under DDP, "ce", "fh" and "fl" are this rank's share of the global
-        pixel mean (their mean over ranks is the global value); the other terms are global already."""
+        integer FINE labels with ignore_index, at the logits' size; aux_logits like logits or None. Returns
+        (total, {term: detached unweighted value}) for the active terms. Under DDP, "ce", "fh", "fl" and
+        "aux" are this rank's share of the global pixel mean (their mean over ranks is the global value);
+        the other terms are global already."""
         active = self.schedule.active(iteration)
         uses_coarse, uses_fine = bool(active & COARSE_LEVEL_TERMS), bool(active & FINE_LEVEL_TERMS)
         if (uses_coarse or uses_fine) and embeddings is None:
@@ -269,9 +274,11 @@ class HiPoSegCriterion(nn.Module):
                 valid_pixels = sum_over_ranks(valid_pixels)
             valid_pixels = valid_pixels[0]  # global count of valid label pixels (CE's average)
 
-            ce = F.cross_entropy(logits.to(dtype), target, ignore_index=self.ignore_index, reduction="sum")
-            terms: dict[str, Tensor] = {"ce": ce * ws / valid_pixels.clamp(min=1)}  # CE over the global valid pixels
+            terms: dict[str, Tensor] = {"ce": self._pixel_ce(logits.to(dtype), target, valid_pixels, ws)}
             total = cfg.lambda_ce * terms["ce"]  # eq. 14, lambda_1
+            if aux_logits is not None:  # outside eq. 14: the auxiliary head's CE
+                terms["aux"] = self._pixel_ce(aux_logits.to(dtype), target, valid_pixels, ws)
+                total = total + self.aux_weight * terms["aux"]
 
             if uses_coarse or uses_fine:
                 total = total + self._prototype_terms(embeddings.to(dtype), y, counts, active, uses_coarse,
@@ -279,6 +286,11 @@ class HiPoSegCriterion(nn.Module):
             elif embeddings is not None:
                 total = total + 0.0 * embeddings.sum()  # head unused this phase: keep it in the graph for DDP
         return total, {k: v.detach() for k, v in terms.items()}
+
+    def _pixel_ce(self, logits: Tensor, target: Tensor, valid_pixels: Tensor, ws: int) -> Tensor:
+        """Cross-entropy averaged over the global valid label pixels (this rank's share under DDP)."""
+        ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="sum")
+        return ce * ws / valid_pixels.clamp(min=1)
 
     def _prototype_terms(self, embeddings: Tensor, y: Tensor, counts: Tensor, active: frozenset[str],
                          uses_coarse: bool, uses_fine: bool, ws: int, terms: dict[str, Tensor]) -> Tensor:

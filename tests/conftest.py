@@ -141,15 +141,16 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(data, run): 2 iterations with every term active from step 0, so the checkpoint holds a
-    projection head and a filled prototype memory that export must leave out (export and predict tests)."""
+    """(data, run): 2 iterations with every term active from step 0 and the auxiliary head, so the
+    checkpoint holds a projection head, an auxiliary head and a filled prototype memory that export
+    must leave out (export and predict tests)."""
     from hiposeg.data.synthetic import generate
     from hiposeg.engine import fit
 
     base = tmp_path_factory.mktemp("export")
     data = base / "synthetic"
     generate(data, train=8, val=2, size=64, seed=0, workers=1)
-    fit(tiny_config(data, base / "run", loss={"schedule": "joint"}, optim={"iters": 2}))
+    fit(tiny_config(data, base / "run", loss={"schedule": "joint"}, model={"aux_head": True}, optim={"iters": 2}))
     return data, base / "run"
 
 

@@ -1,5 +1,5 @@
-"""`hiposeg export`: the segmenter alone is exported (the projection head and prototype memory are
-counted and left out), every format reproduces the trained segmenter's logits, and `eval` accepts
+"""`hiposeg export`: the segmenter alone is exported (the projection head, the auxiliary head and the
+prototype memory are counted and left out), every format reproduces the trained segmenter's logits, and `eval` accepts
 every format."""
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxsc
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 FORMATS = ["hiposeg", "torch-export", pytest.param("onnx", marks=pytest.mark.skipif(
     not HAS_ONNX, reason="the optional onnx extra (onnx, onnxscript) is not installed"))]
-# The tiny run: resnet18, output stride 16, 15 fine and 5 coarse classes, embed_dim 32.
-SEGMENTER_PARAMETERS = 16_606_639
+# The tiny run: resnet18, output stride 16, 15 fine and 5 coarse classes, embed_dim 32, auxiliary head.
+SEGMENTER_PARAMETERS = 12_332_895  # test_deeplabv3plus.py::test_parameter_count_equals_a_hand_count
 HEAD_PARAMETERS = 256 * 256 + 2 * 256 + 256 * 32 + 32  # conv 256->256 (no bias), BN, conv 256->32
+AUX_PARAMETERS = 256 * 256 * 9 + 2 * 256 + 256 * 15 + 15  # conv3x3 stage 3 (256) -> 256 (no bias), BN, conv -> 15
 MEMORY_VALUES = (15 + 5) * 32 + 15 + 5  # a unit prototype and a "seen" flag per class of both levels
 
 
@@ -66,10 +67,10 @@ def tensors_in(obj) -> list[torch.Tensor]:
 def test_export_strips_head_memory_and_training_state(tiny_run, exported_models):
     data, run = tiny_run
     ckpt = load_plain(run / "checkpoints" / "best.pt")
-    assert ckpt["projection"] and ckpt["memory"] and ckpt["optimizer"]  # there was something to strip
+    assert ckpt["projection"] and ckpt["aux_head"] and ckpt["memory"] and ckpt["optimizer"]  # something to strip
     model = load_plain(exported_models["hiposeg"])  # plain data: weights_only loading works
     assert model["format"] == "hiposeg-model/1"
-    assert not {"projection", "memory", "optimizer", "scaler", "rng", "config"} & set(model)
+    assert not {"projection", "aux_head", "memory", "optimizer", "scaler", "rng", "config"} & set(model)
     plain = plain_segmenter()
     assert list(model["state_dict"]) == list(plain.state_dict())
     # every tensor in the file is a segmenter tensor: as many values as a plain DeepLabV3+ holds
@@ -82,7 +83,7 @@ def test_export_strips_head_memory_and_training_state(tiny_run, exported_models)
     assert sum(p.numel() for p in loaded.module.parameters()) == n_params
     program = torch.export.load(exported_models["torch-export"])
     assert sum(p.numel() for p in program.module().parameters()) == n_params
-    assert not any("projection" in k or "mlp" in k for k in program.state_dict)
+    assert not any("projection" in k or "mlp" in k or "aux" in k or "fcn" in k for k in program.state_dict)
     # what is needed to use it, against the prepared dataset's own hierarchy file
     h = json.loads((data / "hierarchy.json").read_text())
     fine = sorted(h["levels"][0]["classes"], key=lambda c: c["id"])
@@ -93,21 +94,29 @@ def test_export_strips_head_memory_and_training_state(tiny_run, exported_models)
     assert model["fine_to_coarse"] == [coarse_id[c["parent"]] for c in fine]
     assert model["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert model["crop"] == [64, 64]
-    assert model["arch"] == {"name": "deeplabv3plus", "backbone": "resnet18", "output_stride": 16, "num_classes": 15}
+    assert model["arch"] == {"name": "deeplabv3plus", "backbone": "resnet18", "output_stride": 16,
+                             "decoder_channels": 256, "head": "separable", "num_classes": 15}
 
 
 def test_the_summary_counts_what_is_stripped_from_the_checkpoints_own_entries(tiny_run, tmp_path, cli):
-    """The projection head and the prototype memory are counted from the checkpoint's entries (never
-    rebuilt): the tiny run's, then a checkpoint whose entries were emptied (a CE-only run has no head)."""
+    """The projection head, the auxiliary head and the prototype memory are counted from the checkpoint's
+    entries (never rebuilt): the tiny run's, a checkpoint whose auxiliary head was left out (a run without
+    `model.aux_head`; older checkpoints have no such entry), one whose entries were all emptied (a CE-only
+    run has no projection head)."""
     _, run = tiny_run
     ckpt = load_plain(run / "checkpoints" / "best.pt")
-    emptied = tmp_path / "no-branch.pt"
-    torch.save({**ckpt, "projection": {}, "memory": {}}, emptied)
-    for source, head, memory in [(run, HEAD_PARAMETERS, MEMORY_VALUES), (emptied, 0, 0)]:
+    no_aux, emptied = tmp_path / "no-aux.pt", tmp_path / "no-branch.pt"
+    torch.save({k: v for k, v in ckpt.items() if k != "aux_head"}, no_aux)
+    torch.save({**ckpt, "projection": {}, "aux_head": {}, "memory": {}}, emptied)
+    for source, heads, memory in [
+        (run, {"projection head": HEAD_PARAMETERS, "auxiliary head": AUX_PARAMETERS}, MEMORY_VALUES),
+        (no_aux, {"projection head": HEAD_PARAMETERS}, MEMORY_VALUES), (emptied, {"projection head": 0}, 0),
+    ]:
         r = cli.invoke(app, ["export", str(source), "--out", str(tmp_path / "m.pt")])
         assert r.exit_code == 0, r.output
+        left_out = ", ".join(f"+{n:,} {name}" for name, n in heads.items())
         assert squash(f"parameters: {SEGMENTER_PARAMETERS:,} exported = {SEGMENTER_PARAMETERS:,} in a plain DeepLabV3+ "
-                      f"(1.00x); the training model had {SEGMENTER_PARAMETERS + head:,} (+{head:,} projection head) "
+                      f"(1.00x); the training model had {SEGMENTER_PARAMETERS + sum(heads.values()):,} ({left_out}) "
                       f"and {memory:,} prototype memory values, none exported") in squash(r.output), r.output
         assert squash("logit difference 0 on a random 2x3x97x161 batch (tolerance 0; hiposeg)") in squash(r.output)
 

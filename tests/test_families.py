@@ -126,7 +126,7 @@ def test_the_projection_head_reads_the_decoder_feature_and_is_not_part_of_the_se
     m = small(family)
     net = HiPoSegNet(m, embed_dim=16)
     assert net.projection.mlp[0].in_channels == m.decoder_channels
-    logits, emb = net(torch.randn(2, 3, 64, 64))
+    logits, emb, _ = net(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 5, 64, 64) and emb.shape == (2, 16, 16, 16)
     n = sum(p.numel() for p in net.parameters())
     assert n == sum(p.numel() for p in m.parameters()) + sum(p.numel() for p in net.projection.parameters())

@@ -80,7 +80,7 @@ def tiny():
 def step_grads(net, crit, x, target, iteration):
     net.zero_grad(set_to_none=True)
     torch.manual_seed(123)  # ASPP dropout: the same mask for every call
-    logits, emb = net(x)
+    logits, emb, _ = net(x)
     loss, terms = crit(logits, emb, target, iteration)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}

@@ -50,6 +50,8 @@ CONFIG_RULES: dict[tuple[str, str], tuple[str, str]] = {
     ("model.output_stride", "literal"): ("32", "8 or 16"),
     ("model.embed_dim", "ge"): ("4", "greater than or equal to 8"),
     ("model.embed_source", "literal"): ("stage3", "'decoder' or 'backbone'"),
+    ("model.decoder_channels", "ge"): ("4", "greater than or equal to 8"),
+    ("model.aux_weight", "ge"): ("-0.4", "greater than or equal to 0"),
     ("loss.terms", "_valid_terms"): ("ce,xx", "unknown loss term(s) ['xx']"),
     ("loss.terms", "_valid_terms:align"): ("ce,fh,align", "'align' couples the two levels"),
     ("loss.schedule", "literal"): ("random", "'sequential' or 'joint'"),

@@ -141,6 +141,8 @@ def test_an_exported_model_without_a_field_is_named_by_every_command(tiny_run, m
 @pytest.mark.parametrize("loc, value, shown", [
     (("arch", "backbone"), "vgg19", "'arch.backbone'"),
     (("arch", "num_classes"), 99, "'arch.num_classes'"),
+    (("arch", "decoder_channels"), "wide", "'arch.decoder_channels'"),
+    (("arch", "head"), 2, "'arch.head'"),
     (("normalization", "mean"), [0.5], "'normalization.mean'"),
     (("crop",), "64x64", "'crop'"),
     (("input", "min_side"), None, "'input.min_side'"),

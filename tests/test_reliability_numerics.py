@@ -38,8 +38,8 @@ def test_non_finite_loss_stops_naming_iteration_and_term(tiny_data, tmp_path, mo
     real_forward = HiPoSegCriterion.forward
     seen: dict[str, str] = {}
 
-    def forward_with_fault(self, logits, embeddings, target, iteration):  # type: ignore[no-untyped-def]
-        loss, terms = real_forward(self, logits, embeddings, target, iteration)
+    def forward_with_fault(self, logits, embeddings, target, iteration, **kw):  # type: ignore[no-untyped-def]
+        loss, terms = real_forward(self, logits, embeddings, target, iteration, **kw)
         if iteration == 3:  # iterations 0-2 done, checkpoint of iteration 2 on disk
             seen["sha"] = sha256(last)
             bad = torch.tensor(value)

@@ -101,6 +101,8 @@ def test_predict_refuses_code_in_a_checkpoint(tiny_run, evil, tmp_path):
     ("--backbone", "resnet50", "model.backbone"),
     ("--output-stride", "8", "model.output_stride"),
     ("--set", "model.embed_dim=64", "model.embed_dim"),
+    ("--set", "model.decoder_channels=128", "model.decoder_channels"),
+    ("--set", "model.aux_head=false", "model.aux_head"),
 ])
 def test_resume_with_another_architecture_names_the_setting(tiny_run, flag, value, field):
     _, run = tiny_run
@@ -108,7 +110,9 @@ def test_resume_with_another_architecture_names_the_setting(tiny_run, flag, valu
                "settings differ from the checkpoint", field)
 
 
-def test_engine_refuses_a_checkpoint_of_another_architecture(tiny_run, tmp_path):
+@pytest.mark.parametrize("field, value, saved_value", [("output_stride", 8, 16), ("decoder_channels", 128, 256),
+                                                       ("aux_head", False, True)])
+def test_engine_refuses_a_checkpoint_of_another_architecture(tiny_run, tmp_path, field, value, saved_value):
     """`fit(cfg, resume=...)` (the API `ablate` uses) checks the architecture itself."""
     from hiposeg.config import validate_config
     from hiposeg.engine import fit
@@ -117,9 +121,9 @@ def test_engine_refuses_a_checkpoint_of_another_architecture(tiny_run, tmp_path)
     data, run = tiny_run
     ckpt = run / "checkpoints" / "last.pt"
     saved = torch.load(ckpt, weights_only=True)["config"]
-    saved["model"]["output_stride"] = 8
+    saved["model"][field] = value
     saved["run"]["out"] = str(tmp_path / "other")
-    with pytest.raises(UserError, match=r"has model.output_stride=16, but the configuration asks for 8"):
+    with pytest.raises(UserError, match=rf"has model.{field}={saved_value}, but the configuration asks for {value}"):
         fit(validate_config(saved), resume=ckpt)
 
 

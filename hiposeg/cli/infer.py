@@ -192,15 +192,17 @@ def export_cmd(
     which: Annotated[str, typer.Option("--checkpoint", help="For a run directory: best or last.")] = "best",
 ) -> None:
     """Write an inference-only model: the segmenter's weights + hierarchy, palette, pi and normalisation, with no
-    projection head, prototype memory or optimizer. Reloads it and checks its logits against the training model."""
+    projection head, auxiliary head, prototype memory or optimizer. Reloads it and checks its logits against the
+    training model."""
     from hiposeg.export import export_model
 
     s = export_model(source, out, fmt=format_, prefer=which)
     console.print(f"wrote [bold]{escape(str(s.out))}[/bold] ({s.format}, {s.file_bytes / 2**20:.1f} MiB)")
+    left_out = {name: n for name, n in s.head_parameters.items() if n} or {"projection head": 0}
+    heads = ", ".join(f"+{n:,} {name}" for name, n in left_out.items())
     console.print(f"parameters: {s.parameters:,} exported = {s.plain_parameters:,} in a plain {s.model} "
                   f"({s.parameters / s.plain_parameters:.2f}x); the training model had {s.training_parameters:,} "
-                  f"(+{s.training_parameters - s.parameters:,} projection head) and {s.memory_values:,} prototype "
-                  "memory values, none exported")
+                  f"({heads}) and {s.memory_values:,} prototype memory values, none exported")
     console.print(f"check: max |exported - training| logit difference {s.max_abs_diff:.3g} on a random "
                   f"{'x'.join(map(str, s.check_shape))} batch (tolerance {s.tolerance:.3g}; {s.checked_with})")
 

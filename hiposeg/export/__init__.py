@@ -1,7 +1,8 @@
 """Inference-only models: what `hiposeg export` writes and what `eval` / `predict` load.
 
-An exported model is the segmenter alone. The projection head g_phi and the prototype memory are
-entries of the training checkpoint that export counts and leaves out: it builds the segmenter with
+An exported model is the segmenter alone. The projection head g_phi, the auxiliary head (if the run
+trained one) and the prototype memory are entries of the training checkpoint that export counts and
+leaves out: it builds the segmenter with
 the one model builder (`hiposeg.models.build_segmenter`) from the checkpoint's configuration, loads
 the checkpoint's "model" entry, and never builds the training model, so the exported parameter
 count equals that of a plain segmenter of the same configuration (the paper's "no additional
@@ -39,6 +40,7 @@ from hiposeg.export.common import (REEXPORT_HINT, InferenceModel, count_paramete
                                    model_metadata, parameters_in, segmenter_of)
 from hiposeg.hierarchy import Hierarchy
 from hiposeg.lock import DirectoryLock
+from hiposeg.models import Segmenter
 from hiposeg.rundir import CHECKPOINT_DIR, enclosing_run, resolve_checkpoint
 
 # Each format module has NAME, SUFFIX, TOLERANCE, write(segmenter, meta, out), load(path, device) and
@@ -49,6 +51,8 @@ FORMATS: dict[str, str] = {name: m.SUFFIX for name, m in FORMAT_MODULES.items()}
 # max(1, max |logit|) (float32 rounding grows with the values summed: an untrained ResNet-101 has
 # logits ~1e4); each format's module says why its value.
 TOLERANCE: dict[str, float] = {name: m.TOLERANCE for name, m in FORMAT_MODULES.items()}
+# The training-only heads a checkpoint holds beside the segmenter ("model"): what to call them -> their entry.
+TRAINING_HEADS = {"projection head": "projection", "auxiliary head": "aux_head"}
 # detect_format's answer -> the module that reads such files ("torch": any torch.save zip).
 READERS: dict[str, ModuleType] = {"torch": plain, torch_export.NAME: torch_export, onnx.NAME: onnx}
 
@@ -70,7 +74,8 @@ class ExportSummary:
     check_shape: tuple[int, ...]
     parameters: int           # of the exported model (its state dict's learned values)
     plain_parameters: int     # of a segmenter of the same configuration, built by the one builder
-    training_parameters: int  # segmenter + projection head (0 extra for a CE-only run)
+    training_parameters: int  # segmenter + projection head + auxiliary head
+    head_parameters: dict[str, int]  # the training-only heads left out: "projection head", "auxiliary head"
     memory_values: int        # prototype memory entries the training state held
     file_bytes: int
     checked_with: str
@@ -83,14 +88,14 @@ class _Source:
 
     meta: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
-    training_parameters: int
+    head_parameters: dict[str, int]
     memory_values: int
     from_checkpoint: bool
 
-    def load_weights(self, segmenter: nn.Module, path: Path) -> None:
+    def load_weights(self, segmenter: Segmenter, path: Path) -> None:
         """The weights into `segmenter`, a misfit named as the file's field that holds them."""
         if self.from_checkpoint:
-            checkpoint.restore(path, "model", lambda: segmenter.load_state_dict(self.state_dict))
+            checkpoint.restore_segmenter({"model": self.state_dict}, path, segmenter)
         else:
             load_weights(segmenter, self.meta["arch"], self.state_dict, path)
 
@@ -140,21 +145,23 @@ def _export(source: str | Path, out: Path, fmt: str, prefer: str, check_shape: t
                         hint="Free disk space or choose another --out; nothing was written there.") from None
     finally:
         staged.unlink(missing_ok=True)
-    return ExportSummary(out, fmt, diff, tolerance, shape, parameters_in(read.state_dict), plain_parameters,
-                         read.training_parameters, read.memory_values, out.stat().st_size, checked_with,
-                         family_of_record(read.meta).display)
+    parameters = parameters_in(read.state_dict)
+    return ExportSummary(out, fmt, diff, tolerance, shape, parameters, plain_parameters,
+                         parameters + sum(read.head_parameters.values()), read.head_parameters, read.memory_values,
+                         out.stat().st_size, checked_with, family_of_record(read.meta).display)
 
 
 def _read_source(src: Path) -> _Source:
-    """A training checkpoint (its segmenter entry; the projection head and prototype memory entries
-    are only counted) or a `hiposeg`-format model (to convert)."""
+    """A training checkpoint (its segmenter entry; the projection head, auxiliary head and prototype
+    memory entries are only counted) or a `hiposeg`-format model (to convert)."""
     obj = checkpoint.load(src, expect=(checkpoint.CHECKPOINT_FORMAT, checkpoint.MODEL_FORMAT))
     if obj["format"] == checkpoint.MODEL_FORMAT:
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
-        return _Source(meta, obj["state_dict"], parameters_in(obj["state_dict"]), 0, from_checkpoint=False)
-    training_parameters = parameters_in(obj["model"]) + parameters_in(obj["projection"])
+        return _Source(meta, obj["state_dict"], {}, 0, from_checkpoint=False)
+    # checkpoints written before the auxiliary head existed have no "aux_head" entry
+    heads = {name: parameters_in(obj.get(entry, {})) for name, entry in TRAINING_HEADS.items()}
     memory_values = sum(t.numel() for t in obj["memory"].values())
-    return _Source(model_metadata(obj), obj["model"], training_parameters, memory_values, from_checkpoint=True)
+    return _Source(model_metadata(obj), obj["model"], heads, memory_values, from_checkpoint=True)
 
 
 def _write_and_check(staged: Path, out: Path, fmt: str, meta: dict[str, Any], segmenter: nn.Module,

@@ -87,8 +87,10 @@ def segmenter_of(arch: dict[str, Any], path: Path) -> Segmenter:
     return build_segmenter(cfg, num_classes)
 
 
-def load_weights(module: nn.Module, arch: dict[str, Any], state_dict: dict[str, Any], path: Path) -> None:
-    """`module.load_state_dict`; weights that do not fit are a UserError naming the file and its `arch`."""
+def load_weights(module: Segmenter, arch: dict[str, Any], state_dict: dict[str, Any], path: Path) -> None:
+    """`module.load_state_dict`; weights of an architecture the family no longer builds are refused by
+    name (`Segmenter.check_weights`), others that do not fit are a UserError naming the file and its `arch`."""
+    module.check_weights(state_dict, path)
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, KeyError, TypeError) as e:

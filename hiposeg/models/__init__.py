@@ -104,9 +104,10 @@ def load_pretrained(segmenter: Segmenter, cfg: ModelConfig) -> LoadReport:
 
 
 def arch_record(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
-    """The `arch` record of an exported model: the family, its architecture fields, the class count."""
+    """The `arch` record of an exported model: the family, its architecture fields and tags, the class count."""
     family = family_of(cfg)
-    return {"name": family.name, **{f: getattr(cfg, f) for f in family.arch_fields}, "num_classes": num_classes}
+    return {"name": family.name, **{f: getattr(cfg, f) for f in family.arch_fields}, **family.arch_tags,
+            "num_classes": num_classes}
 
 
 def arch_config(arch: dict[str, Any], path: Path) -> tuple[ModelConfig, int]:
@@ -116,6 +117,8 @@ def arch_config(arch: dict[str, Any], path: Path) -> tuple[ModelConfig, int]:
     if family is None:
         raise UserError(f"{path} holds a {arch['name']!r} model, a family this hiposeg does not know "
                         f"({', '.join(FAMILIES)})", hint="Use the hiposeg version that exported it, or export it again.")
+    if family.check_arch is not None:
+        family.check_arch(arch, path)
     absent = [f for f in family.arch_fields if arch.get(f) is None]
     if absent:
         raise UserError(f"{path} lacks the field 'arch.{absent[0]}', which every {family.name} model holds",

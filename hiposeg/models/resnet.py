@@ -28,7 +28,8 @@ def _dilate_stage(stage: nn.Sequential, dilation: int, previous_dilation: int) -
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet without avgpool/fc, returning (stage-1 feature, stage-4 feature).
+    """A torchvision ResNet without avgpool/fc, returning the (stage-1, stage-3, stage-4) features: the
+    decoder's low-level input, the auxiliary head's input, the ASPP's input.
 
     Submodule names equal torchvision's (conv1, bn1, layer1..layer4), so a torchvision ResNet state
     dict minus `fc.*` loads as is. Output stride 16 dilates layer4; output stride 8 layer3 and layer4.
@@ -50,9 +51,11 @@ class ResNetBackbone(nn.Module):
             _dilate_stage(self.layer4, dilation=2, previous_dilation=1)
         expansion = Bottleneck.expansion if isinstance(self.layer1[0], Bottleneck) else BasicBlock.expansion
         self.low_level_channels = 64 * expansion
+        self.stage3_channels = 256 * expansion
         self.out_channels = 512 * expansion
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         low = self.layer1(x)  # stride 4
-        return low, self.layer4(self.layer3(self.layer2(low)))
+        stage3 = self.layer3(self.layer2(low))
+        return low, stage3, self.layer4(stage3)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,17 +37,24 @@ class Segmenter(nn.Module, ABC):
     `num_classes`: the fine classes (coarse predictions are the fine argmax mapped through pi).
     `decoder_channels`: channels of `forward_features(x)["decoder"]`, the stride-4 feature the
     projection head reads by default. `backbone_channels`: channels of `["backbone"]`, the last
-    backbone stage (`model.embed_source: backbone`).
+    backbone stage (`model.embed_source: backbone`). `aux_channels`: channels of `["aux"]`, the
+    feature an auxiliary head reads during training (`model.aux_head`; stage 3 of a ResNet); 0 for a
+    family without one.
     """
 
     num_classes: int
     decoder_channels: int
     backbone_channels: int
+    aux_channels: int = 0
 
     @abstractmethod
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         """{"logits": (B, K, H, W) at the input size, "decoder": (B, decoder_channels, H/4, W/4),
-        "backbone": (B, backbone_channels, h, w)}."""
+        "backbone": (B, backbone_channels, h, w)}, plus "aux": (B, aux_channels, h', w') if aux_channels."""
+
+    def check_weights(self, state: Mapping[str, Tensor], path: Path) -> None:
+        """Refuse, with a UserError naming `path` and the fix, weights that an earlier version of this
+        family wrote for an architecture it no longer builds (checked before `load_state_dict`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, num_classes, H, W) fine-class logits at the input size; what exported programs run."""
@@ -73,6 +81,9 @@ class Family:
     `requires`: (module, pip name) of the optional packages it needs (the `models` extra).
     `min_side`, `input_multiple`: what its exported programs take: sides of at least `min_side`,
     multiples of `input_multiple` (the loaders pad to it; the segmenter itself pads any input).
+    `arch_tags`: fixed entries of the `arch` record that say what this hiposeg builds (DeepLabV3+: its
+    head), so a file of another architecture of the family is never loaded in silence; `check_arch`
+    refuses a record this hiposeg cannot build (e.g. one of an earlier version), naming the fix.
     """
 
     name: str
@@ -86,6 +97,8 @@ class Family:
     min_side: int = 32
     input_multiple: int = 1
     title: str = ""  # how messages name it, e.g. "DeepLabV3+"
+    arch_tags: Mapping[str, Any] = field(default_factory=dict)
+    check_arch: Callable[[Mapping[str, Any], Path], None] | None = None
 
     @property
     def display(self) -> str:
@@ -119,7 +132,7 @@ def crop_to_input(t: Tensor, height: int, width: int, stride: int) -> Tensor:
 
 def init_new_layers(module: nn.Module) -> None:
     """He init for the convs that no pretrained file provides, as torchvision does for ResNet; BN
-    to identity. Used by the decoder heads and the projection head."""
+    to identity. Used by the decoder heads, the projection head and the auxiliary head."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -1,17 +1,25 @@
-"""The training wrapper: a segmenter plus the projection head g_phi (eq. 3).
+"""The training wrapper: a segmenter plus the training-only heads, the projection head g_phi (eq. 3)
+and the optional auxiliary FCN head.
 
-The head lives here, not in the segmenter, so an exported model is the segmenter alone and stripping
-is provably complete; a CE-only run builds no head at all. Training code only: export, eval and
-predict never import this module (tests/test_inference_without_training_code.py).
+The heads live here, not in the segmenter, so an exported model is the segmenter alone and stripping
+is provably complete; a CE-only run builds no projection head, a run without `model.aux_head` no
+auxiliary head. Training code only: export, eval and predict never import this module
+(tests/test_inference_without_training_code.py).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hiposeg.errors import UserError
 from hiposeg.models.segmenter import Segmenter, init_new_layers
+
+AUX_CHANNELS = 256  # mmsegmentation's FCNHead in its DeepLabV3+ configs: channels=256, num_convs=1
+AUX_DROPOUT = 0.1
 
 
 class ProjectionHead(nn.Module):
@@ -35,27 +43,58 @@ class ProjectionHead(nn.Module):
             return F.normalize(z.float(), p=2, dim=1)  # eq. 3
 
 
+class AuxiliaryHead(nn.Module):
+    """mmsegmentation's auxiliary FCNHead, as its DeepLabV3+ configs train it on ResNet stage 3:
+    conv3x3 (-> 256) -> BN -> ReLU -> dropout 0.1 -> conv1x1 over the fine classes, upsampled to the
+    input. Its cross-entropy is added with weight `model.aux_weight` (mmsegmentation: 0.4)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.fcn = nn.Sequential(nn.Conv2d(in_channels, AUX_CHANNELS, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(AUX_CHANNELS), nn.ReLU(inplace=True), nn.Dropout(AUX_DROPOUT),
+                                 nn.Conv2d(AUX_CHANNELS, num_classes, 1))
+        init_new_layers(self.fcn)
+        nn.init.normal_(self.fcn[-1].weight, std=0.01)  # as the segmenter's classifier
+
+    def forward(self, feature: Tensor, size: torch.Size) -> Tensor:
+        return F.interpolate(self.fcn(feature), size=size, mode="bilinear", align_corners=False)
+
+
+class TrainingOutputs(NamedTuple):
+    """What a training forward gives the criterion: fine logits at the input size, the L2-normalised
+    float32 embeddings (B, d', h, w) or None, the auxiliary head's logits at the input size or None."""
+
+    logits: Tensor
+    embeddings: Tensor | None
+    aux_logits: Tensor | None
+
+
 class HiPoSegNet(nn.Module):
-    """Training wrapper: segmenter + projection head, through the `Segmenter` interface only, so any
-    model family trains with the prototype branch."""
+    """Training wrapper: segmenter + projection head (+ auxiliary head), through the `Segmenter`
+    interface only, so any model family trains with the prototype branch."""
 
     def __init__(self, segmenter: Segmenter, embed_dim: int = 256, embed_source: str = "decoder",
-                 with_projection: bool = True) -> None:
+                 with_projection: bool = True, aux_head: bool = False) -> None:
         super().__init__()
         if embed_source not in ("decoder", "backbone"):
             raise ValueError(f"embed_source must be 'decoder' or 'backbone', got {embed_source!r}")
+        if aux_head and not segmenter.aux_channels:
+            raise UserError(f"model.aux_head: the {type(segmenter).__name__} model has no feature for an auxiliary "
+                            "head", hint="Drop --set model.aux_head=true for this model.")
         self.segmenter = segmenter
         self.embed_source = embed_source
         in_channels = segmenter.decoder_channels if embed_source == "decoder" else segmenter.backbone_channels
         self.projection: ProjectionHead | None = ProjectionHead(in_channels, embed_dim) if with_projection else None
+        self.aux_head: AuxiliaryHead | None = (AuxiliaryHead(segmenter.aux_channels, segmenter.num_classes)
+                                               if aux_head else None)
 
-    def forward(self, x: Tensor, with_embeddings: bool = True) -> tuple[Tensor, Tensor | None]:
-        """(logits at input size, L2-normalised float32 embeddings (B, d', h, w) or None).
-
-        Embeddings are None when `with_embeddings` is False or the net was built without a head; then
-        the head is not run at all (the plain segmenter forward).
-        """
-        if not with_embeddings or self.projection is None:
-            return self.segmenter(x), None
+    def forward(self, x: Tensor, with_embeddings: bool = True) -> TrainingOutputs:
+        """Embeddings are None when `with_embeddings` is False or the net was built without a projection
+        head; without them and without an auxiliary head this is the plain segmenter forward."""
+        embed = with_embeddings and self.projection is not None
+        if not embed and self.aux_head is None:
+            return TrainingOutputs(self.segmenter(x), None, None)
         feats = self.segmenter.forward_features(x)
-        return feats["logits"], self.projection(feats[self.embed_source])
+        embeddings = self.projection(feats[self.embed_source]) if embed else None
+        aux = self.aux_head(feats["aux"], x.shape[-2:]) if self.aux_head is not None else None
+        return TrainingOutputs(feats["logits"], embeddings, aux)
