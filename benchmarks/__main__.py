@@ -17,6 +17,7 @@ SUITE = [
     ("data: prepare vs the decode-LUT-encode floor", ["bench_prepare.py", "--images", "20"]),
     ("data: training loader vs training step", ["bench_loader.py"]),
     ("DDP: 2 CPU processes vs 1", ["bench_ddp.py"]),
+    ("--compile: compiled / eager training step and inference", ["bench_compile.py"]),
 ]
 
 

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiposeg import checkpoint  # noqa: E402
 from hiposeg.config import build_config  # noqa: E402
-from hiposeg.engine import build_model, make_checkpoint  # noqa: E402
+from hiposeg.checkpoint import make_checkpoint  # noqa: E402
+from hiposeg.engine import build_model  # noqa: E402
 from hiposeg.export import count_parameters, export_model, load_inference_model  # noqa: E402
 from hiposeg.hierarchy import Hierarchy  # noqa: E402
 from hiposeg.models.deeplabv3plus import DeepLabV3Plus  # noqa: E402
@@ -57,7 +58,8 @@ def training_checkpoint(backbone: str, output_stride: int, folder: Path) -> Path
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     best = {"metric": "fine_mIoU", "value": None, "iteration": None}
     path = folder / f"{backbone}.pt"
-    checkpoint.save(make_checkpoint(cfg, h, net, criterion, optimizer, scaler, 0, best, None), path)
+    checkpoint.save(make_checkpoint(cfg, h, net, criterion, optimizer, scaler, iteration=0, best=best, last_eval=None,
+                                    run_id="benchmark"), path)
     return path
 
 

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from hiposeg.config import build_config
-from hiposeg.engine import build_model, build_train_loader
+from hiposeg.data.dataset import open_prepared
+from hiposeg.data.sampler import train_loader
+from hiposeg.engine import build_model
 from hiposeg.distributed import DistEnv
 
 
@@ -76,7 +78,8 @@ def main() -> None:
         cfg = build_config(over)
         env = DistEnv()
         b = cfg.optim.batch_size
-        loader, hierarchy = build_train_loader(cfg, env, 0)
+        hierarchy, _ = open_prepared(root, cfg.data.train_split)
+        loader = train_loader(cfg, env, 0, hierarchy.ignore_index)
         batches = iter(loader)
         next(batches)  # start the workers
 
