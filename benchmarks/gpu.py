@@ -81,11 +81,6 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
-
-
 def sync(device: str) -> None:
     import torch
 
@@ -126,7 +121,7 @@ def cuda_tests(s: Sizes, tmp: Path) -> list[Row]:
         status = "passed"
         if outcome is not None and outcome.tag in ("failure", "error", "skipped"):
             word = "skipped" if outcome.tag == "skipped" else "failed"
-            status = f"{word}: {(outcome.get('message') or '').splitlines()[0][:200] if outcome.get('message') else ''}"
+            status = f"{word}: {(outcome.get('message') or outcome.tag).splitlines()[0][:200]}"
         rows.append(Row("cuda-tests", case.get("name", "?"), status, extra={"seconds": float(case.get("time", 0))}))
     return rows
 
@@ -297,6 +292,8 @@ def publish(out: Path, env: dict[str, Any], rows: list[Row], seconds: dict[str, 
 
 
 def run_suite(sizes: Sizes, out: Path, dry_run: bool, only: list[str] | None) -> list[Row]:
+    from hiposeg.compile import first_line
+
     env, rows, seconds = environment(dry_run), [], {}
     start = time.perf_counter()
     for name, section in SECTIONS:
@@ -327,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m benchmarks.gpu: PyTorch {torch.__version__} sees no CUDA GPU on this machine; run it on "
               "a GPU machine, or add --dry-run for the CPU rehearsal", file=sys.stderr)
         return 2
+    torch.backends.cudnn.benchmark = True  # as training runs (engine.configure_determinism)
     if args.dry_run:
         torch.set_num_threads(1)  # tiny tensors: a thread pool costs more than it gains (as in tests/conftest.py)
     args.out.mkdir(parents=True, exist_ok=True)
