@@ -49,6 +49,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # a minute with a cold inductor cache on a loaded 2-core machine
 def test_inductor_step_equals_eager_and_compiles_once(fresh_dynamo):
     eager = conv_block()
     twin = copy.deepcopy(eager)
