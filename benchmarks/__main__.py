@@ -28,6 +28,8 @@ SUITE = [
      ["--images", "2", "--size", "128x256", "--workers", "1", "--repeat", "1"]),
     ("data: training loader vs training step", "bench_loader.py", [], ["--images", "8", "--steps", "2"]),
     ("DDP: 2 CPU processes vs 1", "bench_ddp.py", [], ["--iters", "4", "--batch", "4"]),
+    ("--compile: compiled / eager training step and inference", "bench_compile.py", [],
+     ["--size", "32x32", "--repeats", "1", "--warmup", "0"]),
 ]
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ import torch.nn as nn
 from hiposeg import checkpoint, rundir
 from hiposeg.atomic import atomic_write_json
 from hiposeg.checkpoint import restore_model
+from hiposeg.compile import CompiledOrEager
 from hiposeg.config import TrainConfig
 from hiposeg.data.sampler import train_loader
 from hiposeg.distributed import (DistEnv, StopSignal, any_rank, broadcast_buffers_, check_world, decided_on_rank0,
@@ -224,7 +225,7 @@ class Training:
     run_id: str
     hierarchy: Hierarchy
     net: nn.Module  # the HiPoSegNet training wrapper: what checkpoints and evaluations see
-    model: nn.Module  # what the loop calls: `net`, or its DDP / compiled wrapper
+    model: Callable[..., Any]  # what the loop calls: `net`, or its DDP / compiled wrapper
     criterion: nn.Module  # HiPoSegCriterion: eq. 14 and the prototype memory
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -300,7 +301,7 @@ def setup(cfg: TrainConfig, env: DistEnv, run_id: str, fresh: bool = True) -> Tr
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.run.amp == "fp16")
-    model: nn.Module = net
+    model: Callable[..., Any] = net
     if env.distributed:
         # CPU processes use plain BN (SyncBN needs CUDA); rank 0's BN buffers are broadcast each
         # forward so every rank evaluates the same model. The prototype memory is kept identical
@@ -308,8 +309,8 @@ def setup(cfg: TrainConfig, env: DistEnv, run_id: str, fresh: bool = True) -> Tr
         model = nn.parallel.DistributedDataParallel(
             net, device_ids=[env.device.index] if env.device.type == "cuda" else None,
             forward_sync_buffers=env.device.type != "cuda")
-    if cfg.run.compile:
-        model = torch.compile(model)
+    if cfg.run.compile:  # the network (with g_phi); the loss terms and prototype memory stay eager
+        model = CompiledOrEager(model, "training model", warn=None if env.is_main else lambda msg: None)
     return Training(cfg, env, run_id, hierarchy, net, model, criterion, optimizer, scaler, precision, sync_bn, loaded)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hiposeg.compile import maybe_compiled
 from hiposeg.data.codecs import IMAGE_EXTS, BadFile, encode_png, not_regular, probe_image
 from hiposeg.data.layout import check_output_name
 from hiposeg.errors import UserError
@@ -231,8 +232,10 @@ class PredictSummary:
 
 def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, mode: Mode = "auto",
             batch_size: int = 4, overlay: str = "fine", alpha: float = 0.5, workers: int = 2,
-            device: torch.device | None = None, progress: bool = True, overwrite: bool = False) -> PredictSummary:
-    """Predict every input image and write its fine, coarse and overlay PNGs under `out`."""
+            device: torch.device | None = None, progress: bool = True, overwrite: bool = False,
+            compile_model: bool = False) -> PredictSummary:
+    """Predict every input image and write its fine, coarse and overlay PNGs under `out` (`compile_model`:
+    through torch.compile, `hiposeg.compile`)."""
     if mode not in ("auto", "whole", "slide"):
         raise UserError(f"--mode {mode!r} is not one of auto, whole, slide")
     if overlay not in OVERLAYS:
@@ -241,6 +244,9 @@ def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, m
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {alpha}")
+    if compile_model and model.source == "onnx":
+        raise UserError("--compile compiles a PyTorch model, but this is an ONNX model (it runs in onnxruntime)",
+                        hint="Drop --compile, or predict from the hiposeg .pt or torch-export .pt2 model.")
     out = Path(out)
     paths = collect_inputs(inputs)
     dirs = output_dirs(out, overlay)
@@ -258,7 +264,7 @@ def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, m
     overlays = {"fine": ["fine"], "coarse": ["coarse"], "both": ["fine", "coarse"], "none": []}[overlay]
     loader = DataLoader(ImageFiles(paths, sizes, model.mean, model.std), batch_sampler=batches,
                         num_workers=min(workers, len(batches)), collate_fn=_collate)
-    module = model.module.eval()
+    module = maybe_compiled(model.module.eval(), compile_model, "inference model")
     t0 = time.perf_counter()
     with _progress(progress, len(paths)) as advance, torch.no_grad():
         for batch in loader:

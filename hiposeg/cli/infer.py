@@ -226,6 +226,8 @@ def predict_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out, replacing files of the "
                                                                 "same names.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model (eager, with one warning, where "
+                                                             "no compiler backend is available).")] = False,
 ) -> None:
     """Segment images: fine ids (OUT/fine), coarse ids through the hierarchy (OUT/coarse), colour overlays.
 
@@ -238,7 +240,7 @@ def predict_cmd(
     dev = pick_device(device)
     loaded = load_inference_model(model, prefer=which, device=dev)
     s = predict(loaded, inputs, out, mode=mode, batch_size=batch_size, overlay=overlay, alpha=alpha,  # type: ignore[arg-type]
-                workers=workers, device=dev, progress=not quiet, overwrite=overwrite)
+                workers=workers, device=dev, progress=not quiet, overwrite=overwrite, compile_model=compile_)
     folders = {"fine": "overlay/", "coarse": "overlay-coarse/", "both": "overlay/, overlay-coarse/", "none": ""}
     console.print(f"{s.images} image(s) in {s.seconds:.1f} s -> [bold]{escape(str(out))}[/bold] "
                   f"(fine/, coarse/{', ' + folders[overlay] if folders[overlay] else ''})")

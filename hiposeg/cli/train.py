@@ -43,6 +43,8 @@ CkptEvery = Annotated[Optional[int], typer.Option("--ckpt-every", min=1, help="C
 EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", min=0,
                                                   help="Evaluate every N iterations (0: at the end).")]
 ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (eager, with one warning, where "
+                                                         "no compiler backend is available).")]
 
 # Where each flag goes in the configuration (None: not given). `ablate` takes all but TRAIN_ONLY_FLAGS:
 # its --out, --seed, --losses, --schedule and --model mean the ablation's directory, first seed and sweeps.
@@ -52,10 +54,12 @@ FLAG_FIELDS = {
     "output_stride": ("model", "output_stride"), "iters": ("optim", "iters"), "batch_size": ("optim", "batch_size"),
     "lr": ("optim", "lr"), "gpus": ("run", "gpus"), "device": ("run", "device"), "amp": ("run", "amp"),
     "ckpt_every": ("run", "ckpt_every"), "eval_every": ("run", "eval_every"),
-    "deterministic": ("run", "deterministic"), "channels_last": ("run", "channels_last"), "quiet": ("run", "quiet"),
+    "deterministic": ("run", "deterministic"), "channels_last": ("run", "channels_last"),
+    "compile_": ("run", "compile"), "quiet": ("run", "quiet"),
     "out": ("run", "out"), "seed": ("run", "seed"), "losses": ("loss", "terms"), "schedule": ("loss", "schedule"),
 }
 TRAIN_ONLY_FLAGS = ("out", "seed", "losses", "schedule", "model")
+BOOL_FLAGS = ("deterministic", "channels_last", "compile_", "quiet")  # on/off switches: off = not given
 
 
 def parse_crop(value: str) -> tuple[int, int]:
@@ -71,7 +75,7 @@ def train_overrides(params: dict, skip: tuple[str, ...] = ()) -> dict:
     out: dict = {}
     for name, (section, key) in FLAG_FIELDS.items():
         value = params.get(name)
-        if name in skip or value is None or value is False and name in ("deterministic", "channels_last", "quiet"):
+        if name in skip or value is None or value is False and name in BOOL_FLAGS:
             continue
         if name == "crop":
             value = parse_crop(str(value))
@@ -134,6 +138,7 @@ def train_cmd(
     eval_every: EvalEvery = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic algorithms (bit-exact resume).")] = False,
     channels_last: ChannelsLast = False,
+    compile_: Compile = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: --set loss.sigma1=0.1 "
                                                                    "(repeatable).")] = None,
