@@ -34,8 +34,8 @@ from hiposeg.models.training import HiPoSegNet  # noqa: E402
 from hiposeg.prototypes import HiPoSegCriterion  # noqa: E402
 
 from bench_export import time_forward  # noqa: E402
-from bench_train_step import TOTAL_ITERS, Trainer, autocast, make_batch  # noqa: E402
-from common import parse_size  # noqa: E402
+from bench_train_step import TOTAL_ITERS, Trainer  # noqa: E402
+from common import autocast, parse_size, random_batch  # noqa: E402
 
 
 def interleaved(eager, compiled, repeats: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -65,7 +65,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, obje
     eager, compiled = Trainer(net, crit(), device, args.amp), Trainer(copy.deepcopy(net), crit(), device, args.amp)
     wrapper = CompiledOrEager(compiled.net, "training model")
     compiled.net = wrapper  # Trainer.step calls self.net(...): now through torch.compile
-    x, y = make_batch(args.batch, args.size, hier.num_fine, hier.ignore_index, device)
+    x, y = random_batch(args.batch, args.size, hier.num_fine, hier.ignore_index, device)
     compile_s = first_call(lambda: compiled.step(x, y))
     for _ in range(args.warmup):
         eager.step(x, y), compiled.step(x, y)

@@ -110,7 +110,10 @@ def test_train_compile_equals_eager_and_is_recorded(tiny_data, tmp_path, monkeyp
     assert "compile: true" in (compiled.out / "config.yaml").read_text()
     got, want = losses(compiled.out), losses(eager.out)
     assert got[0] == pytest.approx(want[0], rel=1e-4)  # the same weights: rounding only
-    assert got == pytest.approx(want, rel=5e-3)  # later steps: SGD carries the rounding differences on
+    # Later steps: SGD carries the rounding differences on, and batch norm over 2 images of 4x4 features
+    # (the separable ASPP's pooling branch normalises 2 values) amplifies them: 0.6 % after 3 steps here.
+    # A compiled model that did not train, or trained other weights, is off by far more.
+    assert got == pytest.approx(want, rel=2e-2)
     assert not fresh_dynamo["recompiles"]  # 4 steps of one crop size: one graph, no recompilation
 
 

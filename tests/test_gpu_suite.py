@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hiposeg.models import FAMILIES
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"cuda-tests", "step", "train", "latency", "compile", "peers"}
 
@@ -40,7 +42,8 @@ def test_dry_run_runs_every_section_on_the_cpu_within_the_ci_budget(tmp_path):
     assert {r["section"] for r in rows} == SECTIONS and set(report["seconds"]) == SECTIONS
     assert [r for r in rows if r["status"].startswith("failed")] == []
     measured = {r["section"] for r in rows if r["value"] is not None}
-    assert measured == {"step", "train", "latency", "compile"}
+    assert measured == {"step", "train", "latency", "compile", "peers"}
+    assert {r["item"].split()[0] for r in rows if r["section"] == "latency"} == set(FAMILIES)  # every family
     if not torch.cuda.is_available():
         tests = [r for r in rows if r["section"] == "cuda-tests"]
         assert len(tests) >= 9 and all(r["status"].startswith("skipped: needs") for r in tests), tests
