@@ -17,6 +17,7 @@ SUITE = [
     ("data: prepare vs the decode-LUT-encode floor", ["bench_prepare.py", "--images", "20"]),
     ("data: training loader vs training step", ["bench_loader.py"]),
     ("DDP: 2 CPU processes vs 1", ["bench_ddp.py"]),
+    ("plot: feature map at 19 classes x 1,000 pixels", ["bench_plots.py"]),
 ]
 
 
