@@ -2,7 +2,7 @@
 
 Trains the quickstart recipe twice (cross-entropy only, then every HiPoSeg term), runs one
 `hiposeg plot` of the HiPoSeg run against the CE run, and copies the PNGs here at a reduced size
-(at most MAX_WIDTH pixels wide, 256-colour palette PNGs), so the repository stays small. The whole
+(at most MAX_WIDTH pixels wide, 128-colour palette PNGs), so the repository stays small. The whole
 report (`plot.html`, numbers.json, full-size PNG and SVG) stays in the work folder.
 
     python benchmarks/figures.py                       # the quickstart recipe, 400 iterations (about 8 min, 2 CPU cores)
@@ -24,7 +24,7 @@ from hiposeg.atomic import atomic_write_bytes
 
 HERE = Path(__file__).resolve().parent
 FIGURES = ("curves", "iou-fine", "levels", "featuremap", "geometry", "confusion-fine", "gallery", "ablation")
-MAX_WIDTH = 1000
+MAX_WIDTH = 820
 
 
 def hiposeg(args: list[str], cwd: Path) -> float:
@@ -35,12 +35,12 @@ def hiposeg(args: list[str], cwd: Path) -> float:
 
 
 def small_png(source: Path, max_width: int = MAX_WIDTH) -> bytes:
-    """The picture scaled down to `max_width` (if wider) and stored with a 256-colour palette."""
+    """The picture scaled down to `max_width` (if wider) and stored with a 128-colour palette."""
     image = Image.open(source).convert("RGB")
     if image.width > max_width:
         image = image.resize((max_width, round(image.height * max_width / image.width)), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(buf, format="PNG", optimize=True)
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(buf, format="PNG", optimize=True)
     return buf.getvalue()
 
 

@@ -42,6 +42,6 @@ def draw_ablation(rows: list[dict[str, Any]], title: str) -> Figure:
     ax.set_xlabel("mIoU (%)", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
-    fig.legend(loc="outside upper center", ncols=3, fontsize=7, frameon=False)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=7, frameon=False)  # below: the title is on top
     fig.suptitle(title, fontsize=9)
     return fig

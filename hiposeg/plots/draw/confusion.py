@@ -10,6 +10,8 @@ from matplotlib.figure import Figure
 
 from hiposeg.plots.draw import SEQUENTIAL_MAP, class_ticks, figure, outline_blocks
 
+COLOURBAR_TICKS = (0.0, 0.05, 0.2, 0.5, 1.0)
+
 
 def draw_confusion(matrices: dict[str, np.ndarray], order: list[int], blocks: list[tuple[str, int, int]],
                    names: list[str], title: str) -> Figure:
@@ -28,6 +30,7 @@ def draw_confusion(matrices: dict[str, np.ndarray], order: list[int], blocks: li
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("ground truth", fontsize=8)
         ax.set_title(label, fontsize=9)
-    fig.colorbar(image, ax=axes, shrink=0.7, label="share of the ground-truth class's pixels")
+    bar = fig.colorbar(image, ax=axes, shrink=0.7, label="share of the ground-truth class's pixels")
+    bar.set_ticks(COLOURBAR_TICKS)  # evenly spread on the square-root scale (the default crowds near 1)
     fig.suptitle(title, fontsize=10)
     return fig
