@@ -67,7 +67,7 @@ def miou_panel(ax: Axes, runs: list[RunCurves]) -> None:
             ax.plot(s.iters, s.values, color=colour, linestyle=style, marker="o", markersize=3, linewidth=1.2)
     ax.set_title("validation mIoU (%)", fontsize=9)
     ax.legend(handles=[Line2D([], [], color="grey", linestyle=LEVEL_STYLES[i % len(LEVEL_STYLES)], label=lv)
-                       for i, lv in enumerate(levels)], fontsize=7, loc="lower right")
+                       for i, lv in enumerate(levels)], fontsize=7, loc="best")  # not over the last points
 
 
 def shade_phases(ax: Axes, spans: list[tuple[int, int, str]], label: bool) -> None:
