@@ -3,10 +3,12 @@
 Trains the quickstart recipe twice (cross-entropy only, then every HiPoSeg term), runs one
 `hiposeg plot` of the HiPoSeg run against the CE run, and copies the PNGs here at a reduced size
 (at most MAX_WIDTH pixels wide, 128-colour palette PNGs), so the repository stays small. The whole
-report (`plot.html`, numbers.json, full-size PNG and SVG) stays in the work folder.
+report (report.html, numbers.json, full-size PNG and SVG) stays in the work folder.
 
-    python benchmarks/figures.py                       # the quickstart recipe, 400 iterations (about 8 min, 2 CPU cores)
-    python benchmarks/figures.py --iters 150 --crop 64x64 --batch-size 4   # the committed pictures (a busy machine)
+    python benchmarks/figures.py                       # the committed pictures: quickstart recipe, 400 iterations
+    python benchmarks/figures.py --iters 150 --crop 64x64 --batch-size 4   # a quick look (a few minutes)
+
+On a machine shared with other work, run it with OMP_NUM_THREADS=1 (BENCHMARKS.md, section 5).
 """
 
 from __future__ import annotations
