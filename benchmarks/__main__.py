@@ -30,6 +30,8 @@ SUITE = [
     ("DDP: 2 CPU processes vs 1", "bench_ddp.py", [], ["--iters", "4", "--batch", "4"]),
     ("--compile: compiled / eager training step and inference", "bench_compile.py", [],
      ["--size", "32x32", "--repeats", "1", "--warmup", "0"]),
+    ("plot: feature map at 19 classes x 1,000 pixels", "bench_plots.py", [],
+     ["--pixels-per-class", "20", "--methods", "pca"]),
 ]
 
 

@@ -10,6 +10,7 @@ flags, and `--set key=value`. Renamed fields (`RENAMED`) are still read, with a 
 
 from __future__ import annotations
 
+import math
 import os
 import reprlib
 import sys
@@ -37,6 +38,15 @@ PHASE_GROUPS = (COARSE_TERMS, FINE_TERMS, frozenset({"align"}))
 PHASE_NAMES = ("1-ce", "2-high", "3-low", "4-align")
 SCHEDULES = ("sequential", "joint")
 MIN_CROP = 16  # the smallest training crop side (also the smallest sliding window of an exported model)
+
+
+def phase_starts(schedule: str, phases: tuple[float, float, float], total_iters: int) -> tuple[int, int, int]:
+    """The 0-based iterations at which the coarse, fine and align groups switch on (all 0 under "joint"):
+    one rule for the loss schedule and for pictures of a run's phases."""
+    if schedule == "joint":
+        return (0, 0, 0)
+    # round() first: 0.035 * 200 is 7.000000000000001 in floating point; that phase starts at 7, not 8
+    return tuple(math.ceil(round(f * total_iters, 6)) for f in phases)  # type: ignore[return-value]
 # Fields renamed since configs and checkpoints were written: old dotted name -> new one, and why.
 RENAMED = {"loss.momentum": ("loss.memory_momentum", "the momentum m of the prototype memory, eq. 15; SGD's is "
                                                      "optim.momentum")}

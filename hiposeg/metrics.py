@@ -172,7 +172,9 @@ def level_scores(mat: np.ndarray, names: list[str]) -> dict[str, Any]:
 
 
 def build_report(fine_mat: np.ndarray, hierarchy: Hierarchy, **meta: Any) -> dict[str, Any]:
-    """report.json (README "Evaluation"): "fine", "coarse", then every other level above fine by its name."""
+    """report.json (README "Evaluation"): "fine", "coarse", then every other level above fine by its name.
+    Each level carries its confusion matrix ("confusion": rows = ground truth, columns = prediction, then
+    "other"), so pictures need no second evaluation; reports written before it have none."""
     fine = hierarchy.fine_level
     levels: dict[str, Any] = {}
     for level in hierarchy.levels_above_fine:
@@ -182,7 +184,7 @@ def build_report(fine_mat: np.ndarray, hierarchy: Hierarchy, **meta: Any) -> dic
             lut = hierarchy.ancestor_lut(fine, level)
             mat = map_confusion(fine_mat, lut, hierarchy.num_classes(level))
         key = "fine" if level == fine else "coarse" if level == hierarchy.coarse_level else level
-        levels[key] = {"level": level, **level_scores(mat, hierarchy.names(level))}
+        levels[key] = {"level": level, **level_scores(mat, hierarchy.names(level)), "confusion": mat.tolist()}
     ordered = {k: levels[k] for k in ("fine", "coarse") if k in levels}
     ordered.update({k: v for k, v in levels.items() if k not in ordered})
     return {"levels": ordered, "hierarchy": {"name": hierarchy.name, "sha256": hierarchy.sha256}, **meta}

@@ -36,6 +36,7 @@ from hiposeg.data.layout import check_output_name
 from hiposeg.errors import UserError
 from hiposeg.export import InferenceModel
 from hiposeg.inference import Mode, check_input_sizes, predict_logits
+from hiposeg.palette import PALETTES, level_palette
 from hiposeg.atomic import atomic_write_bytes, check_empty_folder, check_writable, name_too_long_fix, write_failure
 
 IMAGE_SUFFIXES = (*IMAGE_EXTS, ".ppm", ".pgm")
@@ -233,13 +234,16 @@ class PredictSummary:
 def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, mode: Mode = "auto",
             batch_size: int = 4, overlay: str = "fine", alpha: float = 0.5, workers: int = 2,
             device: torch.device | None = None, progress: bool = True, overwrite: bool = False,
-            compile_model: bool = False) -> PredictSummary:
+            compile_model: bool = False, palette: str = "hierarchy") -> PredictSummary:
     """Predict every input image and write its fine, coarse and overlay PNGs under `out` (`compile_model`:
-    through torch.compile, `hiposeg.compile`)."""
+    through torch.compile, `hiposeg.compile`); overlays use the hierarchy file's colours or hue families
+    (`palette`, see `hiposeg.palette`)."""
     if mode not in ("auto", "whole", "slide"):
         raise UserError(f"--mode {mode!r} is not one of auto, whole, slide")
     if overlay not in OVERLAYS:
         raise UserError(f"--overlay {overlay!r} is not one of {', '.join(OVERLAYS)}")
+    if palette not in PALETTES:
+        raise UserError(f"--palette {palette!r} is not one of {', '.join(PALETTES)}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if not 0.0 <= alpha <= 1.0:
@@ -260,7 +264,7 @@ def predict(model: InferenceModel, inputs: Sequence[str | Path], out: Path, *, m
     device = device or torch.device("cpu")
     h = model.hierarchy
     pi = np.asarray(h.fine_to_coarse).astype(h.label_dtype)
-    palettes = {"fine": h.colors(h.fine_level), "coarse": h.colors(h.coarse_level)}
+    palettes = {"fine": level_palette(h, h.fine_level, palette), "coarse": level_palette(h, h.coarse_level, palette)}
     overlays = {"fine": ["fine"], "coarse": ["coarse"], "both": ["fine", "coarse"], "none": []}[overlay]
     loader = DataLoader(ImageFiles(paths, sizes, model.mean, model.std), batch_sampler=batches,
                         num_workers=min(workers, len(batches)), collate_fn=_collate)

@@ -57,7 +57,6 @@ Defaults the paper does not give (LossConfig; all configurable):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -65,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hiposeg.config import COARSE_LEVEL_TERMS, FINE_LEVEL_TERMS, PHASE_GROUPS, PHASE_NAMES, LossConfig
+from hiposeg.config import COARSE_LEVEL_TERMS, FINE_LEVEL_TERMS, PHASE_GROUPS, PHASE_NAMES, LossConfig, phase_starts
 from hiposeg.distributed import sum_over_ranks, world_size
 
 DELTA_SQ_MIN = 1e-12  # floor of delta^2 before sqrt (eqs. 11/12): finite gradients at delta = 0
@@ -190,8 +189,7 @@ class PhaseSchedule:
     def __init__(self, terms: Iterable[str], schedule: str, phases: tuple[float, float, float], total_iters: int) -> None:
         self.terms = frozenset(terms) | {"ce"}
         self.schedule = schedule
-        # round() first: 0.035 * 200 is 7.000000000000001 in floating point; that phase starts at 7, not 8
-        self.starts = (0, 0, 0) if schedule == "joint" else tuple(math.ceil(round(f * total_iters, 6)) for f in phases)
+        self.starts = phase_starts(schedule, phases, total_iters)
 
     def active(self, iteration: int) -> frozenset[str]:
         on = {"ce"}

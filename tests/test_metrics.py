@@ -55,6 +55,20 @@ def test_hand_computed_fine_coarse_and_top_levels():
     assert list(rep["levels"]) == ["fine", "coarse", "kind"]
 
 
+def test_the_report_carries_each_levels_confusion_matrix():
+    """report.json holds the counts behind every level's IoU (rows: ground truth, columns: prediction then
+    "other"), so pictures need no second evaluation."""
+    h = three_level()
+    rep = report_for([0, 0, 1, 2, 4, 255], [0, 1, 1, 255, 2, 3], h)
+    assert rep["levels"]["fine"]["confusion"] == [[1, 1, 0, 0, 0, 0],   # a0: a0, a1
+                                                  [0, 1, 0, 0, 0, 0],   # a1: a1
+                                                  [0, 0, 0, 0, 0, 1],   # b0: other (255)
+                                                  [0, 0, 0, 0, 0, 0],
+                                                  [0, 0, 1, 0, 0, 0]]   # c0: b0
+    assert rep["levels"]["coarse"]["confusion"] == [[3, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 0]]  # A A A; B other; C->B
+    assert rep["levels"]["kind"]["confusion"] == [[3, 0, 1], [1, 0, 0]]
+
+
 def test_cross_object_confusion_counts_at_coarse_level():
     h = three_level()
     gt = [0, 0, 2, 4]      # a0 a0 b0 c0

@@ -6,6 +6,7 @@ one function. User mistakes (`UserError`) are printed as one clear message with 
     prepare.py    prepare SOURCE ...
     train.py      train, ablate (one set of training options)
     infer.py      eval, export, predict
+    plot.py       plot (pictures and an HTML page from runs)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 # Importing a command module registers its commands; this order is the order of `hiposeg --help`.
 from hiposeg.cli import prepare, train  # noqa: F401, I001
 from hiposeg.cli import infer  # noqa: F401, I001
+from hiposeg.cli import plot  # noqa: F401, I001
 from hiposeg.cli import hierarchy  # noqa: F401, I001
 from hiposeg.cli.app import _install_user_error_handler, app, main, normalize_argv
 

@@ -220,6 +220,8 @@ def predict_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch (equal sizes are grouped).")] = 4,
     overlay: Annotated[str, typer.Option(help="Colour overlays: fine, coarse (overlay-coarse/), both or none.")] = "fine",
     alpha: Annotated[float, typer.Option(help="Overlay opacity of the palette colours.")] = 0.5,
+    palette: Annotated[str, typer.Option(help="Overlay colours: hierarchy (the hierarchy file's) or families (a "
+                                              "parent's children share a hue family; colour-blind-safe).")] = "hierarchy",
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Image decoding workers.")] = 2,
     which: Annotated[str, typer.Option("--checkpoint", help="For a run directory: best or last.")] = "best",
@@ -240,7 +242,8 @@ def predict_cmd(
     dev = pick_device(device)
     loaded = load_inference_model(model, prefer=which, device=dev)
     s = predict(loaded, inputs, out, mode=mode, batch_size=batch_size, overlay=overlay, alpha=alpha,  # type: ignore[arg-type]
-                workers=workers, device=dev, progress=not quiet, overwrite=overwrite, compile_model=compile_)
+                workers=workers, device=dev, progress=not quiet, overwrite=overwrite, compile_model=compile_,
+                palette=palette)
     folders = {"fine": "overlay/", "coarse": "overlay-coarse/", "both": "overlay/, overlay-coarse/", "none": ""}
     console.print(f"{s.images} image(s) in {s.seconds:.1f} s -> [bold]{escape(str(out))}[/bold] "
                   f"(fine/, coarse/{', ' + folders[overlay] if folders[overlay] else ''})")
