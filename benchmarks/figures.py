@@ -8,7 +8,7 @@ report (report.html, numbers.json, full-size PNG and SVG) stays in the work fold
     python benchmarks/figures.py                       # the committed pictures: quickstart recipe, 400 iterations
     python benchmarks/figures.py --iters 150 --crop 64x64 --batch-size 4   # a quick look (a few minutes)
 
-On a machine shared with other work, run it with OMP_NUM_THREADS=1 (BENCHMARKS.md, section 5).
+On a machine shared with other work, run it with OMP_NUM_THREADS=1 (BENCHMARKS.md, section 8).
 """
 
 from __future__ import annotations

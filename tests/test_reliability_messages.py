@@ -70,12 +70,12 @@ def test_markup_in_class_and_level_names_and_paths_is_printed_as_written(marked,
 
 
 def test_ablation_tables_print_configuration_names_as_written():
-    from hiposeg.ablate.results import results_markdown, results_table
+    from hiposeg.ablate.results import notes, results_markdown, results_table
 
     stat = {"mean": 50.0, "std": None, "n": 1}
     row = {"config": "losses=ce, data.root=[/red]", "values": {}, "finished": 1, "diverged": 0, "total": 1,
            "fine": stat, "coarse": stat, "delta_vs_ce": {"fine": None, "coarse": None}, "paper": None}
-    results = {"hierarchy": "[bold]h[/]", "configs": [row]}
+    results = {"hierarchy": "[bold]h[/]", "configs": [row], "notes": notes([row])}
     buf = io.StringIO()
     Console(file=buf, width=200).print(results_table(results))
     assert "data.root=[/red]" in buf.getvalue() and "Ablation on [bold]h[/]" in buf.getvalue()
