@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from hiposeg.config import ModelConfig
 from hiposeg.errors import UserError
-from hiposeg.models.pretrained import load_pretrained_backbone
 from hiposeg.models.resnet import ResNetBackbone
 from hiposeg.models.segmenter import Family, Segmenter, init_new_layers
 
@@ -170,12 +169,9 @@ def check_arch(arch: Mapping[str, Any], path: Path) -> None:
 
 
 def build(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
-    """DeepLabV3+ of `cfg.backbone` / `cfg.output_stride` / `cfg.decoder_channels`; loads the local
-    `cfg.pretrained` backbone file if set."""
-    model = DeepLabV3Plus(num_classes, cfg.backbone, cfg.output_stride, cfg.decoder_channels)
-    if cfg.pretrained is not None:
-        load_pretrained_backbone(model, Path(cfg.pretrained))
-    return model
+    """DeepLabV3+ of `cfg.backbone` / `cfg.output_stride` / `cfg.decoder_channels`, random weights
+    (`models.build_segmenter` loads `cfg.pretrained` afterwards, for every family alike)."""
+    return DeepLabV3Plus(num_classes, cfg.backbone, cfg.output_stride, cfg.decoder_channels)
 
 
 FAMILY = Family("deeplabv3plus", build, arch_fields=("backbone", "output_stride", "decoder_channels"),
