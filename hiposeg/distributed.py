@@ -159,8 +159,14 @@ def share_cpu_cores(env: DistEnv) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False) -> None:
+    """Leave the process group. `together`: every rank is known to reach this point, so first wait for
+    the others (a barrier): a gloo rank that tears its connections down while a peer is still working
+    can make that peer's transport thread throw "Connection closed by peer" and abort the process
+    (SIGABRT), a known gloo race at exit. Error paths pass False: a failed peer may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -243,11 +249,11 @@ def decided_on_rank0(env: DistEnv, decide: Callable[[], tuple[Any, Any]]) -> tup
             outcome = ("error", e.message, e.hint)
         except BaseException as e:
             broadcast_object(("bug", f"rank 0 failed to start the run: {type(e).__name__}: {e}", None))
-            shutdown()
+            shutdown(together=True)  # every rank leaves through the `outcome` branch below
             raise
     outcome = broadcast_object(outcome)
     if outcome[0] != "ok":
-        shutdown()
+        shutdown(together=True)
         if outcome[0] == "bug":
             raise RuntimeError(outcome[1])
         raise UserError(outcome[1], hint=outcome[2])

@@ -249,8 +249,11 @@ def train_worker(cfg: TrainConfig, resume: Path | None, run_id: str) -> FitResul
     env = init_from_env(cfg.run.device)
     share_cpu_cores(env)
     out = cfg.resolved_out()
+    finished = False
     try:
-        return train(cfg, resume, env, run_id)
+        result = train(cfg, resume, env, run_id)
+        finished = True
+        return result
     except TrainingDiverged as e:
         if env.is_main:
             rundir.mark_diverged(out, e.message)
@@ -261,7 +264,7 @@ def train_worker(cfg: TrainConfig, resume: Path | None, run_id: str) -> FitResul
             raise
         raise error from None
     finally:
-        shutdown()
+        shutdown(together=finished)  # after a finished run every rank is here; after a failure, maybe not
 
 
 def train(cfg: TrainConfig, resume: Path | None, env: DistEnv, run_id: str) -> FitResult:

@@ -216,6 +216,39 @@ def test_what_a_worker_would_refuse_is_refused_before_any_process_or_file(tiny_d
     assert not (tmp_path / "run").exists()
 
 
+def test_ranks_leave_the_process_group_together_only_after_a_finished_run(tiny_data, tmp_path, monkeypatch):
+    """A finished worker waits at a barrier before tearing its gloo connections down (a rank that leaves
+    while its peer still works can make the peer abort with SIGABRT); a failed one must not wait for
+    peers that may never come."""
+    import hiposeg.distributed as distributed
+    import hiposeg.engine as engine
+
+    calls: list[str] = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.shutdown(together=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    distributed.shutdown()
+    assert calls == ["destroy"]
+
+    left: list[bool] = []
+    monkeypatch.setattr(engine, "shutdown", lambda together=False: left.append(together))
+    monkeypatch.setattr(engine, "share_cpu_cores", lambda env: None)
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    monkeypatch.setattr(engine, "train", lambda *a: "finished")
+    assert engine.train_worker(cfg, None, "run-id") == "finished"
+
+    def fails(*a):
+        raise RuntimeError("a worker failed")
+
+    monkeypatch.setattr(engine, "train", fails)
+    with pytest.raises(RuntimeError, match="a worker failed"):
+        engine.train_worker(cfg, None, "run-id")
+    assert left == [True, False]
+
+
 @pytest.mark.slow
 def test_two_process_gloo_run_keeps_ranks_identical(cli, tiny_data, tmp_path):
     out = tmp_path / "ddp"
