@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -95,11 +96,16 @@ def hostile(request, tmp_path, metadata) -> tuple[Path, Path]:
 
 
 def run_with_plain_torch(path: Path) -> None:
-    """torch.export.load + .module() + one forward pass, as any user of the file would, in a child."""
+    """torch.export.load + .module() + one forward pass, as any user of the file would, in a child. Its
+    temporary folder is the test's own: torch extracts an AOTInductor library into an `aotinductor_*`
+    folder there and never removes it."""
     code = ("import torch\n"
             f"try:\n    torch.export.load({str(path)!r}).module()(torch.zeros(1, 3, 8, 8))\n"
             "except Exception:\n    pass\n")
-    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, check=True)
+    scratch = path.parent / "child-tmp"
+    scratch.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, check=True,
+                   env={**os.environ, "TMPDIR": str(scratch)})
 
 
 @pytest.mark.parametrize("hostile", ATTACKS, indirect=True)
