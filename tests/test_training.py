@@ -4,6 +4,7 @@ schedule of terms, evaluations and best checkpoint, mixed precision, and the mul
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -281,7 +282,9 @@ def test_torchrun_launch_line_runs_the_same_path(tiny_data, tmp_path):
     args = [a for a in train_args(tiny_data, out, iters=6) if a != "--quiet"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "hiposeg", *args, "--iters", "4", "--batch-size", "4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    scratch = tmp_path / "tmp"  # torchrun's own log folder (torchelastic_*) goes here, not into /tmp
+    scratch.mkdir()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("mIoU per hierarchy level") == 1  # only rank 0 prints
     status = json.loads((out / "status.json").read_text())
