@@ -145,7 +145,9 @@ class RunLogger:
             self.tb.add_scalar("train/lr", lr, iteration)
         self.view.advance(iteration, phase)
         self.view.terms, self.view.lr = terms, lr
-        if self.live is None and not self.cfg.run.quiet:
+        if self.live is not None:
+            self.live.refresh()  # the new loss terms now, not at the next of the once-a-second redraws
+        elif not self.cfg.run.quiet:
             shown_speed, left = self.view.status()
             self.print(f"iter {iteration}/{self.total}  {shown_speed}  ETA {left}  [{phase}]  {self.view.terms_text()}")
 

@@ -24,15 +24,18 @@ from hiposeg.data.layout import JOURNAL_NAME
 from hiposeg.data.prepare import prepare
 from hiposeg.data.synthetic import generate
 from hiposeg.errors import UserError
-from hiposeg.lock import DirectoryLock
+from hiposeg.lock import LOCK_NAME, DirectoryLock
 from test_prepare_resume import make_raw
 
 def snapshot(root: Path) -> dict[str, bytes | str]:
-    """Every entry under `root` (hidden ones too): file bytes, link targets, folders."""
+    """Every entry under `root` (hidden ones too): file bytes, link targets, folders. A lock file counts by
+    its presence only: every command that takes the lock rewrites its holder record (pid, start time to
+    the second), so a refusal after taking it changes those bytes, and nothing else may change."""
     found: dict[str, bytes | str] = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
-        found[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else "<dir>" if p.is_dir() else p.read_bytes()
+        found[rel] = (f"-> {os.readlink(p)}" if p.is_symlink() else "<dir>" if p.is_dir()
+                      else "<lock file>" if p.name == LOCK_NAME and p.is_file() else p.read_bytes())
     return found
 
 
