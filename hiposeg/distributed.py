@@ -11,10 +11,14 @@ without a GPU. Every helper here is the identity (or a no-op) in a single proces
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import gc
 import hashlib
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -179,9 +183,27 @@ def free_port() -> int:
 def _spawn_entry(local_rank: int, world_size: int, port: int, parent: int, fn: Callable[..., Any],
                  args: tuple) -> None:
     die_with_parent(parent)
+    # A worker killed by a fatal signal (SIGSEGV, SIGABRT from native code) prints every thread's Python
+    # stack to stderr: the launcher only learns "process N terminated with signal ...".
+    faulthandler.enable(all_threads=True)
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     fn(*args)
+    leave_without_finalization()
+
+
+def leave_without_finalization() -> None:
+    """End a finished spawned worker as a forked one ends: `os._exit(0)`, without interpreter finalization.
+    Everything the run writes is closed and renamed into place by then; what finalization adds is the
+    teardown of native libraries, where a thread object destroyed while still running aborts the process
+    ("terminate called without an active exception", SIGABRT) and turns a complete run into a failed
+    one. Collect first, so this run's finalisers (the data loader's worker shutdown) still run, and
+    flush what is buffered for the terminal."""
+    gc.collect()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream must not turn success into failure
+            stream.flush()
+    os._exit(0)
 
 
 def spawn(world_size: int, fn: Callable[..., Any], args: tuple = ()) -> None:

@@ -250,6 +250,43 @@ def test_ranks_leave_the_process_group_together_only_after_a_finished_run(tiny_d
     assert left == [True, False]
 
 
+def test_a_spawned_worker_that_finished_leaves_without_interpreter_finalization(monkeypatch):
+    """After its run, a spawned worker collects its garbage, flushes and `os._exit(0)`s (as a forked one
+    does): native teardown at interpreter exit can abort a process whose run is complete. It prints
+    its Python stacks if a fatal signal kills it (faulthandler)."""
+    import hiposeg.distributed as distributed
+
+    calls: list[str] = []
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code):
+        calls.append(f"exit {code}")
+        raise Exited
+
+    monkeypatch.setattr(distributed, "die_with_parent", lambda parent: calls.append("die with parent"))
+    monkeypatch.setattr(distributed.faulthandler, "enable", lambda all_threads: calls.append("faulthandler"))
+    monkeypatch.setattr(distributed.gc, "collect", lambda: calls.append("collect"))
+    monkeypatch.setattr(distributed.os, "_exit", exit_now)
+    monkeypatch.setattr(distributed.os, "environ", dict(os.environ))
+
+    def run(*args):
+        calls.append(f"run {distributed.os.environ['RANK']}/{distributed.os.environ['WORLD_SIZE']} {args}")
+
+    with pytest.raises(Exited):
+        distributed._spawn_entry(1, 2, 29555, 1234, run, ("cfg",))
+    assert calls == ["die with parent", "faulthandler", "run 1/2 ('cfg',)", "collect", "exit 0"]
+
+    def fails(*args):
+        raise RuntimeError("the run failed")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="the run failed"):  # left to torch's spawn wrapper: exit code 1
+        distributed._spawn_entry(0, 2, 29555, 1234, fails, ())
+    assert "exit 0" not in calls
+
+
 @pytest.mark.slow
 def test_two_process_gloo_run_keeps_ranks_identical(cli, tiny_data, tmp_path):
     out = tmp_path / "ddp"
