@@ -88,6 +88,9 @@ def test_on_a_terminal_the_bar_count_speed_and_time_left_are_in_every_frame(tiny
         terms_seen |= "loss=" in below and "lr=" in below
     assert phases <= {*PHASE_NAMES, "evaluating"} and "4-align" in phases, phases
     assert terms_seen
+    # every log step redraws at once (not only at the once-a-second refresh), so each one is on screen
+    shown = {int(bar_line(f)[1].group(2)) for f in frames[showing[0]:showing[-1] + 1]}
+    assert set(range(2, ITERS + 1, 2)) <= shown, sorted(shown)
     assert bar_line(frames[showing[-1]])[1].group(2) == str(ITERS)
 
 
